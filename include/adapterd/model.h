@@ -1,0 +1,208 @@
+/* adapterd: the frozen base model: Hugging Face config and weights, architecture tables,
+ * sites, the paged KV cache, the batched forward pass and the sampler. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ad_err;
+struct ad_st_file;
+
+/* ==========================================================================================
+ * Configuration (config.json + generation_config.json) */
+
+enum ad_family {
+    AD_FAMILY_LLAMA, /* LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (SmolLM = Llama) */
+    AD_FAMILY_GPT2,  /* GPT2LMHeadModel */
+};
+
+enum ad_rope_scaling {
+    AD_ROPE_NONE,
+    AD_ROPE_LINEAR, /* positions / factor */
+    AD_ROPE_LLAMA3, /* Llama 3.1 frequency-band scaling */
+};
+
+enum ad_act {
+    AD_ACT_SILU,
+    AD_ACT_GELU_TANH, /* GPT-2's gelu_new, gelu_pytorch_tanh */
+    AD_ACT_GELU,      /* exact erf gelu */
+};
+
+#define AD_MAX_EOS 8
+
+struct ad_model_config {
+    enum ad_family family;
+    char architecture[64]; /* as in config.json "architectures"[0] */
+    char model_type[32];
+    int n_vocab;
+    int n_embd;      /* hidden size */
+    int n_layer;
+    int n_head;
+    int n_kv_head;   /* == n_head without grouped-query attention */
+    int head_dim;    /* n_embd / n_head unless config.json says otherwise */
+    int n_ff;        /* intermediate size */
+    int n_ctx_max;   /* max_position_embeddings / n_positions */
+    float norm_eps;
+    float rope_theta;
+    enum ad_rope_scaling rope_scaling;
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_orig_ctx;
+    int sliding_window; /* 0 = none */
+    enum ad_act act;
+    bool qkv_bias;  /* bias on q, k, v projections (Qwen2, attention_bias) */
+    bool o_bias;    /* bias on the attention output projection */
+    bool mlp_bias;  /* bias on MLP projections */
+    bool tie_embeddings;
+    int bos_id;     /* -1 if none */
+    int eos_ids[AD_MAX_EOS];
+    int n_eos;
+};
+
+/* Parses a config.json text (and, if gen_json is non-NULL, generation_config.json text whose
+ * eos ids take precedence). Returns 0 or -EINVAL / -ENOTSUP with err naming the key. */
+int ad_model_config_parse(const char *json, const char *gen_json, struct ad_model_config *cfg,
+                          struct ad_err *err);
+
+/* ==========================================================================================
+ * Architectures and sites
+ *
+ * A site is one linear map of the model, computed once per batch for every row (DESIGN.md).
+ * Adapters find their sites by PEFT module path (e.g. "model.layers.3.self_attn.q_proj"). */
+
+enum ad_role {
+    AD_ROLE_Q,
+    AD_ROLE_K,
+    AD_ROLE_V,
+    AD_ROLE_QKV, /* fused q, k, v (GPT-2 c_attn): out = [q | k | v] */
+    AD_ROLE_O,
+    AD_ROLE_GATE,
+    AD_ROLE_UP,   /* GPT-2 mlp.c_fc */
+    AD_ROLE_DOWN, /* GPT-2 mlp.c_proj */
+    AD_ROLE_LM_HEAD,
+    AD_ROLE_COUNT,
+};
+
+struct ad_site {
+    int layer;      /* -1 for lm_head */
+    enum ad_role role;
+    int n_in, n_out;
+    const float *w; /* [n_out, n_in], or [n_in, n_out] when w_in_out (Conv1D) */
+    const float *b; /* [n_out] or NULL */
+    bool w_in_out;
+    char path[96];  /* PEFT module path, e.g. "model.layers.3.self_attn.q_proj" */
+};
+
+struct ad_layer {
+    const float *norm1_w, *norm1_b; /* before attention (b: LayerNorm only) */
+    const float *norm2_w, *norm2_b; /* before the MLP */
+    struct ad_site *site[AD_ROLE_COUNT]; /* NULL where the family has no such module */
+};
+
+struct ad_model {
+    struct ad_model_config cfg;
+    const struct ad_arch *arch;
+    char id[128]; /* the model's name in the API: the directory's base name */
+
+    const float *tok_embd; /* [n_vocab, n_embd] */
+    const float *pos_embd; /* [n_ctx_max, n_embd] (GPT-2) or NULL */
+    const float *final_norm_w, *final_norm_b;
+    struct ad_layer *layers;
+    struct ad_site *sites; /* every linear, layer by layer, lm_head last */
+    int n_sites;
+    float *rope_inv_freq; /* [head_dim / 2] */
+    size_t weight_bytes;  /* bytes of weights a decode step reads */
+
+    /* private: loaded files and converted buffers */
+    struct ad_st_file **files;
+    int n_files;
+    void **owned;
+    int n_owned;
+};
+
+/* Loads a Hugging Face model directory (config.json, model.safetensors or
+ * model.safetensors.index.json + shards, optional generation_config.json). f32 tensors are used
+ * in place from the read-only mapping; f16/bf16 are converted to f32 copies. Returns 0 and a new
+ * model, or -errno with err naming the file, tensor and expected vs found shape. */
+int ad_model_load(const char *dir, struct ad_model **ret, struct ad_err *err);
+void ad_model_free(struct ad_model *m);
+
+/* The site with this PEFT module path (with or without a leading "model."/"transformer."
+ * as the family has it), or NULL. */
+const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *path);
+
+/* ==========================================================================================
+ * Paged KV cache
+ *
+ * A pool of fixed-size blocks; each sequence has a block table. Owned by one thread (the engine);
+ * not thread-safe. Layout: for each layer, K and V as [block][slot][n_kv_head * head_dim]. */
+
+struct ad_kv {
+    int n_layer, kv_dim, block_size, n_blocks;
+    float *k, *v;
+    int32_t *free_blocks; /* stack of free block ids */
+    int n_free;
+};
+
+struct ad_kv_seq {
+    int n_tokens; /* tokens whose K/V are in the cache */
+    int n_blocks, cap;
+    int32_t *blocks;
+};
+
+/* Allocates a pool of n_blocks blocks of block_size tokens for m. Returns 0 or -ENOMEM. */
+int ad_kv_init(struct ad_kv *kv, const struct ad_model_config *cfg, int n_blocks, int block_size);
+void ad_kv_fini(struct ad_kv *kv);
+/* Makes room for n_tokens in total; returns 0 or -ENOSPC (nothing changed) / -ENOMEM. */
+int ad_kv_seq_reserve(struct ad_kv *kv, struct ad_kv_seq *s, int n_tokens);
+/* Returns the sequence's blocks to the pool and empties it. */
+void ad_kv_seq_release(struct ad_kv *kv, struct ad_kv_seq *s);
+/* Blocks needed for n tokens. */
+int ad_kv_blocks_for(const struct ad_kv *kv, int n_tokens);
+
+/* ==========================================================================================
+ * Forward pass over a batch */
+
+/* One sequence's part of a batch: n_tokens new tokens appended after the seq->n_tokens already
+ * cached. */
+struct ad_chunk {
+    struct ad_kv_seq *seq;
+    const int32_t *tokens;
+    int n_tokens;
+    bool all_logits; /* logits for every token of the chunk, else only for its last */
+};
+
+/* Reusable per-thread buffers of the forward pass (grown on demand). */
+struct ad_scratch;
+struct ad_scratch *ad_scratch_new(void);
+void ad_scratch_free(struct ad_scratch *s);
+
+/* Number of logits rows the batch produces: sum of (all_logits ? n_tokens : 1). */
+int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks);
+
+/* Runs the model over every chunk in one pass (each linear is one matrix product for all rows)
+ * and writes logits rows, chunk by chunk, to logits [ad_batch_n_logits, n_vocab]. Reserves KV
+ * blocks for all chunks first; on -ENOSPC nothing is changed. On success each seq->n_tokens
+ * grows by its chunk's n_tokens. Returns 0, -EINVAL (token id or position out of range), -ENOSPC
+ * or -ENOMEM. Not thread-safe for the same kv or scratch. */
+int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
+                     int n_chunks, struct ad_scratch *s, float *logits, struct ad_err *err);
+
+/* ==========================================================================================
+ * Sampling */
+
+struct ad_sampler {
+    float temperature; /* 0: greedy */
+    int top_k;         /* 0: off */
+    float top_p;       /* 1: off */
+    uint64_t rng[2];   /* xoroshiro128+ state */
+};
+
+void ad_sampler_init(struct ad_sampler *s, float temperature, int top_k, float top_p,
+                     uint64_t seed);
+/* Picks a token from logits [n_vocab]. work must hold 2 * n_vocab floats (ints alias). */
+int ad_sampler_sample(struct ad_sampler *s, const float *logits, int n_vocab, float *work);
+/* Natural-log softmax of logits into out (may alias). */
+void ad_log_softmax(const float *logits, int n, float *out);
+/* True if tok is an end-of-sequence token of the model. */
+bool ad_model_is_eos(const struct ad_model_config *cfg, int tok);

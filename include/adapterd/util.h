@@ -1,0 +1,56 @@
+/* adapterd: small shared utilities: error reports, logging, file helpers. */
+#pragma once
+
+#include <stddef.h>
+
+/* An error report from a parser of user input or a loader: an -errno code and a message that
+ * names the file, key or position and the reason. Filled by the callee on failure only. */
+struct ad_err {
+    int code;
+    char msg[256];
+};
+
+/* Fills err (if non-NULL) and returns code, so that `return ad_err_set(err, -EINVAL, ...)` reads
+ * as one statement. code is a negative errno value. */
+int ad_err_set(struct ad_err *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Prefixes the message already in err (if non-NULL) with "context: ". */
+void ad_err_prefix(struct ad_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+enum ad_log_level {
+    AD_LOG_ERROR = 3, /* syslog priorities, as systemd reads them from stderr */
+    AD_LOG_WARN = 4,
+    AD_LOG_INFO = 6,
+    AD_LOG_DEBUG = 7,
+};
+
+/* Logging is for the edges (main, http): modules return errors instead. Thread-safe. */
+void ad_log_set_level(enum ad_log_level max_level);
+void ad_log(enum ad_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define log_error(...) ad_log(AD_LOG_ERROR, __VA_ARGS__)
+#define log_warn(...) ad_log(AD_LOG_WARN, __VA_ARGS__)
+#define log_info(...) ad_log(AD_LOG_INFO, __VA_ARGS__)
+#define log_debug(...) ad_log(AD_LOG_DEBUG, __VA_ARGS__)
+
+/* A read-only memory map of a whole file. */
+struct ad_mmap {
+    void *data;
+    size_t size;
+};
+
+/* Maps path read-only. Returns 0 or -errno (err says which file and why). An empty file maps
+ * to data == NULL, size == 0. Unmap with ad_mmap_fini. */
+int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err);
+void ad_mmap_fini(struct ad_mmap *m);
+
+/* Reads a whole file into a new NUL-terminated buffer (caller frees). Files above max_bytes are
+ * refused with -E2BIG. Returns 0 or -errno. */
+int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
+                 struct ad_err *err);
+
+/* Joins dir and name into buf; returns -ENAMETOOLONG if it does not fit. */
+int ad_path_join(char *buf, size_t size, const char *dir, const char *name);
+
+/* Monotonic clock in seconds. */
+double ad_now(void);

@@ -1,0 +1,111 @@
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "adapterd/util.h"
+
+int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err)
+{
+    struct stat st;
+    int fd, r;
+
+    m->data = NULL;
+    m->size = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    if (fstat(fd, &st) < 0) {
+        r = ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        r = ad_err_set(err, -EINVAL, "%s: not a regular file", path);
+        goto out;
+    }
+    r = 0;
+    if (st.st_size > 0) {
+        void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            r = ad_err_set(err, -errno, "%s: mmap: %s", path, strerror(errno));
+            goto out;
+        }
+        m->data = p;
+        m->size = (size_t)st.st_size;
+    }
+out:
+    close(fd);
+    return r;
+}
+
+void ad_mmap_fini(struct ad_mmap *m)
+{
+    if (m->data)
+        munmap(m->data, m->size);
+    m->data = NULL;
+    m->size = 0;
+}
+
+int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
+                 struct ad_err *err)
+{
+    FILE *f = fopen(path, "rbe");
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    int r;
+
+    if (!f)
+        return ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    for (;;) {
+        if (cap - len < 4096 + 1) {
+            size_t ncap = cap ? cap * 2 : 65536;
+            char *nb = realloc(buf, ncap);
+            if (!nb) {
+                r = ad_err_set(err, -ENOMEM, "%s: out of memory", path);
+                goto fail;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        size_t n = fread(buf + len, 1, cap - len - 1, f);
+        len += n;
+        if (len > max_bytes) {
+            r = ad_err_set(err, -E2BIG, "%s: larger than %zu bytes", path, max_bytes);
+            goto fail;
+        }
+        if (n == 0)
+            break;
+    }
+    if (ferror(f)) {
+        r = ad_err_set(err, -EIO, "%s: read error", path);
+        goto fail;
+    }
+    fclose(f);
+    buf[len] = '\0';
+    *ret_buf = buf;
+    if (ret_len)
+        *ret_len = len;
+    return 0;
+fail:
+    free(buf);
+    fclose(f);
+    return r;
+}
+
+int ad_path_join(char *buf, size_t size, const char *dir, const char *name)
+{
+    int n = snprintf(buf, size, "%s/%s", dir, name);
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+double ad_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
