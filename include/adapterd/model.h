@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 struct ad_err;
+struct ad_mix;
 struct ad_st_file;
 
 /* ==========================================================================================
@@ -127,6 +128,23 @@ struct ad_model {
 int ad_model_load(const char *dir, struct ad_model **ret, struct ad_err *err);
 void ad_model_free(struct ad_model *m);
 
+/* Module-path pieces of the model's family: the root ("model.", "transformer.") and the layer
+ * format relative to it ("layers.%d.", "h.%d."). Static strings. */
+const char *ad_model_root(const struct ad_model *m);
+const char *ad_model_layer_fmt(const struct ad_model *m);
+
+enum ad_norm_slot {
+    AD_NORM_ATTN,  /* before attention */
+    AD_NORM_MLP,   /* before the MLP */
+    AD_NORM_FINAL, /* after the last layer */
+};
+
+/* The norm with this module path (e.g. "model.layers.2.input_layernorm", "transformer.ln_f"),
+ * with or without the root prefix. Returns 0 with ret_layer (-1 for the final norm) and ret_slot,
+ * or -ENOENT. */
+int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_layer,
+                       enum ad_norm_slot *ret_slot);
+
 /* The site with this PEFT module path (with or without a leading "model."/"transformer."
  * as the family has it), or NULL. */
 const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *path);
@@ -164,12 +182,16 @@ int ad_kv_blocks_for(const struct ad_kv *kv, int n_tokens);
  * Forward pass over a batch */
 
 /* One sequence's part of a batch: n_tokens new tokens appended after the seq->n_tokens already
- * cached. */
+ * cached. Token ids below zero are the mix's virtual tokens (prompt tuning): -1 is the first.
+ * A sequence whose mix has prefix tuning gets the prefix K/V as its first positions when its
+ * first chunk runs (seq->n_tokens counts them). Chunks with the same mix pointer should be
+ * adjacent: each run of them is one row group for the adapter deltas. */
 struct ad_chunk {
     struct ad_kv_seq *seq;
     const int32_t *tokens;
     int n_tokens;
-    bool all_logits; /* logits for every token of the chunk, else only for its last */
+    bool all_logits;          /* logits for every token of the chunk, else only for its last */
+    const struct ad_mix *mix; /* adapters of this sequence; NULL = the base model */
 };
 
 /* Reusable per-thread buffers of the forward pass (grown on demand). */

@@ -100,7 +100,7 @@ struct ad_detok {
     size_t n_ctx;   /* leading ids of the window whose text was already consumed */
     size_t consumed; /* bytes of the window's raw text already consumed */
     char *raw;      /* scratch: the window's raw decoded bytes */
-    size_t raw_cap;
+    size_t raw_len, raw_cap;
     char *out;      /* the text returned by the last push()/finish() */
     size_t out_len, out_cap;
     unsigned char pend[4]; /* an incomplete UTF-8 sequence carried to the next push */

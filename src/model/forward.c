@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapterd/adapter.h"
 #include "adapterd/model.h"
 #include "adapterd/util.h"
 #include "internal.h"
@@ -31,7 +32,15 @@ enum {
     BUF_VG,  /* [ctx, KVd] */
     BUF_S,   /* [chunk, ctx] attention scores */
     BUF_XO,  /* [n_logits, E] rows that produce logits */
+    BUF_TMP, /* adapter deltas' work space */
     N_BUF,
+};
+
+/* A run of rows that share one mix of adapters. */
+struct group {
+    int r0, n;
+    const struct ad_mix *mix;
+    bool x_scaled; /* set by site_groups for the site in progress */
 };
 
 struct ad_scratch {
@@ -39,6 +48,9 @@ struct ad_scratch {
     size_t cap[N_BUF];
     int32_t *pos; /* [T] */
     size_t pos_cap;
+    struct group *groups;
+    size_t groups_cap;
+    int n_groups;
 };
 
 struct ad_scratch *ad_scratch_new(void)
@@ -53,6 +65,7 @@ void ad_scratch_free(struct ad_scratch *s)
     for (int i = 0; i < N_BUF; i++)
         free(s->buf[i]);
     free(s->pos);
+    free(s->groups);
     free(s);
 }
 
@@ -132,6 +145,59 @@ static void norm_rows(const struct ad_model *m, const float *w, const float *b, 
             layernorm(x + (size_t)r * E, w, b, E, m->cfg.norm_eps, out + (size_t)r * E);
         else
             rmsnorm(x + (size_t)r * E, w, E, m->cfg.norm_eps, out + (size_t)r * E);
+    }
+}
+
+/* A layer's norm over every row, with each group's adapters free to replace the parameters. */
+static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, int layer,
+                        enum ad_norm_slot slot, const float *x, float *out)
+{
+    const struct ad_layer *L = layer >= 0 ? &m->layers[layer] : NULL;
+    const float *bw = slot == AD_NORM_FINAL ? m->final_norm_w
+                      : slot == AD_NORM_ATTN ? L->norm1_w : L->norm2_w;
+    const float *bb = slot == AD_NORM_FINAL ? m->final_norm_b
+                      : slot == AD_NORM_ATTN ? L->norm1_b : L->norm2_b;
+    size_t E = (size_t)m->cfg.n_embd;
+
+    for (int g = 0; g < s->n_groups; g++) {
+        const struct group *G = &s->groups[g];
+        const float *w = bw, *b = bb;
+        if (G->mix)
+            ad_mix_norm(G->mix, layer, slot, &w, &b);
+        norm_rows(m, w, b, x + (size_t)G->r0 * E, G->n, out + (size_t)G->r0 * E);
+    }
+}
+
+/* A site over every row: one matrix product for the whole batch, then each group's adapter
+ * deltas on its own rows. x_exclusive: no other site reads x, so input-side deltas may scale it
+ * in place. */
+static void site_groups(const struct ad_site *site, struct ad_scratch *s, float *x, int ldx,
+                        bool x_exclusive, int T, float *y, int ldy)
+{
+    for (int g = 0; g < s->n_groups; g++) {
+        struct group *G = &s->groups[g];
+        G->x_scaled = x_exclusive && G->mix &&
+                      ad_mix_site_pre(G->mix, site, x + (size_t)G->r0 * ldx, ldx, G->n);
+    }
+    linear(site, x, ldx, T, y, ldy);
+    for (int g = 0; g < s->n_groups; g++) {
+        const struct group *G = &s->groups[g];
+        if (G->mix)
+            ad_mix_site_post(G->mix, site, x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
+                             y + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
+                             s->cap[BUF_TMP]);
+    }
+}
+
+static void sublayer_groups(const struct ad_model *m, struct ad_scratch *s, int layer,
+                            enum ad_norm_slot slot, const float *x, float *y)
+{
+    size_t E = (size_t)m->cfg.n_embd;
+    for (int g = 0; g < s->n_groups; g++) {
+        const struct group *G = &s->groups[g];
+        if (G->mix)
+            ad_mix_sublayer(G->mix, layer, slot, x + (size_t)G->r0 * E, y + (size_t)G->r0 * E,
+                            G->n, s->buf[BUF_TMP], s->cap[BUF_TMP]);
     }
 }
 
@@ -257,6 +323,12 @@ int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks)
     return n;
 }
 
+/* Tokens already cached for a chunk's sequence, counting a prefix that its first pass adds. */
+static int past_of(const struct ad_chunk *ch)
+{
+    return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_tokens;
+}
+
 static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_chunk *chunks,
                    int n_chunks, struct ad_scratch *s, struct ad_err *err)
 {
@@ -266,14 +338,15 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
 
     for (int i = 0; i < n_chunks; i++) {
         const struct ad_chunk *ch = &chunks[i];
-        int end = ch->seq->n_tokens + ch->n_tokens;
+        int end = past_of(ch) + ch->n_tokens;
+        int n_virtual = ch->mix ? ad_mix_n_virtual(ch->mix) : 0;
         if (ch->n_tokens <= 0)
             return ad_err_set(err, -EINVAL, "chunk %d has no tokens", i);
         if (end > c->n_ctx_max)
             return ad_err_set(err, -EINVAL, "sequence of %d tokens exceeds the model's context "
                               "of %d", end, c->n_ctx_max);
         for (int j = 0; j < ch->n_tokens; j++)
-            if (ch->tokens[j] < 0 || ch->tokens[j] >= c->n_vocab)
+            if (ch->tokens[j] < -n_virtual || ch->tokens[j] >= c->n_vocab)
                 return ad_err_set(err, -EINVAL, "token id %d is outside the vocabulary (%d)",
                                   ch->tokens[j], c->n_vocab);
         for (int k = 0; k < i; k++)
@@ -291,25 +364,52 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
 
     size_t E = (size_t)c->n_embd, Hq = (size_t)c->n_head * (size_t)c->head_dim;
     size_t KVd = (size_t)kv->kv_dim, F = (size_t)c->n_ff, half = (size_t)c->head_dim / 2;
+    size_t widest = F > Hq + 2 * KVd ? F : Hq + 2 * KVd;
     size_t sizes[N_BUF] = {
         [BUF_X] = T * E,         [BUF_XN] = T * E,     [BUF_QKV] = T * (Hq + 2 * KVd),
         [BUF_ATT] = T * Hq,      [BUF_Y] = T * E,      [BUF_FA] = T * F,
         [BUF_FB] = T * F,        [BUF_COS] = T * half, [BUF_SIN] = T * half,
         [BUF_KG] = max_ctx * KVd, [BUF_VG] = max_ctx * KVd, [BUF_S] = max_n * max_ctx,
-        [BUF_XO] = n_out * E,
+        [BUF_XO] = n_out * E,    [BUF_TMP] = T * (widest + E) + 4096,
     };
     for (int i = 0; i < N_BUF; i++)
         if (reserve(&s->buf[i], &s->cap[i], sizes[i], sizeof(float)) < 0)
             return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
-    if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0)
+    if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
+        reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0)
         return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
 
+    /* Row groups: runs of adjacent chunks with the same mix. */
+    s->n_groups = 0;
+    for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++) {
+        struct group *last = s->n_groups ? &s->groups[s->n_groups - 1] : NULL;
+        if (last && last->mix == chunks[i].mix)
+            last->n += chunks[i].n_tokens;
+        else
+            s->groups[s->n_groups++] = (struct group){r, chunks[i].n_tokens, chunks[i].mix, false};
+    }
+
     for (int i = 0; i < n_chunks; i++) {
-        int r = ad_kv_seq_reserve(kv, chunks[i].seq, chunks[i].seq->n_tokens + chunks[i].n_tokens);
+        int r = ad_kv_seq_reserve(kv, chunks[i].seq, past_of(&chunks[i]) + chunks[i].n_tokens);
         if (r < 0)
             return ad_err_set(err, r, "KV cache: cannot reserve blocks");
     }
     return (int)T;
+}
+
+/* Writes a new sequence's prefix-tuning keys and values as its first cache positions. */
+static void place_prefix(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *ch)
+{
+    int P = ad_mix_n_prefix(ch->mix);
+    size_t KVd = (size_t)kv->kv_dim;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        const float *k = ad_mix_prefix(ch->mix, l, 0), *v = ad_mix_prefix(ch->mix, l, 1);
+        for (int p = 0; p < P; p++) {
+            memcpy(kv_slot(kv, kv->k, l, ch->seq, p), k + (size_t)p * KVd, KVd * sizeof(float));
+            memcpy(kv_slot(kv, kv->v, l, ch->seq, p), v + (size_t)p * KVd, KVd * sizeof(float));
+        }
+    }
+    ch->seq->n_tokens = P;
 }
 
 int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
@@ -326,12 +426,18 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     float *att = s->buf[BUF_ATT], *y = s->buf[BUF_Y], *fa = s->buf[BUF_FA], *fb = s->buf[BUF_FB];
     int32_t *pos = s->pos;
 
-    /* Embeddings and per-row positions (+ RoPE angles). */
+    for (int i = 0; i < n_chunks; i++)
+        if (chunks[i].seq->n_tokens == 0 && chunks[i].mix && ad_mix_n_prefix(chunks[i].mix) > 0)
+            place_prefix(m, kv, &chunks[i]);
+
+    /* Embeddings (virtual tokens from the prompt adapter) and per-row positions (+ RoPE). */
     for (int i = 0, r = 0; i < n_chunks; i++)
         for (int j = 0; j < chunks[i].n_tokens; j++, r++) {
+            int tok = chunks[i].tokens[j];
+            const float *emb = tok >= 0 ? m->tok_embd + (size_t)tok * E
+                                        : ad_mix_virtual_embedding(chunks[i].mix, -1 - tok);
             pos[r] = chunks[i].seq->n_tokens + j;
-            memcpy(x + (size_t)r * E, m->tok_embd + (size_t)chunks[i].tokens[j] * E,
-                   (size_t)E * sizeof(float));
+            memcpy(x + (size_t)r * E, emb, (size_t)E * sizeof(float));
             if (m->pos_embd)
                 for (int e = 0; e < E; e++)
                     x[(size_t)r * E + e] += m->pos_embd[(size_t)pos[r] * E + e];
@@ -347,13 +453,13 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         const struct ad_layer *L = &m->layers[l];
 
         /* Attention: q, k, v sites (or the fused one), RoPE, cache, attend, o site. */
-        norm_rows(m, L->norm1_w, L->norm1_b, x, T, xn);
+        norm_groups(m, s, l, AD_NORM_ATTN, x, xn);
         if (L->site[AD_ROLE_QKV]) {
-            linear(L->site[AD_ROLE_QKV], xn, E, T, qkv, ld_qkv);
+            site_groups(L->site[AD_ROLE_QKV], s, xn, E, true, T, qkv, ld_qkv);
         } else {
-            linear(L->site[AD_ROLE_Q], xn, E, T, qkv, ld_qkv);
-            linear(L->site[AD_ROLE_K], xn, E, T, qkv + Hq, ld_qkv);
-            linear(L->site[AD_ROLE_V], xn, E, T, qkv + Hq + KVd, ld_qkv);
+            site_groups(L->site[AD_ROLE_Q], s, xn, E, false, T, qkv, ld_qkv);
+            site_groups(L->site[AD_ROLE_K], s, xn, E, false, T, qkv + Hq, ld_qkv);
+            site_groups(L->site[AD_ROLE_V], s, xn, E, false, T, qkv + Hq + KVd, ld_qkv);
         }
         for (int i = 0, r = 0; i < n_chunks; i++)
             for (int j = 0; j < chunks[i].n_tokens; j++, r++) {
@@ -372,36 +478,47 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++)
             attend_chunk(m, kv, s, l, chunks[i].seq, chunks[i].seq->n_tokens, chunks[i].n_tokens,
                          qkv + (size_t)r * ld_qkv, ld_qkv, att + (size_t)r * Hq, Hq);
-        linear(L->site[AD_ROLE_O], att, Hq, T, y, E);
+        site_groups(L->site[AD_ROLE_O], s, att, Hq, true, T, y, E);
+        sublayer_groups(m, s, l, AD_NORM_ATTN, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)
             x[i] += y[i];
 
         /* MLP: gate/up (or up alone), activation, down. */
-        norm_rows(m, L->norm2_w, L->norm2_b, x, T, xn);
-        linear(L->site[AD_ROLE_UP], xn, E, T, fa, F);
-        if (L->site[AD_ROLE_GATE]) {
-            linear(L->site[AD_ROLE_GATE], xn, E, T, fb, F);
+        norm_groups(m, s, l, AD_NORM_MLP, x, xn);
+        bool gated = L->site[AD_ROLE_GATE] != NULL;
+        site_groups(L->site[AD_ROLE_UP], s, xn, E, !gated, T, fa, F);
+        if (gated) {
+            site_groups(L->site[AD_ROLE_GATE], s, xn, E, false, T, fb, F);
             for (size_t i = 0; i < (size_t)T * F; i++)
                 fa[i] *= act(c->act, fb[i]);
         } else {
             for (size_t i = 0; i < (size_t)T * F; i++)
                 fa[i] = act(c->act, fa[i]);
         }
-        linear(L->site[AD_ROLE_DOWN], fa, F, T, y, E);
+        site_groups(L->site[AD_ROLE_DOWN], s, fa, F, true, T, y, E);
+        sublayer_groups(m, s, l, AD_NORM_MLP, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)
             x[i] += y[i];
     }
 
-    /* Final norm and lm_head, for the rows that want logits only. */
+    /* Final norm and lm_head, for the rows that want logits only: the groups are remapped to
+     * the output rows. */
     float *xo = s->buf[BUF_XO];
     int n_out = 0;
+    s->n_groups = 0;
     for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++) {
         int first = chunks[i].all_logits ? 0 : chunks[i].n_tokens - 1;
-        for (int j = first; j < chunks[i].n_tokens; j++)
-            norm_rows(m, m->final_norm_w, m->final_norm_b, x + (size_t)(r + j) * E, 1,
-                      xo + (size_t)n_out++ * E);
+        int n = chunks[i].n_tokens - first;
+        memcpy(xo + (size_t)n_out * E, x + (size_t)(r + first) * E, (size_t)n * E * sizeof(float));
+        struct group *last = s->n_groups ? &s->groups[s->n_groups - 1] : NULL;
+        if (last && last->mix == chunks[i].mix)
+            last->n += n;
+        else
+            s->groups[s->n_groups++] = (struct group){n_out, n, chunks[i].mix, false};
+        n_out += n;
     }
-    linear(&m->sites[m->n_sites - 1], xo, E, n_out, logits, c->n_vocab);
+    norm_groups(m, s, -1, AD_NORM_FINAL, xo, xo);
+    site_groups(&m->sites[m->n_sites - 1], s, xo, E, true, n_out, logits, c->n_vocab);
 
     for (int i = 0; i < n_chunks; i++)
         chunks[i].seq->n_tokens += chunks[i].n_tokens;

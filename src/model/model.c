@@ -415,6 +415,43 @@ const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *p
     return NULL;
 }
 
+const char *ad_model_root(const struct ad_model *m)
+{
+    return m->arch->root;
+}
+
+const char *ad_model_layer_fmt(const struct ad_model *m)
+{
+    return m->arch->layer_fmt;
+}
+
+int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_layer,
+                       enum ad_norm_slot *ret_slot)
+{
+    const struct ad_arch *a = m->arch;
+    size_t rl = strlen(a->root);
+    char want[160];
+
+    if (!strncmp(path, a->root, rl))
+        path += rl;
+    if (!strcmp(path, a->final_norm)) {
+        *ret_layer = -1;
+        *ret_slot = AD_NORM_FINAL;
+        return 0;
+    }
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        int n = snprintf(want, sizeof(want), a->layer_fmt, l);
+        if (n < 0 || strncmp(path, want, (size_t)n) != 0)
+            continue;
+        if (!strcmp(path + n, a->norm1) || !strcmp(path + n, a->norm2)) {
+            *ret_layer = l;
+            *ret_slot = !strcmp(path + n, a->norm1) ? AD_NORM_ATTN : AD_NORM_MLP;
+            return 0;
+        }
+    }
+    return -ENOENT;
+}
+
 bool ad_model_is_eos(const struct ad_model_config *cfg, int tok)
 {
     for (int i = 0; i < cfg->n_eos; i++)

@@ -77,7 +77,7 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
     if (mode == 1) {
         for (int i = 0; i < n_seq; i++)
             if (len[i] > 1)
-                chunks[n_chunks++] = (struct ad_chunk){&seqs[i], toks[i], len[i] / 2, true};
+                chunks[n_chunks++] = (struct ad_chunk){.seq = &seqs[i], .tokens = toks[i], .n_tokens = len[i] / 2, .all_logits = true};
         int n_out = ad_batch_n_logits(chunks, n_chunks);
         float *first = calloc((size_t)n_out * (size_t)V, sizeof(float));
         CHECK(first);
@@ -100,11 +100,11 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
         n_chunks = 0;
         for (int i = 0; i < n_seq; i++) {
             int done = len[i] > 1 ? len[i] / 2 : 0;
-            chunks[n_chunks++] = (struct ad_chunk){&seqs[i], toks[i] + done, len[i] - done, true};
+            chunks[n_chunks++] = (struct ad_chunk){.seq = &seqs[i], .tokens = toks[i] + done, .n_tokens = len[i] - done, .all_logits = true};
         }
     } else {
         for (int i = 0; i < n_seq; i++)
-            chunks[n_chunks++] = (struct ad_chunk){&seqs[i], toks[i], len[i], true};
+            chunks[n_chunks++] = (struct ad_chunk){.seq = &seqs[i], .tokens = toks[i], .n_tokens = len[i], .all_logits = true};
     }
     if (ad_model_forward(m, &kv, chunks, n_chunks, s, logits, &err) < 0) {
         fprintf(stderr, "forward: %s\n", err.msg);
@@ -126,7 +126,7 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
         for (int i = 0; i < n_seq; i++) {
             step_tok[i] = (int32_t)json_integer_value(
                 json_array_get(json_array_get(decode, (size_t)i), (size_t)t));
-            chunks[i] = (struct ad_chunk){&seqs[i], &step_tok[i], 1, false};
+            chunks[i] = (struct ad_chunk){.seq = &seqs[i], .tokens = &step_tok[i], .n_tokens = 1};
         }
         if (ad_model_forward(m, &kv, chunks, n_seq, s, logits, &err) < 0) {
             fprintf(stderr, "forward: %s\n", err.msg);

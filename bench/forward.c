@@ -1,0 +1,556 @@
+/* bench-forward: how fast the base model's forward pass runs, against what this machine can do.
+ *
+ *   bench-forward [--prompt N] [--steps N] [--batch N] [--phase all|prefill|decode]
+ *                 [--no-roofline] [MODEL_DIR]
+ *
+ * In one run it measures the machine (cblas_sgemm GFLOP/s at 2048^3, multi-threaded streaming
+ * read bandwidth), then prefill and decode at batch 1, 8 and 32 on a model with SmolLM2-135M's
+ * shapes, and prints each against its bound: prefill GFLOP/s against the sgemm peak, batch-1
+ * decode weight bytes/s against the read bandwidth. Without MODEL_DIR the model is generated
+ * once into /tmp/adapterd-bench-135m by the adapterd-mkmodel found next to this binary.
+ * docs/bench.md says what every number means. */
+#include <cblas.h>
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "adapterd/model.h"
+#include "adapterd/util.h"
+
+#define AD_BENCH_DEFAULT_DIR "/tmp/adapterd-bench-135m"
+#define AD_BENCH_SGEMM_N 2048
+#define AD_BENCH_BW_BYTES ((size_t)1 << 30)
+#define AD_BENCH_BLOCK 16
+
+static const int ad_batches[] = {1, 8, 32};
+#define AD_N_BATCHES ((int)(sizeof(ad_batches) / sizeof(ad_batches[0])))
+
+struct ad_bench_opts {
+    int prompt;      /* prompt tokens per sequence */
+    int steps;       /* timed decode steps */
+    int only_batch;  /* 0: every batch size */
+    bool prefill, decode, roofline;
+    const char *dir; /* NULL: generate */
+};
+
+/* ==========================================================================================
+ * Helpers */
+
+static int ad_parse_int(const char *s, int lo, int hi, int *ret)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return -EINVAL;
+    *ret = (int)v;
+    return 0;
+}
+
+static uint64_t ad_rng = 0x9e3779b97f4a7c15ull;
+
+static int32_t ad_rand_token(int n_vocab)
+{
+    ad_rng ^= ad_rng >> 12;
+    ad_rng ^= ad_rng << 25;
+    ad_rng ^= ad_rng >> 27;
+    return (int32_t)(((ad_rng * 2685821657736338717ull) >> 33) % (uint64_t)n_vocab);
+}
+
+/* ==========================================================================================
+ * The machine: sgemm peak and read bandwidth */
+
+static double ad_bench_sgemm(void)
+{
+    size_t n = AD_BENCH_SGEMM_N, nn = n * n;
+    float *a = malloc(nn * sizeof(float)), *b = malloc(nn * sizeof(float));
+    float *c = malloc(nn * sizeof(float));
+    double best = 0;
+
+    if (!a || !b || !c)
+        goto out;
+    for (size_t i = 0; i < nn; i++) {
+        a[i] = (float)(i % 7) * 0.25f - 0.75f;
+        b[i] = (float)(i % 5) * 0.5f - 1.0f;
+    }
+    memset(c, 0, nn * sizeof(float));
+    for (int rep = 0; rep < 4; rep++) { /* the first one is a warm-up */
+        double t0 = ad_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)n, (int)n, 1.0f, a,
+                    (int)n, b, (int)n, 0.0f, c, (int)n);
+        double dt = ad_now() - t0;
+        double gflops = 2.0 * (double)n * (double)n * (double)n / dt * 1e-9;
+        if (rep > 0 && gflops > best)
+            best = gflops;
+    }
+out:
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
+
+struct ad_bw_job {
+    const uint64_t *p;
+    size_t n; /* words */
+    int cpu;
+    pthread_barrier_t *barrier;
+    uint64_t sum;
+    double t0, t1;
+};
+
+static void *ad_bw_thread(void *arg)
+{
+    struct ad_bw_job *j = arg;
+    cpu_set_t set;
+
+    CPU_ZERO(&set);
+    CPU_SET(j->cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* best effort */
+    pthread_barrier_wait(j->barrier);
+    j->t0 = ad_now();
+    /* Eight independent integer sums: vectorised by the compiler, no FP dependency chain. */
+    uint64_t s[8] = {0};
+    const uint64_t *p = j->p;
+    size_t i = 0;
+    for (; i + 8 <= j->n; i += 8)
+        for (int k = 0; k < 8; k++)
+            s[k] += p[i + k];
+    for (; i < j->n; i++)
+        s[0] += p[i];
+    j->t1 = ad_now();
+    j->sum = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+    return NULL;
+}
+
+/* Best-of-5 GB/s of n_threads threads (one per core) each summing its slice of a buffer much
+ * larger than the caches. Time is first start to last finish. */
+static double ad_bench_bandwidth(int n_threads)
+{
+    size_t n = AD_BENCH_BW_BYTES / sizeof(uint64_t);
+    uint64_t *buf = malloc(n * sizeof(uint64_t));
+    struct ad_bw_job jobs[8];
+    pthread_t tid[8];
+    pthread_barrier_t barrier;
+    double best = 0;
+    uint64_t sink = 0;
+    int ncpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
+
+    if (!buf)
+        return 0;
+    if (n_threads > 8)
+        n_threads = 8;
+    for (size_t i = 0; i < n; i++) /* fault every page in, so the timed reads are reads */
+        buf[i] = i;
+    for (int rep = 0; rep < 5; rep++) {
+        pthread_barrier_init(&barrier, NULL, (unsigned)n_threads);
+        for (int t = 0; t < n_threads; t++) {
+            size_t lo = n * (size_t)t / (size_t)n_threads;
+            size_t hi = n * (size_t)(t + 1) / (size_t)n_threads;
+            jobs[t] = (struct ad_bw_job){
+                .p = buf + lo,
+                .n = hi - lo,
+                .cpu = ncpu > 0 ? t % ncpu : 0,
+                .barrier = &barrier,
+            };
+            pthread_create(&tid[t], NULL, ad_bw_thread, &jobs[t]);
+        }
+        double t0 = 1e300, t1 = 0;
+        for (int t = 0; t < n_threads; t++) {
+            pthread_join(tid[t], NULL);
+            t0 = jobs[t].t0 < t0 ? jobs[t].t0 : t0;
+            t1 = jobs[t].t1 > t1 ? jobs[t].t1 : t1;
+            sink += jobs[t].sum;
+        }
+        pthread_barrier_destroy(&barrier);
+        double gbs = (double)(n * sizeof(uint64_t)) / (t1 - t0) * 1e-9;
+        best = gbs > best ? gbs : best;
+    }
+    free(buf);
+    if (sink == 42) /* keeps the sums alive */
+        fputs("", stdout);
+    return best;
+}
+
+/* ==========================================================================================
+ * The model: find or generate it */
+
+static int ad_file_exists(const char *dir, const char *name)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    if (ad_path_join(path, sizeof(path), dir, name) < 0)
+        return 0;
+    return stat(path, &st) == 0;
+}
+
+/* Finds adapterd-mkmodel next to this binary (build/bench/ -> build/tools/) into buf. */
+static int ad_find_mkmodel(char *buf, size_t size)
+{
+    static const char *const rel[] = {"adapterd-mkmodel", "../tools/adapterd-mkmodel",
+                                      "../adapterd-mkmodel"};
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+
+    if (n <= 0)
+        return -ENOENT;
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (!slash)
+        return -ENOENT;
+    *slash = '\0';
+    for (size_t i = 0; i < sizeof(rel) / sizeof(rel[0]); i++)
+        if (ad_path_join(buf, size, self, rel[i]) == 0 && access(buf, X_OK) == 0)
+            return 0;
+    return -ENOENT;
+}
+
+/* Generates the SmolLM2-135M-shaped model into dir (via dir.tmp, then rename) unless it is
+ * already there. */
+static int ad_ensure_model(const char *dir)
+{
+    char mk[PATH_MAX], tmp[PATH_MAX];
+
+    if (ad_file_exists(dir, "config.json") && ad_file_exists(dir, "model.safetensors"))
+        return 0;
+    if (ad_find_mkmodel(mk, sizeof(mk)) < 0) {
+        fprintf(stderr, "bench-forward: adapterd-mkmodel not found next to this binary\n");
+        return -ENOENT;
+    }
+    int len = snprintf(tmp, sizeof(tmp), "%s.tmp-%ld", dir, (long)getpid());
+    if (len < 0 || (size_t)len >= sizeof(tmp))
+        return -ENAMETOOLONG;
+    fprintf(stderr, "bench-forward: generating the model into '%s' (once)...\n", dir);
+    double t0 = ad_now();
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        dup2(2, 1); /* mkmodel's chatter goes to stderr, the report stays clean */
+        execl(mk, mk, "--preset", "smollm2-135m", tmp, (char *)NULL);
+        _exit(127);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "bench-forward: '%s' failed\n", mk);
+        return -EIO;
+    }
+    if (rename(tmp, dir) < 0) {
+        int e = errno;
+        fprintf(stderr, "bench-forward: cannot rename '%s' to '%s': %s\n", tmp, dir, strerror(e));
+        return -e;
+    }
+    fprintf(stderr, "bench-forward: generated in %.1f s\n", ad_now() - t0);
+    return 0;
+}
+
+/* ==========================================================================================
+ * The forward pass: prefill and decode */
+
+struct ad_bench_run {
+    struct ad_model *m;
+    struct ad_kv kv;
+    struct ad_scratch *scratch;
+    struct ad_kv_seq seqs[32];
+    struct ad_chunk chunks[32];
+    int32_t *tokens; /* [32, prompt] */
+    float *logits;   /* [32, n_vocab] */
+    double lin_params, head_params;
+};
+
+struct ad_result {
+    int batch;
+    double sec, tok_s, gflop_s;
+};
+
+static void ad_release_all(struct ad_bench_run *r)
+{
+    for (int i = 0; i < 32; i++)
+        ad_kv_seq_release(&r->kv, &r->seqs[i]);
+}
+
+/* Useful FLOPs of a pass: 2 * params per row through every linear, lm_head only for the rows
+ * that produce logits, and causal attention 4 * n_head * head_dim per (query, visible key). */
+static double ad_pass_flops(const struct ad_bench_run *r, int batch, int ctx0, int n_new)
+{
+    const struct ad_model_config *c = &r->m->cfg;
+    double rows = (double)batch * n_new;
+    double keys = 0; /* sum over queries of the keys each one sees */
+    for (int i = 0; i < n_new; i++)
+        keys += ctx0 + i + 1;
+    double att = 4.0 * c->n_head * c->head_dim * keys * batch * c->n_layer;
+    return 2.0 * r->lin_params * rows + 2.0 * r->head_params * batch + att;
+}
+
+static int ad_forward(struct ad_bench_run *r, int batch, int n_tokens, const int32_t *tokens,
+                      int stride)
+{
+    struct ad_err err = {0};
+    for (int i = 0; i < batch; i++)
+        r->chunks[i] = (struct ad_chunk){.seq = &r->seqs[i],
+                                         .tokens = tokens + (size_t)i * (size_t)stride,
+                                         .n_tokens = n_tokens};
+    int rc = ad_model_forward(r->m, &r->kv, r->chunks, batch, r->scratch, r->logits, &err);
+    if (rc < 0)
+        fprintf(stderr, "bench-forward: forward failed: %s\n", err.msg);
+    return rc;
+}
+
+/* Prefills batch sequences of prompt tokens, each in one pass; best of up to 3 runs, fewer when
+ * a run is long. Leaves the sequences prefilled for the decode that follows. */
+static int ad_bench_prefill(struct ad_bench_run *r, int batch, int prompt, int max_reps,
+                            struct ad_result *res)
+{
+    double best = 1e300, spent = 0;
+    for (int rep = 0; rep < max_reps && (rep == 0 || spent < 6.0); rep++) {
+        ad_release_all(r);
+        for (size_t i = 0; i < (size_t)batch * (size_t)prompt; i++)
+            r->tokens[i] = ad_rand_token(r->m->cfg.n_vocab);
+        double t0 = ad_now();
+        if (ad_forward(r, batch, prompt, r->tokens, prompt) < 0)
+            return -1;
+        double dt = ad_now() - t0;
+        spent += dt;
+        best = dt < best ? dt : best;
+    }
+    res->batch = batch;
+    res->sec = best;
+    res->tok_s = (double)batch * prompt / best;
+    res->gflop_s = ad_pass_flops(r, batch, 0, prompt) / best * 1e-9;
+    return 0;
+}
+
+/* From sequences of ctx0 tokens each: one untimed step, then steps timed decode steps of one
+ * token per sequence. */
+static int ad_bench_decode(struct ad_bench_run *r, int batch, int steps, struct ad_result *res)
+{
+    int32_t tok[32];
+    double flops = 0;
+
+    for (int i = 0; i < batch; i++)
+        tok[i] = ad_rand_token(r->m->cfg.n_vocab);
+    if (ad_forward(r, batch, 1, tok, 1) < 0)
+        return -1;
+    double t0 = ad_now();
+    for (int s = 0; s < steps; s++) {
+        flops += ad_pass_flops(r, batch, r->seqs[0].n_tokens, 1);
+        for (int i = 0; i < batch; i++)
+            tok[i] = ad_rand_token(r->m->cfg.n_vocab);
+        if (ad_forward(r, batch, 1, tok, 1) < 0)
+            return -1;
+    }
+    double dt = ad_now() - t0;
+    res->batch = batch;
+    res->sec = dt / steps;
+    res->tok_s = (double)batch * steps / dt;
+    res->gflop_s = flops / dt * 1e-9;
+    return 0;
+}
+
+/* ==========================================================================================
+ * Main */
+
+static void ad_usage(FILE *f)
+{
+    fputs("usage: bench-forward [--prompt N] [--steps N] [--batch N] "
+          "[--phase all|prefill|decode]\n"
+          "                     [--no-roofline] [MODEL_DIR]\n",
+          f);
+}
+
+static int ad_parse_args(int argc, char **argv, struct ad_bench_opts *o)
+{
+    static const struct option longopts[] = {
+        {"prompt", required_argument, NULL, 'p'}, {"steps", required_argument, NULL, 's'},
+        {"batch", required_argument, NULL, 'b'},  {"phase", required_argument, NULL, 'P'},
+        {"no-roofline", no_argument, NULL, 'R'},  {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+
+    *o = (struct ad_bench_opts){128, 32, 0, true, true, true, NULL};
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'p':
+            if (ad_parse_int(optarg, 1, 1024, &o->prompt) < 0)
+                return -EINVAL;
+            break;
+        case 's':
+            if (ad_parse_int(optarg, 1, 512, &o->steps) < 0)
+                return -EINVAL;
+            break;
+        case 'b':
+            if (ad_parse_int(optarg, 1, 32, &o->only_batch) < 0)
+                return -EINVAL;
+            break;
+        case 'P':
+            o->prefill = strcmp(optarg, "decode") != 0;
+            o->decode = strcmp(optarg, "prefill") != 0;
+            if (strcmp(optarg, "all") && strcmp(optarg, "prefill") && strcmp(optarg, "decode"))
+                return -EINVAL;
+            break;
+        case 'R':
+            o->roofline = false;
+            break;
+        case 'h':
+            ad_usage(stdout);
+            exit(0);
+        default:
+            return -EINVAL;
+        }
+    }
+    if (optind < argc)
+        o->dir = argv[optind++];
+    return optind == argc ? 0 : -EINVAL;
+}
+
+int main(int argc, char **argv)
+{
+    struct ad_bench_opts o;
+    struct ad_bench_run r = {0};
+    struct ad_result pre[AD_N_BATCHES] = {{0}}, dec[AD_N_BATCHES] = {{0}};
+    struct ad_err err = {0};
+    double peak = 0, bw = 0;
+    int status = 1;
+
+    if (ad_parse_args(argc, argv, &o) < 0) {
+        ad_usage(stderr);
+        return 2;
+    }
+    const char *dir = o.dir ? o.dir : AD_BENCH_DEFAULT_DIR;
+    if (!o.dir && ad_ensure_model(dir) < 0)
+        return 1;
+
+    const char *coretype = getenv("OPENBLAS_CORETYPE");
+    const char *nthr_env = getenv("OPENBLAS_NUM_THREADS");
+    printf("== environment\n");
+    printf("nproc                 %ld\n", sysconf(_SC_NPROCESSORS_ONLN));
+    printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
+    printf("OPENBLAS_NUM_THREADS  %s\n", nthr_env ? nthr_env : "(unset)");
+    printf("openblas threads      %d\n", openblas_get_num_threads());
+    printf("openblas core         %s\n", openblas_get_corename());
+    printf("openblas config       %s\n", openblas_get_config());
+    fflush(stdout);
+
+    if (o.roofline) {
+        peak = ad_bench_sgemm();
+        bw = ad_bench_bandwidth(2);
+        printf("\n== machine\n");
+        printf("sgemm %dx%dx%d      %.1f GFLOP/s (best of 3, %d threads)\n", AD_BENCH_SGEMM_N,
+               AD_BENCH_SGEMM_N, AD_BENCH_SGEMM_N, peak, openblas_get_num_threads());
+        printf("read bandwidth        %.1f GB/s (2 threads, %zu MiB, best of 5)\n", bw,
+               AD_BENCH_BW_BYTES >> 20);
+        fflush(stdout);
+    }
+
+    double t_load = ad_now();
+    if (ad_model_load(dir, &r.m, &err) < 0) {
+        fprintf(stderr, "bench-forward: %s\n", err.msg);
+        return 1;
+    }
+    const struct ad_model_config *c = &r.m->cfg;
+    for (int i = 0; i < r.m->n_sites - 1; i++)
+        r.lin_params += (double)r.m->sites[i].n_in * r.m->sites[i].n_out;
+    r.head_params = (double)r.m->sites[r.m->n_sites - 1].n_in * r.m->sites[r.m->n_sites - 1].n_out;
+
+    printf("\n== model\n");
+    printf("dir                   %s (%s, loaded in %.1f s)\n", dir, c->architecture,
+           ad_now() - t_load);
+    printf("shape                 %d hidden, %d layers, %d/%d heads, %d ff, %d vocab\n",
+           c->n_embd, c->n_layer, c->n_head, c->n_kv_head, c->n_ff, c->n_vocab);
+    printf("params                %.1f M in linears + %.1f M lm_head%s\n", r.lin_params * 1e-6,
+           r.head_params * 1e-6, c->tie_embeddings ? " (tied)" : "");
+    printf("weight bytes / step   %.1f MB\n", (double)r.m->weight_bytes * 1e-6);
+    fflush(stdout);
+
+    int max_tokens = o.prompt + o.steps + 1;
+    int per_seq = (max_tokens + AD_BENCH_BLOCK - 1) / AD_BENCH_BLOCK;
+    r.scratch = ad_scratch_new();
+    r.tokens = malloc((size_t)32 * (size_t)o.prompt * sizeof(int32_t));
+    r.logits = malloc((size_t)32 * (size_t)c->n_vocab * sizeof(float));
+    if (!r.scratch || !r.tokens || !r.logits ||
+        ad_kv_init(&r.kv, c, 32 * per_seq, AD_BENCH_BLOCK) < 0) {
+        fprintf(stderr, "bench-forward: out of memory\n");
+        goto out;
+    }
+
+    /* Warm-up: one decode step touches every weight page once. */
+    {
+        int32_t t = 1;
+        if (ad_forward(&r, 1, 1, &t, 1) < 0)
+            goto out;
+        ad_release_all(&r);
+    }
+
+    for (int b = 0; b < AD_N_BATCHES; b++) {
+        int B = ad_batches[b];
+        if (o.only_batch && o.only_batch != B)
+            continue;
+        if (ad_bench_prefill(&r, B, o.prompt, o.prefill ? 3 : 1, &pre[b]) < 0)
+            goto out;
+        if (o.decode && ad_bench_decode(&r, B, o.steps, &dec[b]) < 0)
+            goto out;
+        ad_release_all(&r);
+    }
+
+    printf("\n== forward (prompt %d tokens per sequence, %d decode steps after it)\n", o.prompt,
+           o.steps);
+    printf("%-8s %5s %10s %10s %9s %8s %10s %8s\n", "phase", "batch", "ms/pass", "tokens/s",
+           "GFLOP/s", "%sgemm", "weight GB/s", "%bw");
+    for (int b = 0; b < AD_N_BATCHES; b++) {
+        if (!o.prefill || !pre[b].batch)
+            continue;
+        printf("%-8s %5d %10.1f %10.1f %9.1f %7.1f%% %10s %8s\n", "prefill", pre[b].batch,
+               pre[b].sec * 1e3, pre[b].tok_s, pre[b].gflop_s,
+               peak > 0 ? 100.0 * pre[b].gflop_s / peak : 0.0, "-", "-");
+    }
+    for (int b = 0; b < AD_N_BATCHES; b++) {
+        if (!o.decode || !dec[b].batch)
+            continue;
+        /* Each step reads every weight once, whatever the batch. */
+        double wgbs = (double)r.m->weight_bytes * (dec[b].tok_s / dec[b].batch) * 1e-9;
+        printf("%-8s %5d %10.1f %10.1f %9.1f %7.1f%% %10.1f %7.1f%%\n", "decode", dec[b].batch,
+               dec[b].sec * 1e3, dec[b].tok_s, dec[b].gflop_s,
+               peak > 0 ? 100.0 * dec[b].gflop_s / peak : 0.0, wgbs,
+               bw > 0 ? 100.0 * wgbs / bw : 0.0);
+    }
+
+    if (o.roofline) {
+        printf("\n== goals\n");
+        if (o.decode && dec[0].batch == 1) {
+            double wgbs = (double)r.m->weight_bytes * dec[0].tok_s * 1e-9;
+            printf("batch-1 decode: %.0f%% of bandwidth bound (goal >= 60%%): %.1f tokens/s, "
+                   "bound %.1f tokens/s\n",
+                   100.0 * wgbs / bw, dec[0].tok_s, bw * 1e9 / (double)r.m->weight_bytes);
+        }
+        if (o.prefill) {
+            int best = -1;
+            for (int b = 0; b < AD_N_BATCHES; b++)
+                if (pre[b].batch && (best < 0 || pre[b].gflop_s > pre[best].gflop_s))
+                    best = b;
+            if (best >= 0)
+                printf("prefill: %.0f%% of sgemm peak (goal >= 50%%): %.1f GFLOP/s at batch %d "
+                       "of %.1f\n",
+                       100.0 * pre[best].gflop_s / peak, pre[best].gflop_s, pre[best].batch,
+                       peak);
+        }
+    }
+    status = 0;
+out:
+    ad_release_all(&r);
+    ad_kv_fini(&r.kv);
+    ad_scratch_free(r.scratch);
+    free(r.tokens);
+    free(r.logits);
+    ad_model_free(r.m);
+    return status;
+}

@@ -1,0 +1,150 @@
+/* adapterd: PEFT adapters on top of the frozen base: loading Hugging Face PEFT (and AdapterHub
+ * bottleneck) directories, and the deltas each adapter applies at the model's hook points.
+ *
+ * An adapter is immutable after load and reference-counted; every hook only reads it, so any
+ * number of threads may use one adapter at once. */
+#pragma once
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "adapterd/model.h"
+
+struct ad_err;
+struct ad_model;
+struct ad_site;
+
+enum ad_adapter_kind {
+    AD_ADAPTER_LORA, /* incl. rsLoRA and DoRA */
+    AD_ADAPTER_IA3,
+    AD_ADAPTER_PREFIX,
+    AD_ADAPTER_PROMPT, /* prompt tuning and P-tuning (saved encoder output) */
+    AD_ADAPTER_BIAS,   /* BitFit bias sets */
+    AD_ADAPTER_BOTTLENECK,
+    AD_ADAPTER_KIND_COUNT,
+};
+
+/* What one adapter does to one site (linear map) of the model. Any combination of fields may
+ * be set: a LoRA file with bias="all" carries LoRA factors and replacement biases. */
+struct ad_site_delta {
+    const struct ad_site *site;
+    /* LoRA: y += scale * B (A x) (+ scale * b_B); DoRA: y = k (y - b + scale B A x) + b */
+    int rank;
+    float scale;
+    float *lora_a;    /* [rank, n_in] */
+    float *lora_b;    /* [n_out, rank] */
+    float *lora_bias; /* [n_out] or NULL */
+    float *dora_k;    /* [n_out] = m / |W + scale B A|_row, or NULL */
+    /* IA3: y *= l_out (bias included), or y = W (l_in x) + b */
+    float *ia3_out; /* [n_out] or NULL */
+    float *ia3_in;  /* [n_in] or NULL */
+    /* Bias sets and bias="all": y += bias_add (= new bias - base bias) */
+    float *bias_add; /* [n_out] or NULL */
+    /* modules_to_save: the whole linear replaced: y = x W'^T + b' */
+    float *w_new; /* [n_out, n_in] or NULL */
+    float *b_new; /* [n_out] or NULL */
+};
+
+/* A replaced norm (LN tuning, modules_to_save, bias="all" on LayerNorm biases). */
+struct ad_norm_delta {
+    const float *w, *b; /* full replacements; NULL keeps the base's */
+};
+
+/* A bottleneck adapter at one sub-layer output: y += up(act(down(z))) with z = y (Houlsby) or
+ * z = x + y (Pfeiffer, "original_ln_before"), x the residual entering the sub-layer. */
+struct ad_bottleneck {
+    int dim;            /* bottleneck width */
+    float *down_w, *down_b; /* [dim, n_embd], [dim] */
+    float *up_w, *up_b;     /* [n_embd, dim], [n_embd] */
+};
+
+struct ad_adapter {
+    atomic_int refs;
+    char name[128];
+    enum ad_adapter_kind kind;
+    size_t bytes; /* resident bytes of the adapter's own tensors */
+
+    const struct ad_model *model;   /* the base it was validated against (borrowed) */
+    struct ad_site_delta **by_site; /* [model->n_sites], NULL where the site is untouched */
+    struct ad_norm_delta *norms;    /* [n_layer * 2 + 1] (attn, mlp per layer; final), or NULL */
+
+    /* prompt tuning: virtual token embeddings, prepended to the input */
+    int n_virtual;
+    float *prompt; /* [n_virtual, n_embd] */
+
+    /* prefix tuning: virtual keys and values placed before the sequence, never rotated */
+    int n_prefix;
+    float *prefix_kv; /* [n_layer][2][n_prefix][n_kv_head * head_dim] */
+
+    /* bottleneck adapters, per layer: after attention, after the MLP (dim 0 = none) */
+    struct ad_bottleneck *bn_attn, *bn_mlp; /* [n_layer] or NULL */
+    bool bn_on_sum;                         /* Pfeiffer: the adapter sees x + y */
+    int bn_act;                             /* enum ad_act of model.h, or AD_BN_ACT_RELU */
+
+    /* private */
+    struct ad_site_delta *deltas;
+    int n_deltas;
+    void **owned;
+    int n_owned;
+};
+
+#define AD_BN_ACT_RELU 100
+
+/* Loads an adapter directory (adapter_config.json + adapter_model.safetensors, as Hugging Face
+ * PEFT writes it, or an AdapterHub bottleneck adapter with adapter.safetensors) and validates it
+ * against model. Returns 0 and a new adapter (one reference), or -EINVAL / -ENOTSUP / -ENOENT with
+ * err naming the file, key and reason. */
+int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
+                    struct ad_adapter **ret, struct ad_err *err);
+
+/* The same from a config text and an in-memory safetensors image (uploads, fuzzing). The image
+ * is borrowed for the call only. */
+int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
+                        size_t weights_len, const char *name, struct ad_adapter **ret,
+                        struct ad_err *err);
+
+/* References: _ref returns a; _unref frees on the last reference and returns NULL. Thread-safe. */
+struct ad_adapter *ad_adapter_ref(struct ad_adapter *a);
+struct ad_adapter *ad_adapter_unref(struct ad_adapter *a);
+
+const char *ad_adapter_kind_name(enum ad_adapter_kind k);
+
+/* ==========================================================================================
+ * Mixes: what one request runs with. Several LoRA adapters compose (weighted deltas add);
+ * every other kind runs alone with weight 1. */
+
+#define AD_MIX_MAX 8
+
+struct ad_mix {
+    int n;
+    struct ad_adapter *a[AD_MIX_MAX]; /* borrowed: the request holds the references */
+    float w[AD_MIX_MAX];
+};
+
+/* Checks the composition rules. Returns 0 or -EINVAL with err saying why. */
+int ad_mix_validate(const struct ad_mix *mix, struct ad_err *err);
+/* Virtual tokens a sequence using mix starts with (prompt tuning), and prefix K/V length. */
+int ad_mix_n_virtual(const struct ad_mix *mix);
+int ad_mix_n_prefix(const struct ad_mix *mix);
+
+/* ==========================================================================================
+ * Hooks, called by the forward pass for a group of n rows that share one mix (model.h). */
+
+/* Input-side deltas (IA3 feed-forward scaling) applied in place to x; only for sites whose input
+ * buffer no other site reads. Returns true if it scaled x. */
+bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x, int ldx, int n);
+/* Output-side deltas: y (the base result for these rows) is updated in place. x_scaled says
+ * whether ad_mix_site_pre already scaled x. tmp holds tmp_len floats. */
+void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
+                      bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len);
+/* Norm parameters for the group (the base's unless an adapter replaces them). */
+void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
+                 const float **b);
+/* Bottleneck adapters at a sub-layer output y [n, n_embd] with residual input x. */
+void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float *x,
+                     float *y, int n, float *tmp, size_t tmp_len);
+/* Embedding row of virtual token v (0-based) of the mix's prompt adapter. */
+const float *ad_mix_virtual_embedding(const struct ad_mix *mix, int v);
+/* Prefix keys (kv = 0) or values (kv = 1) of a layer: [n_prefix, n_kv_head * head_dim]. */
+const float *ad_mix_prefix(const struct ad_mix *mix, int layer, int kv);

@@ -1,0 +1,225 @@
+/* Adapter lifetime (references), mixes (composition rules), and the hooks the forward pass
+ * calls for each group of rows: they dispatch to each kind's maths. */
+#include <cblas.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* ==========================================================================================
+ * References */
+
+struct ad_adapter *ad_adapter_ref(struct ad_adapter *a)
+{
+    if (a)
+        atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
+    return a;
+}
+
+struct ad_adapter *ad_adapter_unref(struct ad_adapter *a)
+{
+    if (!a || atomic_fetch_sub_explicit(&a->refs, 1, memory_order_acq_rel) != 1)
+        return NULL;
+    for (int i = 0; i < a->n_owned; i++)
+        free(a->owned[i]);
+    free(a->owned);
+    free(a->by_site);
+    free(a->deltas);
+    free(a->norms);
+    free(a->bn_attn);
+    free(a->bn_mlp);
+    free(a);
+    return NULL;
+}
+
+const char *ad_adapter_kind_name(enum ad_adapter_kind k)
+{
+    static const char *const names[AD_ADAPTER_KIND_COUNT] = {
+        [AD_ADAPTER_LORA] = "lora",     [AD_ADAPTER_IA3] = "ia3",
+        [AD_ADAPTER_PREFIX] = "prefix", [AD_ADAPTER_PROMPT] = "prompt",
+        [AD_ADAPTER_BIAS] = "bias",     [AD_ADAPTER_BOTTLENECK] = "bottleneck",
+    };
+    return (unsigned)k < AD_ADAPTER_KIND_COUNT ? names[k] : "?";
+}
+
+/* ==========================================================================================
+ * Mixes */
+
+/* A LoRA adapter whose deltas are all linear in its weight: LoRA factors and nothing else. */
+static bool is_pure_lora(const struct ad_adapter *a)
+{
+    if (a->kind != AD_ADAPTER_LORA || a->norms)
+        return false;
+    for (int i = 0; i < a->model->n_sites; i++) {
+        const struct ad_site_delta *d = a->by_site[i];
+        if (d && (d->dora_k || d->w_new || d->bias_add))
+            return false;
+    }
+    return true;
+}
+
+int ad_mix_validate(const struct ad_mix *mix, struct ad_err *err)
+{
+    if (mix->n < 1 || mix->n > AD_MIX_MAX)
+        return ad_err_set(err, -EINVAL, "a request names 1 to %d adapters", AD_MIX_MAX);
+    for (int i = 0; i < mix->n; i++) {
+        if (mix->a[i]->model != mix->a[0]->model)
+            return ad_err_set(err, -EINVAL, "adapters of different base models");
+        if (!(mix->w[i] == mix->w[i]) || mix->w[i] < -100 || mix->w[i] > 100)
+            return ad_err_set(err, -EINVAL, "adapter '%s': weight must be in [-100, 100]",
+                              mix->a[i]->name);
+        bool pure = is_pure_lora(mix->a[i]);
+        if (mix->n > 1 && !pure)
+            return ad_err_set(err, -EINVAL, "adapter '%s' (%s) cannot be composed: only plain "
+                              "LoRA adapters (no DoRA, biases or saved modules) add up",
+                              mix->a[i]->name, ad_adapter_kind_name(mix->a[i]->kind));
+        if (!pure && mix->w[i] != 1.0f)
+            return ad_err_set(err, -EINVAL, "adapter '%s' (%s) runs with weight 1 only",
+                              mix->a[i]->name, ad_adapter_kind_name(mix->a[i]->kind));
+    }
+    return 0;
+}
+
+int ad_mix_n_virtual(const struct ad_mix *mix)
+{
+    return mix->n == 1 ? mix->a[0]->n_virtual : 0;
+}
+
+int ad_mix_n_prefix(const struct ad_mix *mix)
+{
+    return mix->n == 1 ? mix->a[0]->n_prefix : 0;
+}
+
+const float *ad_mix_virtual_embedding(const struct ad_mix *mix, int v)
+{
+    const struct ad_adapter *a = mix->a[0];
+    return a->prompt + (size_t)v * (size_t)a->model->cfg.n_embd;
+}
+
+const float *ad_mix_prefix(const struct ad_mix *mix, int layer, int kv)
+{
+    const struct ad_adapter *a = mix->a[0];
+    const struct ad_model_config *c = &a->model->cfg;
+    size_t kvd = (size_t)c->n_kv_head * (size_t)c->head_dim;
+    return a->prefix_kv + ((size_t)layer * 2 + (size_t)kv) * (size_t)a->n_prefix * kvd;
+}
+
+/* ==========================================================================================
+ * Hooks */
+
+static const struct ad_site_delta *delta_of(const struct ad_adapter *a, const struct ad_site *s)
+{
+    return a->by_site[s - a->model->sites];
+}
+
+bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x, int ldx, int n)
+{
+    const struct ad_site_delta *d = mix->n == 1 ? delta_of(mix->a[0], s) : NULL;
+    if (!d || !d->ia3_in)
+        return false;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < s->n_in; j++)
+            x[(size_t)i * ldx + j] *= d->ia3_in[j];
+    return true;
+}
+
+/* y = x W'^T + b' for a replaced module. */
+static void replaced(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                     int n)
+{
+    const struct ad_site *s = d->site;
+    const float *b = d->b_new ? d->b_new : s->b;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
+                d->w_new, s->n_in, 0.0f, y, ldy);
+    for (int i = 0; b && i < n; i++)
+        for (int j = 0; j < s->n_out; j++)
+            y[(size_t)i * ldy + j] += b[j];
+}
+
+/* y += ((l - 1) * x) W^T: IA3 input scaling when x is shared with other sites. */
+static void ia3_in_delta(const struct ad_site_delta *d, const float *x, int ldx, float *y,
+                         int ldy, int n, float *tmp, size_t tmp_len)
+{
+    const struct ad_site *s = d->site;
+    int block = (int)(tmp_len / (size_t)s->n_in);
+    for (int r0 = 0; r0 < n; r0 += block) {
+        int nb = n - r0 < block ? n - r0 : block;
+        for (int i = 0; i < nb; i++)
+            for (int j = 0; j < s->n_in; j++)
+                tmp[(size_t)i * s->n_in + j] = x[(size_t)(r0 + i) * ldx + j] * (d->ia3_in[j] - 1);
+        if (s->w_in_out)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, s->n_out, s->n_in, 1.0f,
+                        tmp, s->n_in, s->w, s->n_out, 1.0f, y + (size_t)r0 * ldy, ldy);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, s->n_in, 1.0f,
+                        tmp, s->n_in, s->w, s->n_in, 1.0f, y + (size_t)r0 * ldy, ldy);
+    }
+}
+
+void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
+                      bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len)
+{
+    for (int k = 0; k < mix->n; k++) {
+        const struct ad_site_delta *d = delta_of(mix->a[k], s);
+        if (!d)
+            continue;
+        if (d->w_new)
+            replaced(d, x, ldx, y, ldy, n);
+        for (int i = 0; d->bias_add && i < n; i++)
+            for (int j = 0; j < s->n_out; j++)
+                y[(size_t)i * ldy + j] += d->bias_add[j];
+        if (d->dora_k) {
+            /* y = k (W x + s B A x) + b, with b the bias in effect */
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < s->n_out; j++)
+                    y[(size_t)i * ldy + j] -= (s->b ? s->b[j] : 0) +
+                                              (d->bias_add ? d->bias_add[j] : 0);
+            ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < s->n_out; j++)
+                    y[(size_t)i * ldy + j] = y[(size_t)i * ldy + j] * d->dora_k[j] +
+                                             (s->b ? s->b[j] : 0) +
+                                             (d->bias_add ? d->bias_add[j] : 0);
+        } else if (d->lora_a) {
+            ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+        }
+        if (d->ia3_in && !x_scaled)
+            ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
+        for (int i = 0; d->ia3_out && i < n; i++)
+            for (int j = 0; j < s->n_out; j++)
+                y[(size_t)i * ldy + j] *= d->ia3_out[j];
+    }
+}
+
+void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
+                 const float **b)
+{
+    const struct ad_adapter *a = mix->a[0];
+    if (mix->n != 1 || !a->norms)
+        return;
+    const struct ad_norm_delta *nd =
+        &a->norms[slot == AD_NORM_FINAL ? a->model->cfg.n_layer * 2 : layer * 2 + (int)slot];
+    if (nd->w)
+        *w = nd->w;
+    if (nd->b)
+        *b = nd->b;
+}
+
+void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float *x,
+                     float *y, int n, float *tmp, size_t tmp_len)
+{
+    const struct ad_adapter *a = mix->a[0];
+    if (mix->n != 1 || (!a->bn_attn && !a->bn_mlp))
+        return;
+    const struct ad_bottleneck *bn = slot == AD_NORM_ATTN ? &a->bn_attn[layer] : &a->bn_mlp[layer];
+    int E = a->model->cfg.n_embd;
+    if (!bn->dim)
+        return;
+    /* The work space holds T (widest + E) floats and dim <= E: rows in blocks that fit. */
+    int block = (int)(tmp_len / (size_t)(E + bn->dim));
+    for (int r0 = 0; r0 < n; r0 += block) {
+        int nb = n - r0 < block ? n - r0 : block;
+        ad_bottleneck_apply(a, bn, x + (size_t)r0 * E, y + (size_t)r0 * E, nb, E, tmp);
+    }
+}

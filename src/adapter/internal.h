@@ -1,0 +1,56 @@
+/* Private to src/adapter: the loading context each kind's loader works through. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+
+#include "adapterd/adapter.h"
+#include "adapterd/model.h"
+#include "adapterd/safetensors.h"
+#include "adapterd/util.h"
+
+struct load_ctx {
+    struct ad_adapter *a;
+    const struct ad_model *m;
+    json_t *cfg;                /* adapter_config.json (for AdapterHub: its "config" object) */
+    const struct ad_st_file *st;
+    bool *used;                 /* [n_tensors]: consumed by a loader */
+    struct ad_err *err;
+};
+
+/* The tensor named key, marked as used, or NULL. */
+const struct ad_tensor *ctx_take(struct load_ctx *c, const char *key);
+/* Converts t to a new f32 array owned by the adapter after checking its shape (d1 = 0: one
+ * dimension; d1 = -1: [d0, 1] or [1, d0] or [d0] accepted). Returns 0 or -EINVAL/-ENOMEM. */
+int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret);
+/* An adapter-owned allocation of n floats (zeroed), or NULL. */
+float *ctx_alloc(struct load_ctx *c, size_t n);
+/* The delta record of a site (created on first use). */
+struct ad_site_delta *ctx_delta(struct load_ctx *c, const struct ad_site *s);
+/* A PEFT key without "base_model.model." (or the key itself). */
+const char *ctx_strip(const char *key);
+/* Handles a tensor that is not an adapter parameter but a replaced base tensor: "<module>.bias",
+ * "<module>.base_layer.bias" (bias sets, bias="all"), "<module>.weight" (modules_to_save) for a
+ * linear or norm module. Returns 1 if handled, 0 if the key is not such a tensor, or -errno. */
+int ctx_replacement(struct load_ctx *c, const struct ad_tensor *t);
+/* Fails with the first tensor no loader used. */
+int ctx_check_all_used(struct load_ctx *c);
+
+/* PEFT target_modules matching (list: exact or "." suffix; string: full regex match). Returns
+ * 1 (targeted), 0, or -EINVAL for a bad pattern. */
+int ctx_targeted(struct load_ctx *c, json_t *targets, const char *module, bool dot_suffix);
+/* re.match(pattern, subject) (anchored at the start only) with PCRE2. 1, 0 or -EINVAL. */
+int ctx_regex_match(const char *pattern, const char *subject, bool full, struct ad_err *err);
+
+int ad_lora_load(struct load_ctx *c);
+int ad_ia3_load(struct load_ctx *c);
+int ad_prefix_load(struct load_ctx *c);
+int ad_prompt_load(struct load_ctx *c);
+int ad_bias_load(struct load_ctx *c);
+int ad_bottleneck_load(struct load_ctx *c);
+
+/* Hooks of each kind (the dispatch in adapter.c calls them). */
+void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
+                   int ldy, int n, float *tmp, size_t tmp_len);
+void ad_bottleneck_apply(const struct ad_adapter *a, const struct ad_bottleneck *bn,
+                         const float *x, float *y, int n, int n_embd, float *tmp);

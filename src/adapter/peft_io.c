@@ -1,0 +1,355 @@
+/* Reading adapter directories as Hugging Face PEFT (adapter_config.json +
+ * adapter_model.safetensors) and AdapterHub (adapter.safetensors) write them, and the helpers
+ * every kind's loader shares. shared/PEFT-FORMATS.md has the layouts and their sources. */
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <errno.h>
+#include <pcre2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_CONFIG_BYTES (1u << 20)
+
+/* ==========================================================================================
+ * Context helpers */
+
+const char *ctx_strip(const char *key)
+{
+    static const char pfx[] = "base_model.model.";
+    return strncmp(key, pfx, sizeof(pfx) - 1) ? key : key + sizeof(pfx) - 1;
+}
+
+const struct ad_tensor *ctx_take(struct load_ctx *c, const char *key)
+{
+    const struct ad_tensor *t = ad_st_find(c->st, key);
+    if (t)
+        c->used[t - ad_st_tensor(c->st, 0)] = true;
+    return t;
+}
+
+float *ctx_alloc(struct load_ctx *c, size_t n)
+{
+    struct ad_adapter *a = c->a;
+    float *p = calloc(n ? n : 1, sizeof(float));
+    void **o = p ? realloc(a->owned, sizeof(*o) * (size_t)(a->n_owned + 1)) : NULL;
+    if (!o) {
+        free(p);
+        return NULL;
+    }
+    a->owned = o;
+    a->owned[a->n_owned++] = p;
+    a->bytes += n * sizeof(float);
+    return p;
+}
+
+int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret)
+{
+    bool ok;
+    if (d1 == -1) /* a vector stored as [n], [n, 1] or [1, n] */
+        ok = (t->n_dims == 1 && t->shape[0] == d0) ||
+             (t->n_dims == 2 && ((t->shape[0] == d0 && t->shape[1] == 1) ||
+                                 (t->shape[0] == 1 && t->shape[1] == d0)));
+    else if (d1 == 0)
+        ok = t->n_dims == 1 && t->shape[0] == d0;
+    else
+        ok = t->n_dims == 2 && t->shape[0] == d0 && t->shape[1] == d1;
+    if (!ok) {
+        char got[64] = "";
+        for (int i = 0; i < t->n_dims && i < 4; i++)
+            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%lld", i ? ", " : "",
+                     (long long)t->shape[i]);
+        if (d1 > 0)
+            return ad_err_set(c->err, -EINVAL, "tensor '%s': expected shape [%lld, %lld], found "
+                              "[%s]", t->name, (long long)d0, (long long)d1, got);
+        return ad_err_set(c->err, -EINVAL, "tensor '%s': expected %lld values, found [%s]",
+                          t->name, (long long)d0, got);
+    }
+    if (!ad_dtype_is_float(t->dtype))
+        return ad_err_set(c->err, -EINVAL, "tensor '%s': dtype %s is not supported (F32, F16, "
+                          "BF16)", t->name, ad_dtype_name(t->dtype));
+    float *p = ctx_alloc(c, (size_t)t->n_elems);
+    if (!p)
+        return ad_err_set(c->err, -ENOMEM, "out of memory");
+    ad_tensor_to_f32(t, p);
+    *ret = p;
+    return 0;
+}
+
+struct ad_site_delta *ctx_delta(struct load_ctx *c, const struct ad_site *s)
+{
+    size_t i = (size_t)(s - c->m->sites);
+    if (!c->a->by_site[i]) {
+        c->a->by_site[i] = &c->a->deltas[i];
+        c->a->deltas[i].site = s;
+        c->a->n_deltas++;
+    }
+    return c->a->by_site[i];
+}
+
+static bool ends_with(const char *s, const char *suffix, size_t *ret_head)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    if (n < k || strcmp(s + n - k, suffix))
+        return false;
+    *ret_head = n - k;
+    return true;
+}
+
+int ctx_replacement(struct load_ctx *c, const struct ad_tensor *t)
+{
+    const char *key = ctx_strip(t->name);
+    char module[256];
+    size_t head;
+    bool is_bias;
+
+    if (ends_with(key, ".base_layer.bias", &head) || ends_with(key, ".bias", &head))
+        is_bias = true;
+    else if (ends_with(key, ".weight", &head))
+        is_bias = false;
+    else
+        return 0;
+    if (head >= sizeof(module))
+        return 0;
+    memcpy(module, key, head);
+    module[head] = '\0';
+
+    const struct ad_site *s = ad_model_find_site(c->m, module);
+    if (s) {
+        struct ad_site_delta *d = ctx_delta(c, s);
+        int r;
+        c->used[t - ad_st_tensor(c->st, 0)] = true;
+        if (is_bias) {
+            r = ctx_f32(c, t, s->n_out, 0, &d->bias_add);
+            if (r < 0)
+                return r;
+            for (int i = 0; s->b && i < s->n_out; i++) /* a replacement, kept as a delta */
+                d->bias_add[i] -= s->b[i];
+            return 1;
+        }
+        if (s->w_in_out) /* stored as the base stores it: [in, out] */
+            return ad_err_set(c->err, -ENOTSUP, "tensor '%s': replacing a Conv1D weight "
+                              "(modules_to_save) is not supported", t->name);
+        r = ctx_f32(c, t, s->n_out, s->n_in, &d->w_new);
+        return r < 0 ? r : 1;
+    }
+
+    int layer;
+    enum ad_norm_slot slot;
+    if (ad_model_find_norm(c->m, module, &layer, &slot) == 0) {
+        int n_embd = c->m->cfg.n_embd;
+        if (!c->a->norms) {
+            c->a->norms = calloc((size_t)c->m->cfg.n_layer * 2 + 1, sizeof(*c->a->norms));
+            if (!c->a->norms)
+                return ad_err_set(c->err, -ENOMEM, "out of memory");
+        }
+        struct ad_norm_delta *nd =
+            &c->a->norms[layer < 0 ? c->m->cfg.n_layer * 2 : layer * 2 + (int)slot];
+        float *p;
+        c->used[t - ad_st_tensor(c->st, 0)] = true;
+        int r = ctx_f32(c, t, n_embd, 0, &p);
+        if (r < 0)
+            return r;
+        if (is_bias) {
+            if (!c->m->final_norm_b)
+                return ad_err_set(c->err, -EINVAL, "tensor '%s': the model's norms have no "
+                                  "bias", t->name);
+            nd->b = p;
+        } else {
+            nd->w = p;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+int ctx_check_all_used(struct load_ctx *c)
+{
+    for (size_t i = 0; i < ad_st_n_tensors(c->st); i++)
+        if (!c->used[i])
+            return ad_err_set(c->err, -EINVAL, "tensor '%s' matches nothing in the model or this "
+                              "adapter kind", ad_st_tensor(c->st, i)->name);
+    return 0;
+}
+
+int ctx_regex_match(const char *pattern, const char *subject, bool full, struct ad_err *err)
+{
+    int ec;
+    PCRE2_SIZE off;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_ANCHORED | (full ? PCRE2_ENDANCHORED : 0) | PCRE2_UTF,
+                                   &ec, &off, NULL);
+    if (!re)
+        return ad_err_set(err, -EINVAL, "bad regular expression '%.60s' at %zu", pattern,
+                          (size_t)off);
+    pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
+    int rc = md ? pcre2_match(re, (PCRE2_SPTR)subject, PCRE2_ZERO_TERMINATED, 0, 0, md, NULL)
+                : PCRE2_ERROR_NOMEMORY;
+    pcre2_match_data_free(md);
+    pcre2_code_free(re);
+    if (rc == PCRE2_ERROR_NOMATCH)
+        return 0;
+    if (rc < 0)
+        return ad_err_set(err, -EINVAL, "regular expression '%.60s' failed on '%.60s'", pattern,
+                          subject);
+    return 1;
+}
+
+int ctx_targeted(struct load_ctx *c, json_t *targets, const char *module, bool dot_suffix)
+{
+    if (!targets || json_is_null(targets))
+        return 1; /* nothing to cross-check against */
+    if (json_is_string(targets))
+        return ctx_regex_match(json_string_value(targets), module, true, c->err);
+    if (!json_is_array(targets))
+        return ad_err_set(c->err, -EINVAL, "adapter_config.json: target_modules must be a list "
+                          "or a string");
+    size_t i, n = strlen(module);
+    json_t *t;
+    json_array_foreach(targets, i, t) {
+        const char *s = json_string_value(t);
+        size_t k = s ? strlen(s) : 0;
+        if (!s)
+            continue;
+        if (!strcmp(module, s))
+            return 1;
+        if (n > k && !strcmp(module + n - k, s) && (!dot_suffix || module[n - k - 1] == '.'))
+            return 1;
+    }
+    return 0;
+}
+
+/* ==========================================================================================
+ * Loading */
+
+static const struct {
+    const char *peft_type;
+    enum ad_adapter_kind kind;
+    int (*load)(struct load_ctx *c);
+} kinds[] = {
+    {"LORA", AD_ADAPTER_LORA, ad_lora_load},
+    {"IA3", AD_ADAPTER_IA3, ad_ia3_load},
+    {"PREFIX_TUNING", AD_ADAPTER_PREFIX, ad_prefix_load},
+    {"PROMPT_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
+    {"P_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
+    {"BITFIT", AD_ADAPTER_BIAS, ad_bias_load},
+};
+
+int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
+                        size_t weights_len, const char *name, struct ad_adapter **ret,
+                        struct ad_err *err)
+{
+    struct load_ctx c = {.m = m, .err = err};
+    json_error_t jerr;
+    json_t *root;
+    int r;
+
+    root = json_loads(config_json, 0, &jerr);
+    if (!root)
+        return ad_err_set(err, -EINVAL, "adapter_config.json: line %d: %s", jerr.line, jerr.text);
+    if (!json_is_object(root)) {
+        r = ad_err_set(err, -EINVAL, "adapter_config.json: not a JSON object");
+        goto out;
+    }
+    r = ad_st_parse(weights, weights_len, (struct ad_st_file **)&c.st, err);
+    if (r < 0) {
+        ad_err_prefix(err, "adapter weights");
+        goto out;
+    }
+    c.used = calloc(ad_st_n_tensors(c.st) + 1, sizeof(bool));
+    c.a = calloc(1, sizeof(*c.a));
+    if (c.a) {
+        c.a->by_site = calloc((size_t)m->n_sites, sizeof(*c.a->by_site));
+        c.a->deltas = calloc((size_t)m->n_sites, sizeof(*c.a->deltas));
+    }
+    if (!c.used || !c.a || !c.a->by_site || !c.a->deltas) {
+        r = ad_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    atomic_init(&c.a->refs, 1);
+    c.a->model = m;
+    snprintf(c.a->name, sizeof(c.a->name), "%s", name);
+
+    json_t *pt = json_object_get(root, "peft_type");
+    json_t *hub = json_object_get(root, "config");
+    if (json_is_string(pt)) {
+        size_t i;
+        for (i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+            if (!strcmp(json_string_value(pt), kinds[i].peft_type))
+                break;
+        if (i == sizeof(kinds) / sizeof(kinds[0])) {
+            r = ad_err_set(err, -ENOTSUP, "adapter_config.json: peft_type '%.40s' is not "
+                           "supported (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, "
+                           "BITFIT)", json_string_value(pt));
+            goto out;
+        }
+        c.a->kind = kinds[i].kind;
+        c.cfg = root;
+        r = kinds[i].load(&c);
+    } else if (json_is_object(hub)) {
+        c.a->kind = AD_ADAPTER_BOTTLENECK;
+        c.cfg = root;
+        r = ad_bottleneck_load(&c);
+    } else {
+        r = ad_err_set(err, -EINVAL, "adapter_config.json: neither a PEFT config ('peft_type') "
+                       "nor an AdapterHub config ('config')");
+    }
+    if (r >= 0)
+        r = ctx_check_all_used(&c);
+    if (r >= 0 && c.a->n_deltas == 0 && !c.a->norms && !c.a->n_virtual && !c.a->n_prefix &&
+        !c.a->bn_attn && !c.a->bn_mlp)
+        r = ad_err_set(err, -EINVAL, "the adapter matches no part of the model");
+out:
+    if (r < 0) {
+        ad_adapter_unref(c.a);
+    } else {
+        *ret = c.a;
+    }
+    ad_st_close((struct ad_st_file *)c.st);
+    free(c.used);
+    json_decref(root);
+    return r;
+}
+
+int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
+                    struct ad_adapter **ret, struct ad_err *err)
+{
+    static const char *const weight_files[] = {"adapter_model.safetensors", "adapter.safetensors"};
+    static const char *const pickles[] = {"adapter_model.bin", "pytorch_adapter.bin"};
+    char path[4096], *config = NULL;
+    struct ad_mmap map = {0};
+    int r;
+
+    r = ad_path_join(path, sizeof(path), dir, "adapter_config.json");
+    if (r >= 0)
+        r = ad_read_file(path, MAX_CONFIG_BYTES, &config, NULL, err);
+    if (r < 0)
+        return r;
+    r = -ENOENT;
+    for (size_t i = 0; r == -ENOENT && i < 2; i++) {
+        if (ad_path_join(path, sizeof(path), dir, weight_files[i]) < 0 || access(path, F_OK))
+            continue;
+        r = ad_mmap_init(&map, path, err);
+    }
+    if (r == -ENOENT) {
+        for (size_t i = 0; i < 2; i++)
+            if (ad_path_join(path, sizeof(path), dir, pickles[i]) >= 0 && !access(path, F_OK)) {
+                r = ad_err_set(err, -ENOTSUP, "%s: pickle checkpoints are not read (they can run "
+                               "code); save with safe_serialization=True", path);
+                goto out;
+            }
+        r = ad_err_set(err, -ENOENT, "%s: no adapter_model.safetensors", dir);
+        goto out;
+    }
+    if (r < 0)
+        goto out;
+    r = ad_adapter_load_mem(m, config, map.data, map.size, name, ret, err);
+    if (r < 0)
+        ad_err_prefix(err, "%s", dir);
+out:
+    ad_mmap_fini(&map);
+    free(config);
+    return r;
+}
