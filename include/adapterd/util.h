@@ -49,6 +49,13 @@ void ad_mmap_fini(struct ad_mmap *m);
 int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
                  struct ad_err *err);
 
+/* Removes path and everything below it (no error if it does not exist). Returns 0 or -errno. */
+int ad_rm_rf(const char *path);
+/* fsyncs a directory, so that renames and creations in it are durable. Returns 0 or -errno. */
+int ad_fsync_dir(const char *path);
+/* Writes len bytes to path (created or truncated, 0644) and fsyncs it. Returns 0 or -errno. */
+int ad_write_file(const char *path, const void *data, size_t len);
+
 /* Joins dir and name into buf; returns -ENAMETOOLONG if it does not fit. */
 int ad_path_join(char *buf, size_t size, const char *dir, const char *name);
 

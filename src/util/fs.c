@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,4 +109,52 @@ double ad_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    return (flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 ? -errno : 0;
+}
+
+int ad_rm_rf(const char *path)
+{
+    int r = nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    if (r < 0 && errno == ENOENT)
+        return 0;
+    return r < 0 ? -errno : r;
+}
+
+int ad_fsync_dir(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int r = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return r;
+}
+
+int ad_write_file(const char *path, const void *data, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    const char *p = data;
+    int r = 0;
+
+    if (fd < 0)
+        return -errno;
+    while (len > 0 && r == 0) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0 && errno != EINTR)
+            r = -errno;
+        if (w > 0) {
+            p += w;
+            len -= (size_t)w;
+        }
+    }
+    if (r == 0 && fsync(fd) < 0)
+        r = -errno;
+    close(fd);
+    return r;
 }

@@ -1,0 +1,97 @@
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "adapterd/model.h"
+#include "adapterd/safetensors.h"
+#include "adapterd/util.h"
+#include "tiny.h"
+
+static float w[64 * 40];
+
+struct ad_model *tiny_model(char dir[64])
+{
+    struct ad_model *m;
+    char path[256];
+    struct ad_err err;
+
+    snprintf(dir, 64, "/tmp/adapterd-tiny-XXXXXX");
+    if (!mkdtemp(dir))
+        abort();
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f)
+        abort();
+    fputs("{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":40,\"hidden_size\":16,"
+          "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+          "\"intermediate_size\":24,\"tie_word_embeddings\":true}", f);
+    fclose(f);
+    struct ad_st_entry e[32];
+    static char names[32][96];
+    size_t n = 0;
+    snprintf(names[n], 96, "model.embed_tokens.weight");
+    e[n] = (struct ad_st_entry){names[n], AD_DTYPE_F32, 2, {40, 16}, w};
+    n++;
+    snprintf(names[n], 96, "model.norm.weight");
+    e[n] = (struct ad_st_entry){names[n], AD_DTYPE_F32, 1, {16}, w};
+    n++;
+    for (int l = 0; l < 2; l++) {
+        static const struct {
+            const char *n;
+            int64_t out, in;
+        } lin[] = {{"self_attn.q_proj", 16, 16}, {"self_attn.k_proj", 8, 16},
+                   {"self_attn.v_proj", 8, 16},  {"self_attn.o_proj", 16, 16},
+                   {"mlp.gate_proj", 24, 16},    {"mlp.up_proj", 24, 16},
+                   {"mlp.down_proj", 16, 24}};
+        for (int i = 0; i < 7; i++) {
+            snprintf(names[n], 96, "model.layers.%d.%s.weight", l, lin[i].n);
+            e[n] = (struct ad_st_entry){names[n], AD_DTYPE_F32, 2, {lin[i].out, lin[i].in}, w};
+            n++;
+        }
+        snprintf(names[n], 96, "model.layers.%d.input_layernorm.weight", l);
+        e[n] = (struct ad_st_entry){names[n], AD_DTYPE_F32, 1, {16}, w};
+        n++;
+        snprintf(names[n], 96, "model.layers.%d.post_attention_layernorm.weight", l);
+        e[n] = (struct ad_st_entry){names[n], AD_DTYPE_F32, 1, {16}, w};
+        n++;
+    }
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    if (ad_st_write(path, e, n, NULL, &err) < 0 || ad_model_load(dir, &m, &err) < 0) {
+        fprintf(stderr, "tiny_model: %s\n", err.msg);
+        abort();
+    }
+    return m;
+}
+
+void tiny_lora(const char *path, int r, float value)
+{
+    static float buf[2][64 * 16];
+    char name[4][96], file[512];
+    struct ad_st_entry e[4];
+    struct ad_err err;
+
+    for (int i = 0; i < 64 * 16; i++)
+        buf[0][i] = buf[1][i] = value;
+    if (mkdir(path, 0755) < 0 && errno != EEXIST)
+        abort();
+    for (int l = 0; l < 2; l++) {
+        snprintf(name[2 * l], 96, "base_model.model.model.layers.%d.self_attn.q_proj.lora_A.weight",
+                 l);
+        snprintf(name[2 * l + 1], 96,
+                 "base_model.model.model.layers.%d.self_attn.q_proj.lora_B.weight", l);
+        e[2 * l] = (struct ad_st_entry){name[2 * l], AD_DTYPE_F32, 2, {r, 16}, buf[0]};
+        e[2 * l + 1] = (struct ad_st_entry){name[2 * l + 1], AD_DTYPE_F32, 2, {16, r}, buf[1]};
+    }
+    snprintf(file, sizeof(file), "%s/adapter_model.safetensors", path);
+    if (ad_st_write(file, e, 4, NULL, &err) < 0)
+        abort();
+    snprintf(file, sizeof(file), "%s/adapter_config.json", path);
+    FILE *f = fopen(file, "w");
+    if (!f)
+        abort();
+    fprintf(f, "{\"peft_type\": \"LORA\", \"r\": %d, \"lora_alpha\": %d, "
+               "\"target_modules\": [\"q_proj\"]}", r, 2 * r);
+    fclose(f);
+}
