@@ -1,4 +1,4 @@
-/* Test helper: a tiny random-free Llama (2 layers, hidden 16, 4 heads, 2 KV heads, ff 24,
+/* Test helper: a tiny Llama with fixed pseudo-random weights (2 layers, hidden 16, 4 heads, 2 KV heads, ff 24,
  * vocab 40, tied), written as a Hugging Face directory. */
 #pragma once
 
