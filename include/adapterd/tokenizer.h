@@ -16,7 +16,7 @@ struct ad_tokenizer;
 /* Limits on user-controlled sizes. */
 #define AD_TOKENIZER_MAX_JSON (512u << 20) /* tokenizer.json, bytes */
 #define AD_TOKENIZER_MAX_TEXT (64u << 20)  /* one encode() input, bytes */
-#define AD_TOKENIZER_MAX_VOCAB (1 << 24)   /* ids are < 16 Mi */
+#define AD_TOKENIZER_MAX_VOCAB (1 << 22)   /* ids are < 4 Mi */
 
 /* ==========================================================================================
  * Loading */

@@ -426,8 +426,8 @@ static int init_symbols(const struct ad_tokenizer *tok, struct tk_bpe_scratch *s
     return 0;
 }
 
-int tk_bpe_word(const struct ad_tokenizer *tok, struct tk_bpe_scratch *sc, const char *w,
-                size_t len, bool bl, struct tk_ids *out)
+static int bpe_word(const struct ad_tokenizer *tok, struct tk_bpe_scratch *sc, const char *w,
+                    size_t len, bool bl, struct tk_ids *out)
 {
     size_t n = 0, start = out->n;
     uint32_t h = 0;
@@ -486,6 +486,33 @@ int tk_bpe_word(const struct ad_tokenizer *tok, struct tk_bpe_scratch *sc, const
     if (tok->cache && len <= CACHE_KEY)
         cache_put(tok->cache, h, w, len, out->v + start, out->n - start);
     return 0;
+}
+
+/* SentencePiece-style words (no pre-tokenizer: a whole sentence is one word) are cut before
+ * each U+2581 that follows another character when no merge can join across such a cut, so that
+ * the pieces are short and cached. */
+int tk_bpe_word(const struct ad_tokenizer *tok, struct tk_bpe_scratch *sc, const char *w,
+                size_t len, bool bl, struct tk_ids *out)
+{
+    size_t start = 0;
+    int r;
+
+    if (bl || !tok->meta_split || len < 8)
+        return bpe_word(tok, sc, w, len, bl, out);
+    for (size_t i = 3; i + 3 <= len; i++) {
+        if (memcmp(w + i, "\xe2\x96\x81", 3) != 0)
+            continue;
+        if (i >= start + 3 && memcmp(w + i - 3, "\xe2\x96\x81", 3) == 0)
+            continue;
+        if (i > start) {
+            r = bpe_word(tok, sc, w + start, i - start, false, out);
+            if (r < 0)
+                return r;
+            start = i;
+        }
+        i += 2;
+    }
+    return bpe_word(tok, sc, w + start, len - start, false, out);
 }
 
 void tk_bpe_scratch_fini(struct tk_bpe_scratch *sc)

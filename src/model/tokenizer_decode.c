@@ -250,8 +250,9 @@ static int dec_apply(const struct tk_dec *d, struct strlist *in, struct strlist 
         }
         return r;
     case TK_DEC_SEQUENCE: {
-        struct strlist t[2] = {{{0}}};
+        struct strlist t[2];
         struct strlist *src = in;
+        memset(t, 0, sizeof(t));
         if (d->n_subs == 0) {
             for (size_t i = 0; i < in->n && r >= 0; i++)
                 r = sl_add(out, in->buf.p + in->off[i], in->len[i]);
@@ -284,8 +285,11 @@ static bool skipped(const struct ad_tokenizer *tok, int32_t id, bool skip_specia
 int tk_decode_raw(const struct ad_tokenizer *tok, const int32_t *ids, size_t n,
                   bool skip_special, struct tk_buf *out)
 {
-    struct strlist a = {{0}}, b = {{0}};
+    struct strlist a, b;
     int r = 0;
+
+    memset(&a, 0, sizeof(a));
+    memset(&b, 0, sizeof(b));
 
     if (tok->dec_bytelevel_only) {
         for (size_t i = 0; i < n && r >= 0; i++) {
@@ -424,7 +428,7 @@ out:
 int ad_detok_push(struct ad_detok *d, int32_t id, const char **ret_text, size_t *ret_len)
 {
     const struct ad_tokenizer *tok = d->tok;
-    size_t raw_len, stable, n_stable, strip_start = 0, strip_stop = 0;
+    size_t raw_len, stable = 0, n_stable, strip_start = 0, strip_stop = 0;
     uint32_t strip_ch = 0;
     bool fallback, bpe;
     int r;
@@ -440,6 +444,14 @@ int ad_detok_push(struct ad_detok *d, int32_t id, const char **ret_text, size_t 
     d->ids[d->n_ids++] = id;
     fallback = dec_has(tok->dec, TK_DEC_BYTE_FALLBACK, &strip_start, &strip_stop, &strip_ch);
     bpe = dec_has(tok->dec, TK_DEC_BPE, &strip_start, &strip_stop, &strip_ch);
+    if (bpe) {
+        /* a BPE suffix decoder renders the last token differently from the others: such
+         * (rare, legacy) tokenizers stream everything at finish() */
+        d->out_len = 0;
+        *ret_text = "";
+        *ret_len = 0;
+        return 0;
+    }
     (void)dec_has(tok->dec, TK_DEC_STRIP, &strip_start, &strip_stop, &strip_ch);
 
     /* Hold back what later ids may still change: a trailing run of <0xXX> byte tokens (their
@@ -447,10 +459,14 @@ int ad_detok_push(struct ad_detok *d, int32_t id, const char **ret_text, size_t 
      * characters a Strip decoder may remove at the very end. */
     n_stable = d->n_ids;
     if (fallback) {
-        while (n_stable > d->n_ctx && !skipped(tok, d->ids[n_stable - 1], d->skip_special_tokens)
-               && byte_token(tok->pool.p + tok->toks[d->ids[n_stable - 1]].off,
-                             tok->toks[d->ids[n_stable - 1]].len) >= 0)
+        /* ids that decode() filters out do not end a group */
+        while (n_stable > d->n_ctx) {
+            int32_t x = d->ids[n_stable - 1];
+            if (!skipped(tok, x, d->skip_special_tokens) &&
+                byte_token(tok->pool.p + tok->toks[x].off, tok->toks[x].len) < 0)
+                break;
             n_stable--;
+        }
     }
     if (n_stable < d->n_ids) {
         r = window_raw(d, n_stable, &stable);
@@ -476,13 +492,13 @@ int ad_detok_push(struct ad_detok *d, int32_t id, const char **ret_text, size_t 
     }
     if (stable < d->consumed)
         stable = d->consumed;
-    r = emit(d, d->raw + d->consumed, stable - d->consumed, false);
+    r = emit(d, d->raw ? d->raw + d->consumed : "", stable - d->consumed, false);
     if (r < 0)
         return r;
     d->consumed = stable;
 
     /* Shrink the window to the last id when it is a safe context: a visible token that is not
-     * a byte token and whose text is longer than what a Strip decoder may cut. */
+     * a byte token and whose text a Strip decoder cannot cut through. */
     if (stable == raw_len && !bpe && d->n_ids > 1) {
         int32_t last = d->ids[d->n_ids - 1];
         size_t one;
@@ -495,10 +511,17 @@ int ad_detok_push(struct ad_detok *d, int32_t id, const char **ret_text, size_t 
             d->ids = save;
             if (r < 0)
                 return r;
+            /* Strip removes at most strip_start leading strip_ch: it cannot reach past a
+             * context that is that long or holds another character */
             size_t chars = 0;
-            for (size_t i = 0; i < one; i++)
-                chars += ((unsigned char)d->raw[i] & 0xc0) != 0x80;
-            if (chars > strip_start) {
+            bool other = false;
+            for (size_t i = 0; i < one;) {
+                uint32_t cp;
+                i += tk_utf8_next(d->raw + i, one - i, &cp);
+                chars++;
+                other |= cp != strip_ch;
+            }
+            if (chars >= strip_start || other) {
                 d->ids[0] = last;
                 d->n_ids = 1;
                 d->n_ctx = 1;
@@ -522,7 +545,7 @@ int ad_detok_finish(struct ad_detok *d, const char **ret_text, size_t *ret_len)
         return r;
     if (d->consumed > raw_len)
         d->consumed = raw_len;
-    r = emit(d, d->raw + d->consumed, raw_len - d->consumed, true);
+    r = emit(d, d->raw ? d->raw + d->consumed : "", raw_len - d->consumed, true);
     if (r < 0)
         return r;
     d->consumed = raw_len;

@@ -650,7 +650,8 @@ static int norm_replace(const struct ad_tokenizer *tok, const struct tk_norm *n,
         if (n->pat.len == 0)
             return tk_buf_put(out, s, len);
         while (pos + n->pat.len <= len) {
-            const char *m = memmem(s + pos, len - pos, n->pat.str, n->pat.len);
+            const char *m = n->pat.len == 1 ? memchr(s + pos, n->pat.str[0], len - pos)
+                                             : memmem(s + pos, len - pos, n->pat.str, n->pat.len);
             if (!m)
                 break;
             size_t ms = (size_t)(m - s);

@@ -231,6 +231,8 @@ struct ad_tokenizer {
     int32_t byte_ids[256]; /* <0xXX> tokens for byte_fallback, -1 if absent */
     int32_t bl_ids[256];   /* the ids of the 256 byte-level characters, -1 if absent */
     bool bl_fast;          /* BPE may run on raw bytes for byte-level pieces */
+    bool meta_split;       /* words may be cut before a U+2581 that follows another character:
+                            * no merge joins such a pair (see parse_merges) */
 
     struct tk_added *added;
     size_t n_added;
