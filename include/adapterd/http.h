@@ -1,0 +1,44 @@
+/* adapterd: the HTTP API (libmicrohttpd, one thread per connection; handlers block on the
+ * engine and poll their socket, so a client that goes away cancels its sequence). */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct ad_engine;
+struct ad_err;
+struct ad_model;
+struct ad_registry;
+struct ad_tokenizer;
+struct ad_http;
+
+struct ad_http_config {
+    const char *host;      /* numeric IPv4/IPv6 address to listen on */
+    int port;
+    int listen_fd;         /* >= 0: a socket passed by systemd (LISTEN_FDS); host/port unused */
+    size_t max_body;       /* JSON request bodies */
+    size_t max_upload;     /* adapter uploads (streamed to disk) */
+    int max_connections;
+    int max_tokens_default; /* max_tokens when a request gives none */
+    const char *api_key;   /* NULL: no auth; else "Authorization: Bearer <key>" on every route */
+    const char *admin_key; /* NULL: api_key; required for uploads, deletes and training */
+};
+
+/* What the handlers use; all borrowed, and must outlive the server. tok may be NULL (no
+ * tokenizer.json: token-id prompts only). */
+struct ad_http_deps {
+    const struct ad_model *model;
+    const struct ad_tokenizer *tok;
+    struct ad_registry *registry;
+    struct ad_engine *engine;
+};
+
+int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *deps,
+                  struct ad_http **ret, struct ad_err *err);
+/* Stops accepting; waits up to grace_seconds for requests in flight, then cancels the rest and
+ * stops. */
+void ad_http_stop(struct ad_http *h, double grace_seconds);
+/* The port actually bound (for port 0). */
+int ad_http_port(const struct ad_http *h);
+/* Sets whether /health says ready (200) or loading (503). Thread-safe. */
+void ad_http_set_ready(struct ad_http *h, bool ready);

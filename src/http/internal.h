@@ -1,0 +1,101 @@
+/* Private to src/http: the server, one connection's state, response helpers, metrics. */
+#pragma once
+
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "adapterd/http.h"
+#include "adapterd/util.h"
+
+#define N_LATENCY_BUCKETS 12
+
+struct metrics {
+    pthread_mutex_t lock; /* guards everything below */
+    uint64_t requests[6]; /* by status class: 1xx..5xx, index 0 unused */
+    uint64_t completions, prompt_tokens, generated_tokens;
+    uint64_t latency_buckets[N_LATENCY_BUCKETS + 1];
+    double latency_sum;
+    uint64_t latency_count;
+    struct adapter_count {
+        char name[65];
+        uint64_t requests, tokens;
+    } *per_adapter;
+    size_t n_adapters, cap_adapters;
+};
+
+struct ad_http {
+    struct MHD_Daemon *daemon;
+    struct ad_http_config cfg;
+    struct ad_http_deps deps;
+    atomic_bool ready;
+    atomic_bool stopping;
+    atomic_bool cancel_all; /* the grace period is over: handlers cancel what they wait for */
+    atomic_int in_flight;
+    atomic_ullong next_id;
+    struct metrics metrics;
+};
+
+/* One HTTP request's state, from the first call of the access handler to the completed
+ * notification. */
+struct conn {
+    struct ad_http *h;
+    struct MHD_Connection *mc;
+    char id[24]; /* request id for the access log and responses */
+    double t0;
+    int status;
+    char adapter[65];
+    int n_tokens;
+
+    char *body; /* JSON body (NUL-terminated) */
+    size_t len, cap;
+    bool too_big;
+
+    /* multipart upload, streamed to a staging directory */
+    struct MHD_PostProcessor *pp;
+    char stage[4096];
+    int fd;
+    char field[32];
+    size_t uploaded;
+    bool has_config, has_weights, weights_hub;
+    int upload_rc;
+    struct ad_err upload_err;
+};
+
+/* Responses. The error body is {"error": {"message", "type", "code"}}. */
+enum MHD_Result http_json(struct conn *c, unsigned status, json_t *body); /* steals body */
+enum MHD_Result http_error(struct conn *c, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* The HTTP status for an -errno from the core (context limits are 400, not 413). */
+unsigned http_status_of(int rc);
+/* Parses the body as a JSON object; on failure sends 400 and returns NULL. */
+json_t *http_body_json(struct conn *c, enum MHD_Result *ret);
+
+/* True if the client has hung up (the socket is readable with EOF or in error). */
+bool http_client_gone(struct conn *c);
+
+/* Routes. Each sends exactly one response. */
+enum MHD_Result route_completions(struct conn *c, bool chat);
+enum MHD_Result route_tokenize(struct conn *c);
+enum MHD_Result route_detokenize(struct conn *c);
+enum MHD_Result route_models(struct conn *c);
+enum MHD_Result route_health(struct conn *c);
+enum MHD_Result route_metrics(struct conn *c);
+enum MHD_Result route_adapters_list(struct conn *c);
+enum MHD_Result route_adapter_get(struct conn *c, const char *name);
+enum MHD_Result route_adapter_delete(struct conn *c, const char *name);
+enum MHD_Result route_adapter_put(struct conn *c, const char *name);
+enum MHD_Result route_vllm_load(struct conn *c);
+enum MHD_Result route_vllm_unload(struct conn *c);
+
+/* Multipart upload plumbing (adapters.c): called with each chunk of a PUT body. */
+int upload_begin(struct conn *c, struct ad_err *err);
+void upload_abort(struct conn *c);
+
+void metrics_init(struct metrics *m);
+void metrics_fini(struct metrics *m);
+void metrics_adapter(struct metrics *m, const char *name, uint64_t requests, uint64_t tokens);
+void metrics_completion(struct metrics *m, uint64_t prompt_tokens, uint64_t generated);

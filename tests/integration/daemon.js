@@ -1,0 +1,780 @@
+#!/usr/bin/env node
+/* Integration suite: the real adapterd on 127.0.0.1, driven by curl and by the official `openai`
+ * npm client. Every route, every error of the API, adapter uploads replacing an adapter while
+ * requests stream from it, clients that disconnect, API keys, SIGHUP and SIGTERM.
+ *
+ *   node daemon.js --adapterd PATH --mkmodel PATH --bpe-train PATH [--only NAME]
+ *
+ * References that no one here wrote: the `openai` client parses every response and stream;
+ * Hugging Face's Jinja implementation (@huggingface/jinja) renders the chat template, and the
+ * prompt adapterd builds must tokenize to the same ids; curl sends the multipart uploads. */
+'use strict';
+
+const assert = require('assert/strict');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { spawn, spawnSync, execFile } = require('child_process');
+
+const HERE = __dirname;
+const args = process.argv.slice(2);
+const opt = (name) => {
+    const i = args.indexOf(name);
+    return i >= 0 ? args[i + 1] : undefined;
+};
+const ADAPTERD = opt('--adapterd');
+const MKMODEL = opt('--mkmodel');
+const BPE_TRAIN = opt('--bpe-train');
+const ONLY = opt('--only');
+if (!ADAPTERD || !MKMODEL || !BPE_TRAIN) {
+    console.error('usage: daemon.js --adapterd PATH --mkmodel PATH --bpe-train PATH');
+    process.exit(2);
+}
+
+/* The references, installed from package-lock.json on first use (offline afterwards). */
+if (!fs.existsSync(path.join(HERE, 'node_modules', 'openai', 'package.json')) ||
+    !fs.existsSync(path.join(HERE, 'node_modules', '@huggingface', 'jinja', 'package.json'))) {
+    console.log('integration: node_modules missing, running npm ci');
+    const r = spawnSync('npm', ['ci', '--no-audit', '--no-fund', '--loglevel=error'],
+                        { cwd: HERE, stdio: 'inherit' });
+    if (r.status !== 0) {
+        console.error('FAIL: npm ci failed: the openai client cannot be installed');
+        process.exit(1);
+    }
+}
+const OpenAI = require(path.join(HERE, 'node_modules', 'openai')).default;
+const { Template } = require(path.join(HERE, 'node_modules', '@huggingface', 'jinja'));
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/* ------------------------------------------------------------------------------------------
+ * Fixtures: a small Llama model with a trained tokenizer and a ChatML template, and PEFT LoRA
+ * adapters written here byte by byte (safetensors is an 8-byte length, a JSON header, data). */
+
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'adapterd-it-'));
+const MODEL = path.join(TMP, 'model');
+const HIDDEN = 512, KV_DIM = 256, LAYERS = 8, CTX = 512;
+const CHATML = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + " +
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}" +
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+function run(cmd, argv) {
+    const r = spawnSync(cmd, argv, { encoding: 'utf8' });
+    if (r.status !== 0)
+        throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr}`);
+}
+
+function makeModel() {
+    run(MKMODEL, ['--vocab', '512', '--hidden', String(HIDDEN), '--layers', String(LAYERS),
+                  '--heads', '8', '--kv-heads', '4', '--ff', '1024', '--ctx', String(CTX), MODEL]);
+    const corpus = path.join(TMP, 'corpus.txt');
+    const dir = '/usr/share/games/fortunes';
+    fs.writeFileSync(corpus, ['computers', 'cookie', 'fortunes']
+        .map((f) => fs.readFileSync(path.join(dir, f), 'latin1')).join('\n'));
+    run(BPE_TRAIN, ['--vocab-size', '512', '--special', '<|endoftext|>', '--special',
+                    '<|im_start|>', '--special', '<|im_end|>', '--eos', '<|endoftext|>',
+                    '-o', MODEL, corpus]);
+    const cfgPath = path.join(MODEL, 'tokenizer_config.json');
+    const cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8'));
+    cfg.chat_template = CHATML;
+    fs.writeFileSync(cfgPath, JSON.stringify(cfg, null, 2));
+}
+
+function rng(seed) {
+    let s = seed >>> 0 || 1;
+    return () => {
+        s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
+        return s / 4294967296 - 0.5;
+    };
+}
+
+function safetensors(tensors) { /* {name: [shape, Float32Array]} */
+    const header = {};
+    let off = 0;
+    for (const [name, [shape, data]] of Object.entries(tensors)) {
+        header[name] = { dtype: 'F32', shape, data_offsets: [off, off + data.byteLength] };
+        off += data.byteLength;
+    }
+    let h = Buffer.from(JSON.stringify(header));
+    h = Buffer.concat([h, Buffer.alloc((8 - (h.length % 8)) % 8, 0x20)]);
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(h.length));
+    return Buffer.concat([len, h, ...Object.values(tensors).map(([, d]) => Buffer.from(d.buffer))]);
+}
+
+/* A LoRA on q_proj and v_proj; `scaleB` 0 makes it an exact no-op. `outV` lets a test write a
+ * mismatched shape. */
+function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed), t = {};
+    const mat = (n, s) => Float32Array.from({ length: n }, () => rand() * s);
+    for (let l = 0; l < LAYERS; l++)
+        for (const [m, out] of [['q_proj', HIDDEN], ['v_proj', outV]]) {
+            const p = `base_model.model.model.layers.${l}.self_attn.${m}`;
+            t[`${p}.lora_A.weight`] = [[r, HIDDEN], mat(r * HIDDEN, 0.2)];
+            t[`${p}.lora_B.weight`] = [[out, r], mat(out * r, 0.5 * scaleB)];
+        }
+    fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({
+        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: 2 * r, lora_dropout: 0,
+        target_modules: ['q_proj', 'v_proj'], bias: 'none', fan_in_fan_out: false,
+        base_model_name_or_path: 'model',
+    }));
+    fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), safetensors(t));
+    return dir;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The daemon */
+
+class Daemon {
+    constructor(extra = [], { adapters } = {}) {
+        this.adapters = adapters || fs.mkdtempSync(path.join(TMP, 'adapters-'));
+        this.log = '';
+        this.proc = spawn(ADAPTERD, ['--model', MODEL, '--adapters', this.adapters,
+                                     '--listen', '127.0.0.1:0', '--set', 'kv_cache_mb=64',
+                                     ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+        const onData = (d) => { this.log += d.toString(); };
+        this.proc.stdout.on('data', onData);
+        this.proc.stderr.on('data', onData);
+        this.exited = new Promise((res) => this.proc.on('exit', (code, sig) => res({ code, sig })));
+    }
+
+    async ready() {
+        for (let i = 0; i < 600; i++) {
+            const m = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(this.log);
+            if (m) {
+                this.base = `http://127.0.0.1:${m[1]}`;
+                return this;
+            }
+            if (this.proc.exitCode !== null)
+                throw new Error(`adapterd exited at startup:\n${this.log}`);
+            await sleep(50);
+        }
+        throw new Error(`adapterd did not start:\n${this.log}`);
+    }
+
+    async stop() {
+        if (this.proc.exitCode === null && this.proc.signalCode === null)
+            this.proc.kill('SIGTERM');
+        const r = await this.exited;
+        if (r.code !== 0)
+            throw new Error(`adapterd exited with ${r.code ?? r.sig}:\n${this.log.slice(-3000)}`);
+        if (/AddressSanitizer|runtime error:|LeakSanitizer/.test(this.log))
+            throw new Error(`sanitizer report:\n${this.log.slice(-6000)}`);
+    }
+
+    async api(method, url, body, headers = {}) {
+        const init = { method, headers: { ...headers } };
+        if (body !== undefined) {
+            init.body = typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
+            init.headers['Content-Type'] ??= 'application/json';
+        }
+        const r = await fetch(this.base + url, init);
+        const text = await r.text();
+        let json = null;
+        try { json = JSON.parse(text); } catch { /* not JSON */ }
+        return { status: r.status, json, text, headers: r.headers };
+    }
+
+    client(key = 'none') {
+        return new OpenAI({ baseURL: `${this.base}/v1`, apiKey: key, maxRetries: 0 });
+    }
+
+    /* curl -X PUT -F config=@... -F weights=@... (asynchronous: requests go on meanwhile) */
+    upload(name, dir, { key, parts } = {}) {
+        const argv = ['-s', '-o', '-', '-w', '\n%{http_code}', '-X', 'PUT'];
+        for (const p of parts || [`config=@${dir}/adapter_config.json`,
+                                  `weights=@${dir}/adapter_model.safetensors`])
+            argv.push('-F', p);
+        if (key)
+            argv.push('-H', `Authorization: Bearer ${key}`);
+        argv.push(`${this.base}/v1/adapters/${name}`);
+        return new Promise((res, rej) => execFile('curl', argv, (err, out) => {
+            if (err)
+                return rej(err);
+            const i = out.lastIndexOf('\n');
+            const text = out.slice(0, i);
+            let json = null;
+            try { json = JSON.parse(text); } catch { /* empty body */ }
+            res({ status: Number(out.slice(i + 1)), json, text });
+        }));
+    }
+
+    async metric(name) {
+        const r = await this.api('GET', '/metrics');
+        const m = new RegExp(`^${name.replace(/[{}"]/g, (c) => '\\' + c)} (\\S+)$`, 'm').exec(r.text);
+        return m ? Number(m[1]) : undefined;
+    }
+}
+
+/* An error response: the status, and the body {"error": {"message", "type", "code"}}. */
+function assertError(r, status, pattern) {
+    assert.equal(r.status, status, `expected ${status}, got ${r.status}: ${r.text}`);
+    assert.ok(r.json && r.json.error, `no error object: ${r.text}`);
+    const e = r.json.error;
+    assert.equal(typeof e.message, 'string');
+    assert.equal(typeof e.type, 'string');
+    assert.ok('code' in e, 'error has no code');
+    if (pattern)
+        assert.match(e.message, pattern);
+}
+
+/* Reads an SSE stream of a fetch Response; calls onEvent(json) for each data line. */
+async function readSSE(resp, onEvent) {
+    const reader = resp.body.getReader();
+    const dec = new TextDecoder();
+    let buf = '', done = false;
+    while (!done) {
+        const { value, done: end } = await reader.read();
+        if (end)
+            break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf('\n\n')) >= 0) {
+            const ev = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            if (!ev.startsWith('data: '))
+                continue;
+            if (ev === 'data: [DONE]') {
+                done = true;
+                break;
+            }
+            if ((await onEvent(JSON.parse(ev.slice(6)))) === false)
+                return reader;
+        }
+    }
+    return null;
+}
+
+const close = (a, b, tol = 1e-4) => a.length === b.length &&
+    a.every((x, i) => (x === null && b[i] === null) || Math.abs(x - b[i]) <= tol);
+
+/* ------------------------------------------------------------------------------------------
+ * The tests: each gets the shared daemon `d` (some start their own) */
+
+const tests = [];
+const test = (name, fn) => tests.push({ name, fn });
+
+test('health and models', async (d) => {
+    const h = await d.api('GET', '/health');
+    assert.equal(h.status, 200);
+    assert.equal(h.json.status, 'ok');
+    const models = await d.client().models.list();
+    const ids = models.data.map((m) => m.id);
+    assert.ok(ids.includes('model'), `base model missing: ${ids}`);
+    const base = models.data.find((m) => m.id === 'model');
+    assert.equal(base.kind, 'base');
+    assert.equal(base.max_model_len, CTX);
+});
+
+test('completions: string, token ids and a list of prompts (openai client)', async (d) => {
+    const c = d.client();
+    const a = await c.completions.create({ model: 'model', prompt: 'The quick brown fox',
+                                           max_tokens: 12, temperature: 0, ignore_eos: true });
+    assert.equal(a.object, 'text_completion');
+    assert.equal(a.choices.length, 1);
+    assert.equal(a.choices[0].finish_reason, 'length');
+    assert.equal(a.usage.completion_tokens, 12);
+    const tok = await d.api('POST', '/tokenize', { model: 'model', prompt: 'The quick brown fox' });
+    assert.equal(tok.status, 200);
+    assert.equal(a.usage.prompt_tokens, tok.json.count);
+    assert.equal(a.usage.total_tokens, a.usage.prompt_tokens + 12);
+    // the same prompt as token ids: the same greedy text
+    const b = await c.completions.create({ model: 'model', prompt: tok.json.tokens, max_tokens: 12,
+                                           temperature: 0, ignore_eos: true });
+    assert.equal(b.choices[0].text, a.choices[0].text);
+    // a list: one choice per prompt, in order, each the same as alone
+    const l = await c.completions.create({ model: 'model', prompt: ['Hello', 'The quick brown fox'],
+                                           max_tokens: 12, temperature: 0, ignore_eos: true });
+    assert.deepEqual(l.choices.map((x) => x.index), [0, 1]);
+    assert.equal(l.choices[1].text, a.choices[0].text);
+    assert.equal(l.usage.completion_tokens, 24);
+});
+
+test('completions: seed, top_k, top_p, stop, min_tokens', async (d) => {
+    const c = d.client();
+    const req = { model: 'model', prompt: 'Once upon a time', max_tokens: 20, temperature: 1.2,
+                  top_p: 0.95, top_k: 50, seed: 1234, ignore_eos: true };
+    const x = await c.completions.create(req);
+    const y = await c.completions.create(req);
+    assert.equal(x.choices[0].text, y.choices[0].text, 'the same seed gave different text');
+    const texts = new Set();
+    for (let s = 0; s < 4; s++)
+        texts.add((await c.completions.create({ ...req, seed: s })).choices[0].text);
+    assert.ok(texts.size > 1, 'four seeds gave one text');
+    // top_k 1 is greedy whatever the temperature
+    const g = await c.completions.create({ ...req, temperature: 0, top_p: 1, top_k: -1 });
+    const k1 = await c.completions.create({ ...req, top_k: 1, seed: 99 });
+    assert.equal(k1.choices[0].text, g.choices[0].text);
+    // stop: a string from the middle of the greedy text ends the completion before it
+    const full = g.choices[0].text;
+    const stop = full.slice(Math.floor(full.length / 2), Math.floor(full.length / 2) + 3);
+    const s = await c.completions.create({ ...req, temperature: 0, stop: [stop] });
+    assert.equal(s.choices[0].finish_reason, 'stop');
+    assert.equal(s.choices[0].text, full.slice(0, full.indexOf(stop)));
+    const m = await c.completions.create({ ...req, temperature: 0, ignore_eos: false,
+                                           min_tokens: 20 });
+    assert.equal(m.usage.completion_tokens, 20);
+});
+
+test('completions: logprobs, echo, max_tokens 0, return_tokens_as_token_ids', async (d) => {
+    const c = d.client();
+    const r = await c.completions.create({ model: 'model', prompt: 'Hello there', max_tokens: 6,
+                                           temperature: 0, logprobs: 3, ignore_eos: true });
+    const lp = r.choices[0].logprobs;
+    assert.equal(lp.tokens.length, 6);
+    assert.equal(lp.token_logprobs.length, 6);
+    assert.equal(lp.top_logprobs.length, 6);
+    for (let i = 0; i < 6; i++) {
+        const top = lp.top_logprobs[i];
+        assert.ok(Object.keys(top).length >= 1 && Object.keys(top).length <= 3);
+        const best = Math.max(...Object.values(top));
+        assert.ok(lp.token_logprobs[i] <= 0);
+        // greedy: the chosen token is the most likely one
+        assert.ok(Math.abs(lp.token_logprobs[i] - best) < 1e-5, `token ${i} not the argmax`);
+    }
+    assert.equal(lp.tokens.join(''), r.choices[0].text);
+    // echo with max_tokens 0: the prompt's tokens, the first without a logprob
+    const tok = await d.api('POST', '/tokenize', { model: 'model', prompt: 'Hello there' });
+    const e = await c.completions.create({ model: 'model', prompt: 'Hello there', max_tokens: 0,
+                                           echo: true, logprobs: 1 });
+    assert.equal(e.choices[0].text, 'Hello there');
+    assert.equal(e.choices[0].logprobs.token_logprobs.length, tok.json.count);
+    assert.equal(e.choices[0].logprobs.token_logprobs[0], null);
+    assert.ok(e.choices[0].logprobs.token_logprobs.slice(1).every((v) => v <= 0));
+    assert.equal(e.usage.completion_tokens, 0);
+    // vLLM's return_tokens_as_token_ids
+    const t = await c.completions.create({ model: 'model', prompt: 'Hello there', max_tokens: 4,
+                                           temperature: 0, logprobs: 1, ignore_eos: true,
+                                           return_tokens_as_token_ids: true });
+    for (const s of t.choices[0].logprobs.tokens)
+        assert.match(s, /^token_id:\d+$/);
+});
+
+test('streaming: completions and chat through the openai client', async (d) => {
+    const c = d.client();
+    const req = { model: 'model', prompt: 'In the beginning', max_tokens: 24, temperature: 0,
+                  ignore_eos: true };
+    const whole = await c.completions.create(req);
+    let text = '', chunks = 0, usage = null;
+    for await (const ch of await c.completions.create({ ...req, stream: true })) {
+        text += ch.choices[0]?.text ?? '';
+        chunks++;
+        if (ch.usage)
+            usage = ch.usage;
+    }
+    assert.equal(text, whole.choices[0].text);
+    assert.ok(chunks >= 2, `one chunk for 24 tokens`);
+    assert.equal(usage?.completion_tokens, 24);
+    const msgs = [{ role: 'user', content: 'Say something.' }];
+    const cw = await c.chat.completions.create({ model: 'model', messages: msgs, max_tokens: 16,
+                                                temperature: 0, ignore_eos: true });
+    let ct = '', role = null;
+    for await (const ch of await c.chat.completions.create({ model: 'model', messages: msgs,
+                                                             max_tokens: 16, temperature: 0,
+                                                             ignore_eos: true, stream: true })) {
+        role ??= ch.choices[0]?.delta?.role ?? null;
+        ct += ch.choices[0]?.delta?.content ?? '';
+    }
+    assert.equal(role, 'assistant');
+    assert.equal(ct, cw.choices[0].message.content);
+});
+
+test('chat: the prompt is the template rendered by Jinja (@huggingface/jinja)', async (d) => {
+    const c = d.client();
+    const conversations = [
+        [{ role: 'user', content: 'What is a fox?' }],
+        [{ role: 'system', content: 'You are terse.' }, { role: 'user', content: 'Hi!' },
+         { role: 'assistant', content: 'Hello.' }, { role: 'user', content: 'And now?\n  ok' }],
+    ];
+    for (const messages of conversations) {
+        const text = new Template(CHATML).render({ messages, add_generation_prompt: true,
+                                                   bos_token: '', eos_token: '<|endoftext|>' });
+        const tok = await d.api('POST', '/tokenize', { model: 'model', prompt: text,
+                                                      add_special_tokens: false });
+        const r = await c.chat.completions.create({ model: 'model', messages, max_tokens: 3,
+                                                   temperature: 0, ignore_eos: true });
+        assert.equal(r.object, 'chat.completion');
+        assert.equal(r.choices[0].message.role, 'assistant');
+        assert.equal(typeof r.choices[0].message.content, 'string');
+        assert.equal(r.usage.prompt_tokens, tok.json.count,
+                     `chat prompt differs from the Jinja rendering ${JSON.stringify(text)}`);
+        // and the continuation is that of the rendered prompt as a plain completion
+        const p = await c.completions.create({ model: 'model', prompt: tok.json.tokens,
+                                               max_tokens: 3, temperature: 0, ignore_eos: true });
+        assert.equal(r.choices[0].message.content, p.choices[0].text);
+    }
+});
+
+test('tokenize and detokenize', async (d) => {
+    const s = 'Fortune favours the bold — 42 times, ünïcödé and 日本 ✓';
+    const t = await d.api('POST', '/tokenize', { model: 'model', prompt: s });
+    assert.equal(t.status, 200);
+    assert.equal(t.json.count, t.json.tokens.length);
+    const back = await d.api('POST', '/detokenize', { model: 'model', tokens: t.json.tokens });
+    assert.equal(back.status, 200);
+    assert.equal(back.json.prompt, s);
+    assertError(await d.api('POST', '/detokenize', { model: 'model', tokens: [1, 1e9] }), 400);
+    assertError(await d.api('POST', '/tokenize', { model: 'model', prompt: 5 }), 400);
+});
+
+/* The log-probabilities a model gives the tokens of a prompt (echo, max_tokens 0). */
+async function promptLogprobs(d, body, headers) {
+    const r = await d.api('POST', '/v1/completions', { prompt: 'The adapter changes this text',
+                                                      max_tokens: 0, echo: true, logprobs: 0,
+                                                      ...body }, headers);
+    assert.equal(r.status, 200, r.text);
+    return r.json.choices[0].logprobs.token_logprobs;
+}
+
+test('adapters: upload with curl, use, replace, compose, delete', async (d) => {
+    const v1 = makeLora(path.join(TMP, 'lora-v1'), { seed: 1 });
+    const v2 = makeLora(path.join(TMP, 'lora-v2'), { seed: 2 });
+    const zero = makeLora(path.join(TMP, 'lora-zero'), { seed: 3, scaleB: 0 });
+    let r = await d.upload('fox', v1);
+    assert.equal(r.status, 201, r.text);
+    assert.equal(r.json.id, 'fox');
+    r = await d.upload('nop', zero);
+    assert.equal(r.status, 201, r.text);
+    const g = await d.api('GET', '/v1/adapters/fox');
+    assert.equal(g.status, 200);
+    assert.equal(g.json.kind, 'lora');
+    assert.equal(g.json.rank, 4);
+    assert.ok(g.json.bytes > 0);
+    const list = await d.api('GET', '/v1/adapters');
+    assert.deepEqual(list.json.data.map((a) => a.id).sort(), ['fox', 'nop']);
+    const models = (await d.api('GET', '/v1/models')).json.data;
+    assert.ok(models.find((m) => m.id === 'fox' && m.kind === 'lora' && m.rank === 4));
+
+    const base = await promptLogprobs(d, { model: 'model' });
+    const fox = await promptLogprobs(d, { model: 'fox' });
+    assert.ok(!close(base, fox, 1e-3), 'the LoRA changed nothing');
+    assert.ok(close(base, await promptLogprobs(d, { model: 'nop' }), 1e-5), 'a zero LoRA changed the output');
+    // the X-Adapter header names the adapter too
+    assert.ok(close(fox, await promptLogprobs(d, { model: 'model' }, { 'X-Adapter': 'fox' })));
+    // composition: fox at weight 1 is fox; at weight 0.5 it is something in between
+    assert.ok(close(fox, await promptLogprobs(d, { model: 'model', adapters: [{ name: 'fox', weight: 1 }] })));
+    const half = await promptLogprobs(d, { model: 'model', adapters: [{ name: 'fox', weight: 0.5 }] });
+    assert.ok(!close(half, fox, 1e-3) && !close(half, base, 1e-3));
+    assertError(await d.api('POST', '/v1/completions', { model: 'model', prompt: 'x',
+                                                        adapters: [{ name: 'nope' }] }), 404);
+    assertError(await d.api('POST', '/v1/completions', { model: 'model', prompt: 'x',
+                                                        adapters: [{ name: 'fox', weight: 'a' }] }), 400);
+
+    // replace: 200, and the new weights answer
+    r = await d.upload('fox', v2);
+    assert.equal(r.status, 200, r.text);
+    const fox2 = await promptLogprobs(d, { model: 'fox' });
+    assert.ok(!close(fox2, fox, 1e-3), 'the replaced adapter still answers with the old weights');
+
+    // bad uploads change nothing
+    const trunc = path.join(TMP, 'lora-trunc');
+    fs.mkdirSync(trunc);
+    fs.copyFileSync(path.join(v1, 'adapter_config.json'), path.join(trunc, 'adapter_config.json'));
+    const w = fs.readFileSync(path.join(v1, 'adapter_model.safetensors'));
+    fs.writeFileSync(path.join(trunc, 'adapter_model.safetensors'), w.subarray(0, w.length - 100));
+    r = await d.upload('fox', trunc);
+    assertError(r, 400, /safetensors|truncat|size|bytes/i);
+    const bad = makeLora(path.join(TMP, 'lora-badshape'), { outV: 200 });
+    r = await d.upload('fox', bad);
+    assertError(r, 400, /v_proj/);
+    r = await d.upload('fox', v1, { parts: [`config=@${v1}/adapter_config.json`] });
+    assertError(r, 400, /two parts/);
+    r = await d.upload('fox', v1, { parts: [`config=@${v1}/adapter_config.json`,
+                                            `junk=@${v1}/adapter_config.json`] });
+    assertError(r, 400, /junk/);
+    r = await d.upload('.hidden', v1);
+    assertError(r, 400, /not a valid adapter name/);
+    assertError(await d.api('PUT', '/v1/adapters/fox', { x: 1 }), 415);
+    r = await d.upload('brandnew', bad);
+    assertError(r, 400);
+    assertError(await d.api('GET', '/v1/adapters/brandnew'), 404);
+    assert.ok(close(fox2, await promptLogprobs(d, { model: 'fox' })), 'a bad upload changed the adapter');
+    assert.deepEqual(fs.readdirSync(d.adapters).filter((n) => !n.startsWith('.')).sort(),
+                     ['fox', 'nop']);
+
+    // delete: 204, then 404 everywhere
+    r = await d.api('DELETE', '/v1/adapters/nop');
+    assert.equal(r.status, 204);
+    assertError(await d.api('GET', '/v1/adapters/nop'), 404);
+    assertError(await d.api('DELETE', '/v1/adapters/nop'), 404);
+    assertError(await d.api('POST', '/v1/completions', { model: 'nop', prompt: 'x' }), 404, /nop/);
+});
+
+test('adapters: vLLM load_lora_adapter / unload_lora_adapter', async (d) => {
+    const dir = makeLora(path.join(TMP, 'lora-vllm'), { seed: 7 });
+    let r = await d.api('POST', '/v1/load_lora_adapter', { lora_name: 'vl', lora_path: dir });
+    assert.equal(r.status, 200, r.text);
+    assert.ok((await d.api('GET', '/v1/models')).json.data.find((m) => m.id === 'vl'));
+    const out = await promptLogprobs(d, { model: 'vl' });
+    assert.equal(out.length > 1, true);
+    assertError(await d.api('POST', '/v1/load_lora_adapter', { lora_name: 'x',
+                                                              lora_path: '/nonexistent' }), 400);
+    assertError(await d.api('POST', '/v1/load_lora_adapter', { lora_name: 'x' }), 400);
+    r = await d.api('POST', '/v1/unload_lora_adapter', { lora_name: 'vl' });
+    assert.equal(r.status, 200, r.text);
+    assert.ok(!(await d.api('GET', '/v1/models')).json.data.find((m) => m.id === 'vl'));
+    assertError(await d.api('POST', '/v1/unload_lora_adapter', { lora_name: 'vl' }), 404);
+});
+
+test('errors: malformed, wrong types, unknown, too long, wrong route', async (d) => {
+    const post = (body) => d.api('POST', '/v1/completions', body);
+    assertError(await post('{"model": "model", "prompt": '), 400, /JSON/);
+    assertError(await post('[1, 2]'), 400);
+    assertError(await post({ model: 'model', prompt: 'x', max_tokens: 'ten' }), 400, /max_tokens/);
+    assertError(await post({ model: 'model', prompt: 'x', temperature: -1 }), 400, /temperature/);
+    assertError(await post({ model: 'model', prompt: 'x', top_p: 2 }), 400, /top_p/);
+    assertError(await post({ model: 'model', prompt: 'x', stop: 7 }), 400, /stop/);
+    assertError(await post({ model: 'model', prompt: [] }), 400);
+    assertError(await post({ model: 'model', prompt: [1, 'a'] }), 400);
+    assertError(await post({ model: 'model', prompt: [100000] }), 400);
+    assertError(await post({ model: 'model' }), 400, /prompt/);
+    assertError(await post({ model: 'no-such-adapter', prompt: 'x' }), 404, /no-such-adapter/);
+    const long = Array.from({ length: CTX + 10 }, (_, i) => (i % 200) + 10);
+    assertError(await post({ model: 'model', prompt: long }), 400, new RegExp(String(CTX)));
+    assertError(await post({ model: 'model', prompt: 'x', max_tokens: CTX * 2 }), 400,
+                new RegExp(String(CTX)));
+    assertError(await d.api('POST', '/v1/chat/completions', { model: 'model', messages: 'hi' }), 400,
+                /messages/);
+    assertError(await d.api('POST', '/v1/chat/completions',
+                            { model: 'model', messages: [{ role: 'user' }] }), 400);
+    assertError(await d.api('GET', '/v1/nothing'), 404);
+    assertError(await d.api('DELETE', '/v1/completions'), 404);
+    // the openai client surfaces them as APIError with the status
+    await assert.rejects(d.client().completions.create({ model: 'nope', prompt: 'x' }),
+                         (e) => e.status === 404);
+});
+
+test('errors: oversized body (413)', async () => {
+    const s = await new Daemon(['--set', 'max_body_kb=4', '--set', 'max_upload_mb=1']).ready();
+    try {
+        const big = { model: 'model', prompt: 'x'.repeat(8000) };
+        assertError(await s.api('POST', '/v1/completions', big), 413);
+        const dir = path.join(TMP, 'lora-big');
+        makeLora(dir, { r: 64 }); // ~2 MB of weights
+        assertError(await s.upload('big', dir), 413);
+        assert.deepEqual(fs.readdirSync(s.adapters).filter((n) => !n.startsWith('.')), []);
+        assert.equal((await s.api('POST', '/v1/completions', { model: 'model', prompt: 'x',
+                                                                max_tokens: 1 })).status, 200);
+    } finally {
+        await s.stop();
+    }
+});
+
+test('replacing an adapter while requests stream from it', async (d) => {
+    const v1 = makeLora(path.join(TMP, 'lora-r1'), { seed: 11 });
+    const v2 = makeLora(path.join(TMP, 'lora-r2'), { seed: 12 });
+    assert.equal((await d.upload('live', v1)).status, 201);
+    const req = { model: 'live', prompt: 'Streaming while replaced', max_tokens: 300,
+                  temperature: 0, ignore_eos: true };
+    const expect1 = (await d.api('POST', '/v1/completions', req)).json.choices[0].text;
+    let uploaded = null, text = '', chunks = 0, chunksAfter = 0;
+    const resp = await fetch(`${d.base}/v1/completions`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ ...req, stream: true }),
+    });
+    await readSSE(resp, async (ev) => {
+        text += ev.choices[0].text;
+        chunks++;
+        if (uploaded)
+            chunksAfter++;
+        if (chunks === 2)
+            uploaded = await d.upload('live', v2); // the stream waits meanwhile
+    });
+    assert.equal(uploaded?.status, 200, uploaded?.text);
+    assert.equal(text, expect1, 'the stream did not finish on the version it started with');
+    const after = (await d.api('POST', '/v1/completions', req)).json.choices[0].text;
+    assert.notEqual(after, expect1, 'a new request did not get the new version');
+    console.log(`    (${chunksAfter} of ${chunks} chunks arrived after the replacement)`);
+    assert.ok(chunksAfter > 0, 'the upload did not overlap the stream');
+});
+
+test('a client that disconnects mid-stream: cancelled, KV blocks freed', async (d) => {
+    const used0 = await d.metric('adapterd_kv_blocks{state="used"}');
+    assert.equal(used0, 0);
+    const ac = new AbortController();
+    const resp = await fetch(`${d.base}/v1/completions`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, signal: ac.signal,
+        body: JSON.stringify({ model: 'model', prompt: 'Going away', max_tokens: 400,
+                               ignore_eos: true, stream: true }),
+    });
+    let n = 0;
+    try {
+        await readSSE(resp, () => {
+            if (++n === 3)
+                ac.abort();
+        });
+    } catch (e) {
+        assert.equal(e.name, 'AbortError');
+    }
+    let used = -1, running = -1;
+    for (let i = 0; i < 100 && (used !== 0 || running !== 0); i++) {
+        await sleep(50);
+        used = await d.metric('adapterd_kv_blocks{state="used"}');
+        running = await d.metric('adapterd_running_sequences');
+    }
+    assert.equal(used, 0, 'KV blocks of a gone client are still in use');
+    assert.equal(running, 0);
+    await sleep(200);
+    const m = /(req-\d+) \S+ status=200 adapter=- tokens=(\d+) time=\S+ \(client gone\)/.exec(d.log);
+    assert.ok(m, 'the access log does not show the disconnect');
+    assert.ok(Number(m[2]) < 400, `the gone client's request generated all ${m[2]} tokens`);
+});
+
+test('metrics and access log', async (d) => {
+    const r = await d.api('GET', '/metrics');
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get('content-type'), /text\/plain/);
+    for (const name of ['adapterd_requests_total{code="2xx"}', 'adapterd_generated_tokens_total',
+                        'adapterd_prompt_tokens_total', 'adapterd_request_duration_seconds_count',
+                        'adapterd_queue_depth', 'adapterd_kv_blocks{state="total"}',
+                        'adapterd_adapter_resident_bytes', 'adapterd_adapter_requests_total{adapter="fox"}',
+                        'adapterd_adapter_tokens_total{adapter="fox"}'])
+        assert.ok((await d.metric(name)) !== undefined, `metric ${name} missing`);
+    assert.ok((await d.metric('adapterd_requests_total{code="4xx"}')) > 0);
+    assert.ok((await d.metric('adapterd_adapter_resident_bytes')) > 0);
+    assert.match(d.log, /req-\d+ 127\.0\.0\.1 status=404 adapter=- tokens=0 time=/);
+    assert.match(d.log, /req-\d+ 127\.0\.0\.1 status=200 adapter=fox tokens=\d+ time=/);
+    assert.ok(r.headers.get('x-request-id') === null || /^req-/.test(r.headers.get('x-request-id')));
+});
+
+test('API keys: 401 without, 403 for admin routes with the user key', async () => {
+    const user = 'user-key-0123456789abcdef', admin = 'admin-key-0123456789abcdef';
+    fs.writeFileSync(path.join(TMP, 'api.key'), user + '\n');
+    fs.writeFileSync(path.join(TMP, 'admin.key'), admin + '\n');
+    const s = await new Daemon(['--set', `api_key_file=${path.join(TMP, 'api.key')}`,
+                                '--set', `admin_key_file=${path.join(TMP, 'admin.key')}`]).ready();
+    try {
+        const dir = makeLora(path.join(TMP, 'lora-keys'), { seed: 5 });
+        assert.equal((await s.api('GET', '/health')).status, 200);
+        assertError(await s.api('GET', '/v1/models'), 401);
+        assertError(await s.api('GET', '/v1/models', undefined, { Authorization: 'Bearer wrong' }), 401);
+        await assert.rejects(s.client('wrong').models.list(), (e) => e.status === 401);
+        assert.ok((await s.client(user).models.list()).data.length >= 1);
+        assertError(await s.upload('k', dir, { key: user }), 403);
+        assertError(await s.upload('k', dir), 401);
+        assert.deepEqual(fs.readdirSync(s.adapters).filter((n) => !n.startsWith('.')), []);
+        assert.equal((await s.upload('k', dir, { key: admin })).status, 201);
+        const r = await s.client(user).completions.create({ model: 'k', prompt: 'x', max_tokens: 2 });
+        assert.equal(r.choices.length, 1);
+        assertError(await s.api('DELETE', '/v1/adapters/k', undefined,
+                                { Authorization: `Bearer ${user}` }), 403);
+        assert.equal((await s.api('DELETE', '/v1/adapters/k', undefined,
+                                  { Authorization: `Bearer ${admin}` })).status, 204);
+    } finally {
+        await s.stop();
+    }
+});
+
+test('adapters directory: a directory dropped in appears; SIGHUP reloads', async () => {
+    const conf = path.join(TMP, 'hup.conf');
+    fs.writeFileSync(conf, 'log_level = info\n');
+    const s = await new Daemon(['-c', conf]).ready();
+    try {
+        // dropped in: written next to the store, then renamed in (what a deploy tool does)
+        const staged = makeLora(path.join(path.dirname(s.adapters), 'drop-staged'), { seed: 9 });
+        fs.renameSync(staged, path.join(s.adapters, 'dropped'));
+        let seen = false;
+        for (let i = 0; i < 100 && !seen; i++) {
+            await sleep(50);
+            seen = !!(await s.api('GET', '/v1/models')).json.data.find((m) => m.id === 'dropped');
+        }
+        assert.ok(seen, 'a directory dropped into the adapters dir did not appear');
+        // removed behind its back: gone at SIGHUP
+        fs.rmSync(path.join(s.adapters, 'dropped'), { recursive: true });
+        s.proc.kill('SIGHUP');
+        await sleep(500);
+        assertError(await s.api('GET', '/v1/adapters/dropped'), 404);
+        // an invalid config: kept the running one, still serving
+        fs.writeFileSync(conf, 'log_level = info\nno_such_option = 1\n');
+        s.proc.kill('SIGHUP');
+        await sleep(300);
+        assert.match(s.log, /no_such_option.*keeping the running configuration/);
+        assert.equal((await s.api('GET', '/health')).status, 200);
+        // a valid one: applied (debug logging shows the rescan)
+        fs.writeFileSync(conf, 'log_level = debug\n');
+        s.proc.kill('SIGHUP');
+        await sleep(300);
+        assert.match(s.log, /adapters directory scanned/);
+    } finally {
+        await s.stop();
+    }
+});
+
+test('SIGTERM: a request in flight finishes within the grace period, exit 0', async () => {
+    const s = await new Daemon(['--set', 'shutdown_grace_s=20']).ready();
+    const resp = await fetch(`${s.base}/v1/completions`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'model', prompt: 'Last words', max_tokens: 200,
+                               ignore_eos: true, stream: true }),
+    });
+    let n = 0, last = null;
+    await readSSE(resp, (ev) => {
+        if (++n === 2)
+            s.proc.kill('SIGTERM');
+        last = ev;
+    });
+    assert.equal(last.choices[0].finish_reason, 'length');
+    assert.equal(last.usage.completion_tokens, 200);
+    await s.stop();
+    assert.match(s.log, /SIGTERM: stopping/);
+    // new connections are refused once it stopped
+    await assert.rejects(fetch(`${s.base}/health`));
+});
+
+test('SIGTERM: past the grace period the request is cancelled, exit 0', async () => {
+    const s = await new Daemon(['--set', 'shutdown_grace_s=0']).ready();
+    const resp = await fetch(`${s.base}/v1/completions`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'model', prompt: 'Cut short', max_tokens: 480,
+                               ignore_eos: true, stream: true }),
+    });
+    let n = 0, last = null;
+    await readSSE(resp, (ev) => {
+        if (++n === 2)
+            s.proc.kill('SIGTERM');
+        last = ev;
+    }).catch(() => { /* the connection may be cut */ });
+    const t0 = Date.now();
+    await s.stop();
+    assert.ok(Date.now() - t0 < 10000);
+    assert.ok(!last || last.choices[0].finish_reason !== 'length' || n < 480,
+              'the request ran to its end although the grace period was 0');
+});
+
+/* ------------------------------------------------------------------------------------------ */
+
+async function main() {
+    makeModel();
+    const d = await new Daemon().ready();
+    let passed = 0, failed = 0;
+    for (const t of tests) {
+        if (ONLY && !t.name.includes(ONLY))
+            continue;
+        const t0 = Date.now();
+        try {
+            await t.fn(d);
+            passed++;
+            console.log(`ok   ${t.name} (${Date.now() - t0} ms)`);
+        } catch (e) {
+            failed++;
+            console.log(`FAIL ${t.name}\n${e.stack}`);
+        }
+    }
+    try {
+        await d.stop();
+    } catch (e) {
+        failed++;
+        console.log(`FAIL shutdown of the shared daemon\n${e.message}`);
+    }
+    if (failed)
+        console.log(`--- daemon log (last 4000 bytes) ---\n${d.log.slice(-4000)}`);
+    fs.rmSync(TMP, { recursive: true, force: true });
+    console.log(`integration: ${passed} passed, ${failed} failed`);
+    process.exit(failed ? 1 : 0);
+}
+
+main().catch((e) => {
+    console.error(`FAIL: ${e.stack}`);
+    process.exit(1);
+});
