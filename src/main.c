@@ -435,6 +435,10 @@ int main(int argc, char **argv)
     size_t per_token = 2 * (size_t)mc->n_layer * (size_t)mc->n_kv_head * (size_t)mc->head_dim *
                        sizeof(float);
     long blocks = (long)(((size_t)d.cfg.kv_cache_mb << 20) / (per_token * (size_t)d.cfg.kv_block_size));
+    /* no more than max_seqs full-length sequences can use */
+    long most = d.cfg.max_seqs * ((mc->n_ctx_max + d.cfg.kv_block_size - 1) / d.cfg.kv_block_size);
+    if (blocks > most)
+        blocks = most;
     struct ad_engine_config ec = {.kv_blocks = (int)(blocks > 0 ? blocks : 1),
                                   .kv_block_size = (int)d.cfg.kv_block_size,
                                   .max_batch_tokens = (int)d.cfg.max_batch_tokens,

@@ -3,10 +3,11 @@
  * that adapterd and the Hugging Face library load and encode identically.
  *
  *   adapterd-bpe-train [--vocab-size N] [--min-frequency N] [--special TOKEN]...
- *                      [--bos TOKEN] [--eos TOKEN] -o OUT FILE...
+ *                      [--bos TOKEN] [--eos TOKEN] [--chat-template FILE] -o OUT FILE...
  *
  * OUT ending in ".json" is the tokenizer.json to write; otherwise OUT is a directory that gets
- * tokenizer.json and tokenizer_config.json (bos/eos tokens). Special tokens take the first ids,
+ * tokenizer.json and tokenizer_config.json (bos/eos tokens, and the Jinja chat template read from
+ * FILE). Special tokens take the first ids,
  * then the 256 byte-level characters, then the merges in the order they were learnt.
  *
  * The algorithm: count the pre-tokenized words, then repeatedly merge the most frequent
@@ -461,7 +462,8 @@ static void apply_merge(size_t pi, int32_t new_id)
 static void usage(void)
 {
     fprintf(stderr, "usage: adapterd-bpe-train [--vocab-size N] [--min-frequency N] "
-                    "[--special TOKEN]... [--bos TOKEN] [--eos TOKEN] -o OUT FILE...\n");
+                    "[--special TOKEN]... [--bos TOKEN] [--eos TOKEN] [--chat-template FILE] "
+                    "-o OUT FILE...\n");
     exit(2);
 }
 
@@ -488,7 +490,8 @@ static int write_json(const char *path, json_t *j)
 
 int main(int argc, char **argv)
 {
-    const char *specials[MAX_SPECIAL], *out = NULL, *bos = NULL, *eos = NULL;
+    const char *specials[MAX_SPECIAL], *out = NULL, *bos = NULL, *eos = NULL,
+               *chat_template = NULL;
     size_t n_special = 0, vocab_size = 8000;
     int64_t min_freq = 2;
     const char *files[256];
@@ -508,6 +511,8 @@ int main(int argc, char **argv)
             bos = argv[++i];
         else if (strcmp(argv[i], "--eos") == 0 && i + 1 < argc)
             eos = argv[++i];
+        else if (strcmp(argv[i], "--chat-template") == 0 && i + 1 < argc)
+            chat_template = argv[++i];
         else if (strcmp(argv[i], "-o") == 0 && i + 1 < argc)
             out = argv[++i];
         else if (argv[i][0] == '-')
@@ -620,6 +625,16 @@ int main(int argc, char **argv)
             json_object_set_new(cfg, "bos_token", json_string(bos));
         if (eos)
             json_object_set_new(cfg, "eos_token", json_string(eos));
+        if (chat_template) {
+            struct ad_err err;
+            char *text;
+            if (ad_read_file(chat_template, 1 << 20, &text, NULL, &err) < 0) {
+                fprintf(stderr, "adapterd-bpe-train: %s\n", err.msg);
+                return 1;
+            }
+            json_object_set_new(cfg, "chat_template", json_string(text));
+            free(text);
+        }
         if (ad_path_join(path, sizeof(path), out, "tokenizer_config.json") < 0 ||
             write_json(path, cfg) < 0)
             return 1;
