@@ -43,6 +43,7 @@ struct config {
     long max_batch_tokens;
     long max_seqs;
     long max_queue;
+    long max_concurrent;
     long adapter_budget_mb;
     long max_body_kb;
     long max_upload_mb;
@@ -85,6 +86,9 @@ static const struct option_def {
     {"max_seqs", OPT_LONG, S(max_seqs), 1, 4096, "64", false, "sequences running at once"},
     {"max_queue", OPT_LONG, S(max_queue), 0, 1 << 20, "1024", false,
      "requests waiting before new ones get 429"},
+    {"max_concurrent", OPT_LONG, S(max_concurrent), 0, 4096, "0", false,
+     "sequences of one adapter running at once (0: max_seqs); free slots go to the adapter "
+     "with the fewest running, so a busy adapter cannot starve the others"},
     {"adapter_budget_mb", OPT_LONG, S(adapter_budget_mb), 0, 1 << 20, "2048", false,
      "memory for resident adapters; unused ones are evicted LRU and reloaded (0: no bound)"},
     {"max_body_kb", OPT_LONG, S(max_body_kb), 1, 1 << 20, "4096", false,
@@ -443,7 +447,8 @@ int main(int argc, char **argv)
                                   .kv_block_size = (int)d.cfg.kv_block_size,
                                   .max_batch_tokens = (int)d.cfg.max_batch_tokens,
                                   .max_seqs = (int)d.cfg.max_seqs,
-                                  .max_queue = (int)d.cfg.max_queue};
+                                  .max_queue = (int)d.cfg.max_queue,
+                                  .max_per_adapter = (int)d.cfg.max_concurrent};
     if (ad_engine_new(d.model, &ec, &d.engine, &err) < 0) {
         log_error("%s", err.msg);
         goto out;

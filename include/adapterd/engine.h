@@ -24,6 +24,7 @@ struct ad_engine_config {
     int max_batch_tokens; /* tokens per forward pass (prefill chunks + decodes) */
     int max_seqs;         /* sequences running at once */
     int max_queue;        /* waiting requests before submit says -EBUSY */
+    int max_per_adapter;  /* sequences of one adapter running at once (0: max_seqs) */
 };
 
 /* What one request asks for. The engine copies what it needs; mix references are taken over by
@@ -89,5 +90,8 @@ struct ad_engine_stats {
     int waiting, running;
     int kv_blocks_total, kv_blocks_free;
     uint64_t steps, tokens_prefilled, tokens_generated, preemptions;
+    /* KV blocks not back in the pool when the engine last went idle (nothing running or
+     * waiting): 0 unless a finished, cancelled or preempted sequence kept its blocks */
+    int kv_blocks_leaked;
 };
 void ad_engine_stats(struct ad_engine *e, struct ad_engine_stats *ret);

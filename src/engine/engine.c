@@ -5,7 +5,15 @@
  * prefill chunks within max_batch_tokens); order it so rows of the same adapter mix are
  * adjacent (one delta group each); run the forward pass; sample and report. When the KV cache
  * runs out mid-step, the most recently admitted request is preempted: its blocks are freed and
- * it goes back to the head of the queue, to be recomputed (prompt + what it generated so far). */
+ * it goes back to the head of the queue, to be recomputed (prompt + what it generated so far).
+ *
+ * Fairness: a free slot goes to a preempted request first, then to a waiting request of the
+ * adapter (the first of its mix; the base counts as one adapter) with the fewest sequences
+ * running, and among those the adapter admitted least recently (round robin); an adapter at
+ * max_per_adapter running sequences is passed over. Within an adapter the order is FIFO. So
+ * one busy adapter cannot starve the others, even with a single slot.
+ * A request too large for the free KV blocks waits at its turn: smaller ones do not overtake
+ * it, so it is not starved either. */
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -20,6 +28,7 @@ struct ad_request {
     atomic_int refs;
     atomic_int finish_req; /* enum ad_finish asked for by another thread, or 0 */
     struct ad_request *next; /* waiting queue link (guarded by the engine lock) */
+    bool preempted;          /* back in the queue after a preemption: admitted first */
 
     /* The sequence: virtual tokens (prompt tuning), the prompt, then what was generated. */
     int32_t *tokens;
@@ -39,6 +48,8 @@ struct ad_request {
     float *carry;          /* the last logits row of a prompt chunk, for the next chunk's first */
 };
 
+#define RECENT_ADAPTERS 64 /* adapters remembered for round robin; the rest count as never */
+
 struct ad_engine {
     const struct ad_model *m;
     struct ad_engine_config cfg;
@@ -50,6 +61,13 @@ struct ad_engine {
     int n_waiting;
     bool stop;
     struct ad_engine_stats stats;
+
+    /* admission order of adapters, for round robin (guarded by the lock) */
+    struct {
+        const void *who;
+        uint64_t tick;
+    } recent[RECENT_ADAPTERS];
+    uint64_t tick;
 
     /* engine thread only */
     struct ad_kv kv;
@@ -214,6 +232,72 @@ static void remove_running(struct ad_engine *e, int i)
     e->n_running--;
 }
 
+/* The adapter a request is accounted to for fairness: the first of its mix, NULL for the base. */
+static const void *owner(const struct ad_request *r)
+{
+    return r->mix.n ? (const void *)r->mix.a[0] : NULL;
+}
+
+static int running_of(const struct ad_engine *e, const void *who)
+{
+    int n = 0;
+    for (int i = 0; i < e->n_running; i++)
+        n += owner(e->running[i]) == who;
+    return n;
+}
+
+/* When an adapter last got a slot (0: not among the last RECENT_ADAPTERS). */
+static uint64_t last_admitted(const struct ad_engine *e, const void *who)
+{
+    for (int i = 0; i < RECENT_ADAPTERS; i++)
+        if (e->recent[i].tick && e->recent[i].who == who)
+            return e->recent[i].tick;
+    return 0;
+}
+
+static void note_admitted(struct ad_engine *e, const void *who)
+{
+    int slot = 0;
+    for (int i = 0; i < RECENT_ADAPTERS; i++) {
+        if (e->recent[i].tick && e->recent[i].who == who) {
+            slot = i;
+            break;
+        }
+        if (e->recent[i].tick < e->recent[slot].tick) /* the oldest entry, or a free one */
+            slot = i;
+    }
+    e->recent[slot].who = who;
+    e->recent[slot].tick = ++e->tick;
+}
+
+/* The link to the waiting request that gets the next slot (see the top of the file), or NULL.
+ * Looks at the first FAIR_WINDOW waiting requests, so admission stays cheap with long queues.
+ * Called with the lock held. */
+#define FAIR_WINDOW 128
+static struct ad_request **pick_waiting(struct ad_engine *e)
+{
+    struct ad_request **best = NULL;
+    int best_n = 0, seen = 0;
+    uint64_t best_tick = 0;
+    if (e->wait_head && e->wait_head->preempted)
+        return &e->wait_head;
+    for (struct ad_request **pp = &e->wait_head; *pp && seen < FAIR_WINDOW;
+         pp = &(*pp)->next, seen++) {
+        const void *who = owner(*pp);
+        int n = running_of(e, who);
+        if (e->cfg.max_per_adapter > 0 && n >= e->cfg.max_per_adapter)
+            continue;
+        uint64_t tick = last_admitted(e, who);
+        /* strictly better only: the oldest request of an adapter wins */
+        if (!best || n < best_n || (n == best_n && tick < best_tick)) {
+            best = pp;
+            best_n = n;
+            best_tick = tick;
+        }
+    }
+    return best;
+}
+
 /* Moves cancelled waiting requests out, and admits what fits. Returns false to stop. */
 static bool admit(struct ad_engine *e)
 {
@@ -238,22 +322,32 @@ static bool admit(struct ad_engine *e)
             e->wait_tail = e->wait_tail->next;
 
         while (e->wait_head && e->n_running < e->cfg.max_seqs) {
-            struct ad_request *r = e->wait_head;
+            struct ad_request **pp = pick_waiting(e);
+            if (!pp)
+                break; /* every waiting adapter is at max_per_adapter */
+            struct ad_request *r = *pp;
             int prefix = r->mix.n ? ad_mix_n_prefix(&r->mix) : 0;
             int need = ad_kv_blocks_for(&e->kv, prefix + r->n_tokens + 1);
             /* keep a block of headroom per running sequence for its next decode */
             if (need > e->kv.n_free - e->n_running)
                 break;
-            e->wait_head = r->next;
-            if (!e->wait_head)
+            *pp = r->next;
+            if (e->wait_tail == r) { /* r was last: the tail is the one before it */
                 e->wait_tail = NULL;
+                for (struct ad_request *q = e->wait_head; q; q = q->next)
+                    e->wait_tail = q;
+            }
             r->next = NULL;
+            r->preempted = false;
             e->n_waiting--;
             e->running[e->n_running++] = r;
+            note_admitted(e, owner(r));
         }
         e->stats.waiting = e->n_waiting;
         e->stats.running = e->n_running;
         e->stats.kv_blocks_free = e->kv.n_free;
+        if (e->n_running == 0 && e->n_waiting == 0) /* idle: every block must be back */
+            e->stats.kv_blocks_leaked = e->kv.n_blocks - e->kv.n_free;
         if (e->stop || e->n_running > 0 || cancelled)
             break;
         pthread_cond_wait(&e->cond, &e->lock);
@@ -277,6 +371,7 @@ static void preempt(struct ad_engine *e)
     e->n_running--;
     ad_kv_seq_release(&e->kv, &r->seq);
     r->n_cached = 0;
+    r->preempted = true;
     pthread_mutex_lock(&e->lock);
     r->next = e->wait_head;
     e->wait_head = r;

@@ -109,12 +109,16 @@ enum MHD_Result route_metrics(struct conn *c)
             "# HELP adapterd_kv_blocks KV cache blocks.\n# TYPE adapterd_kv_blocks gauge\n"
             "adapterd_kv_blocks{state=\"total\"} %d\nadapterd_kv_blocks{state=\"free\"} %d\n"
             "adapterd_kv_blocks{state=\"used\"} %d\n"
+            "# HELP adapterd_kv_blocks_leaked KV blocks not back in the pool when the engine "
+            "was last idle (always 0).\n# TYPE adapterd_kv_blocks_leaked gauge\n"
+            "adapterd_kv_blocks_leaked %d\n"
             "# TYPE adapterd_engine_steps_total counter\nadapterd_engine_steps_total %llu\n"
             "# TYPE adapterd_preemptions_total counter\nadapterd_preemptions_total %llu\n"
             "# HELP adapterd_adapter_resident_bytes Bytes of adapters in memory.\n"
             "# TYPE adapterd_adapter_resident_bytes gauge\nadapterd_adapter_resident_bytes %zu\n",
             st.waiting, st.running, st.kv_blocks_total, st.kv_blocks_free,
-            st.kv_blocks_total - st.kv_blocks_free, (unsigned long long)st.steps,
+            st.kv_blocks_total - st.kv_blocks_free, st.kv_blocks_leaked,
+            (unsigned long long)st.steps,
             (unsigned long long)st.preemptions,
             ad_registry_resident_bytes(h->deps.registry));
     fclose(f);

@@ -4,6 +4,7 @@
  * limits. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <unistd.h>
 
 #include "../check.h"
@@ -14,7 +15,12 @@
 
 #define MAXT 64
 
+static atomic_int done_order;     /* completion order across requests */
+static struct ad_engine *observed; /* engine whose running count the callback records */
+static atomic_int max_running;
+
 struct result {
+    int order; /* when it finished: 1 for the first */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool done;
@@ -29,8 +35,16 @@ static void on_event(struct ad_request *req, const struct ad_event *ev, void *ud
 {
     struct result *res = ud;
     (void)req;
+    if (observed) { /* callbacks run on the engine thread, outside its lock */
+        struct ad_engine_stats st;
+        ad_engine_stats(observed, &st);
+        int m = atomic_load(&max_running);
+        while (st.running > m && !atomic_compare_exchange_weak(&max_running, &m, st.running))
+            ;
+    }
     pthread_mutex_lock(&res->lock);
     if (ev->done) {
+        res->order = atomic_fetch_add(&done_order, 1) + 1;
         res->done = true;
         res->finish = ev->finish;
         pthread_cond_signal(&res->cond);
@@ -180,6 +194,53 @@ int main(void)
     CHECK_INT(st.kv_blocks_free, ==, small.kv_blocks);
     printf("engine: %llu preemptions with a %d-block pool\n", (unsigned long long)st.preemptions,
            small.kv_blocks);
+
+    /* fairness: one slot, four requests of adapter 1 queued before one of adapter 2: round
+     * robin gives adapter 2 the second slot (FIFO would make it wait for all four) */
+    {
+        struct ad_engine *fe;
+        struct ad_request *fr[5];
+        struct result fres[5];
+        struct ad_engine_config fc = cfg;
+        fc.max_seqs = 1;
+        atomic_store(&done_order, 0);
+        CHECK_INT(ad_engine_new(m, &fc, &fe, &err), ==, 0);
+        for (int i = 0; i < 5; i++) {
+            init_result(&fres[i]);
+            struct ad_request_params fp = params(i, adapters[i < 4 ? 1 : 2], 8);
+            CHECK_INT(ad_engine_submit(fe, &fp, on_event, &fres[i], &fr[i], &err), ==, 0);
+        }
+        for (int i = 0; i < 5; i++) {
+            wait_done(&fres[i]);
+            ad_request_unref(fr[i]);
+        }
+        CHECK_INT(fres[4].order, <=, 2); /* the first may already have been admitted */
+        CHECK_INT(fres[3].order, ==, 5);
+        ad_engine_free(fe);
+
+        /* max_per_adapter: six requests of one adapter never run more than two at once */
+        fc.max_seqs = 6;
+        fc.max_per_adapter = 2;
+        atomic_store(&max_running, 0);
+        CHECK_INT(ad_engine_new(m, &fc, &fe, &err), ==, 0);
+        observed = fe;
+        for (int i = 0; i < 5; i++) {
+            init_result(&fres[i]);
+            struct ad_request_params fp = params(i, adapters[1], 8);
+            CHECK_INT(ad_engine_submit(fe, &fp, on_event, &fres[i], &fr[i], &err), ==, 0);
+        }
+        for (int i = 0; i < 5; i++) {
+            wait_done(&fres[i]);
+            CHECK_INT(fres[i].n, ==, 8);
+            ad_request_unref(fr[i]);
+        }
+        observed = NULL;
+        CHECK_INT(atomic_load(&max_running), ==, 2);
+        struct ad_engine_stats fst;
+        ad_engine_stats(fe, &fst);
+        CHECK_INT(fst.kv_blocks_leaked, ==, 0);
+        ad_engine_free(fe);
+    }
 
     /* cancel, queue limit, context limit, prompt logprobs */
     struct ad_engine *e;
