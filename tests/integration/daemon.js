@@ -10,244 +10,10 @@
  * prompt adapterd builds must tokenize to the same ids; curl sends the multipart uploads. */
 'use strict';
 
-const assert = require('assert/strict');
-const fs = require('fs');
-const os = require('os');
-const path = require('path');
-const { spawn, spawnSync, execFile } = require('child_process');
-
-const HERE = __dirname;
-const args = process.argv.slice(2);
-const opt = (name) => {
-    const i = args.indexOf(name);
-    return i >= 0 ? args[i + 1] : undefined;
-};
-const ADAPTERD = opt('--adapterd');
-const MKMODEL = opt('--mkmodel');
-const BPE_TRAIN = opt('--bpe-train');
-const ONLY = opt('--only');
-if (!ADAPTERD || !MKMODEL || !BPE_TRAIN) {
-    console.error('usage: daemon.js --adapterd PATH --mkmodel PATH --bpe-train PATH');
-    process.exit(2);
-}
-
-/* The references, installed from package-lock.json on first use (offline afterwards). */
-if (!fs.existsSync(path.join(HERE, 'node_modules', 'openai', 'package.json')) ||
-    !fs.existsSync(path.join(HERE, 'node_modules', '@huggingface', 'jinja', 'package.json'))) {
-    console.log('integration: node_modules missing, running npm ci');
-    const r = spawnSync('npm', ['ci', '--no-audit', '--no-fund', '--loglevel=error'],
-                        { cwd: HERE, stdio: 'inherit' });
-    if (r.status !== 0) {
-        console.error('FAIL: npm ci failed: the openai client cannot be installed');
-        process.exit(1);
-    }
-}
-const OpenAI = require(path.join(HERE, 'node_modules', 'openai')).default;
-const { Template } = require(path.join(HERE, 'node_modules', '@huggingface', 'jinja'));
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-/* ------------------------------------------------------------------------------------------
- * Fixtures: a small Llama model with a trained tokenizer and a ChatML template, and PEFT LoRA
- * adapters written here byte by byte (safetensors is an 8-byte length, a JSON header, data). */
-
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'adapterd-it-'));
-const MODEL = path.join(TMP, 'model');
-const HIDDEN = 512, KV_DIM = 256, LAYERS = 8, CTX = 512;
-const CHATML = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + " +
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}" +
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-function run(cmd, argv) {
-    const r = spawnSync(cmd, argv, { encoding: 'utf8' });
-    if (r.status !== 0)
-        throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr}`);
-}
-
-function makeModel() {
-    run(MKMODEL, ['--vocab', '512', '--hidden', String(HIDDEN), '--layers', String(LAYERS),
-                  '--heads', '8', '--kv-heads', '4', '--ff', '1024', '--ctx', String(CTX), MODEL]);
-    const corpus = path.join(TMP, 'corpus.txt');
-    const dir = '/usr/share/games/fortunes';
-    fs.writeFileSync(corpus, ['computers', 'cookie', 'fortunes']
-        .map((f) => fs.readFileSync(path.join(dir, f), 'latin1')).join('\n'));
-    run(BPE_TRAIN, ['--vocab-size', '512', '--special', '<|endoftext|>', '--special',
-                    '<|im_start|>', '--special', '<|im_end|>', '--eos', '<|endoftext|>',
-                    '-o', MODEL, corpus]);
-    const cfgPath = path.join(MODEL, 'tokenizer_config.json');
-    const cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8'));
-    cfg.chat_template = CHATML;
-    fs.writeFileSync(cfgPath, JSON.stringify(cfg, null, 2));
-}
-
-function rng(seed) {
-    let s = seed >>> 0 || 1;
-    return () => {
-        s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
-        return s / 4294967296 - 0.5;
-    };
-}
-
-function safetensors(tensors) { /* {name: [shape, Float32Array]} */
-    const header = {};
-    let off = 0;
-    for (const [name, [shape, data]] of Object.entries(tensors)) {
-        header[name] = { dtype: 'F32', shape, data_offsets: [off, off + data.byteLength] };
-        off += data.byteLength;
-    }
-    let h = Buffer.from(JSON.stringify(header));
-    h = Buffer.concat([h, Buffer.alloc((8 - (h.length % 8)) % 8, 0x20)]);
-    const len = Buffer.alloc(8);
-    len.writeBigUInt64LE(BigInt(h.length));
-    return Buffer.concat([len, h, ...Object.values(tensors).map(([, d]) => Buffer.from(d.buffer))]);
-}
-
-/* A LoRA on q_proj and v_proj; `scaleB` 0 makes it an exact no-op. `outV` lets a test write a
- * mismatched shape. */
-function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM } = {}) {
-    fs.mkdirSync(dir, { recursive: true });
-    const rand = rng(seed), t = {};
-    const mat = (n, s) => Float32Array.from({ length: n }, () => rand() * s);
-    for (let l = 0; l < LAYERS; l++)
-        for (const [m, out] of [['q_proj', HIDDEN], ['v_proj', outV]]) {
-            const p = `base_model.model.model.layers.${l}.self_attn.${m}`;
-            t[`${p}.lora_A.weight`] = [[r, HIDDEN], mat(r * HIDDEN, 0.2)];
-            t[`${p}.lora_B.weight`] = [[out, r], mat(out * r, 0.5 * scaleB)];
-        }
-    fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({
-        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: 2 * r, lora_dropout: 0,
-        target_modules: ['q_proj', 'v_proj'], bias: 'none', fan_in_fan_out: false,
-        base_model_name_or_path: 'model',
-    }));
-    fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), safetensors(t));
-    return dir;
-}
-
-/* ------------------------------------------------------------------------------------------
- * The daemon */
-
-class Daemon {
-    constructor(extra = [], { adapters } = {}) {
-        this.adapters = adapters || fs.mkdtempSync(path.join(TMP, 'adapters-'));
-        this.log = '';
-        this.proc = spawn(ADAPTERD, ['--model', MODEL, '--adapters', this.adapters,
-                                     '--listen', '127.0.0.1:0', '--set', 'kv_cache_mb=64',
-                                     ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
-        const onData = (d) => { this.log += d.toString(); };
-        this.proc.stdout.on('data', onData);
-        this.proc.stderr.on('data', onData);
-        this.exited = new Promise((res) => this.proc.on('exit', (code, sig) => res({ code, sig })));
-    }
-
-    async ready() {
-        for (let i = 0; i < 600; i++) {
-            const m = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(this.log);
-            if (m) {
-                this.base = `http://127.0.0.1:${m[1]}`;
-                return this;
-            }
-            if (this.proc.exitCode !== null)
-                throw new Error(`adapterd exited at startup:\n${this.log}`);
-            await sleep(50);
-        }
-        throw new Error(`adapterd did not start:\n${this.log}`);
-    }
-
-    async stop() {
-        if (this.proc.exitCode === null && this.proc.signalCode === null)
-            this.proc.kill('SIGTERM');
-        const r = await this.exited;
-        if (r.code !== 0)
-            throw new Error(`adapterd exited with ${r.code ?? r.sig}:\n${this.log.slice(-3000)}`);
-        if (/AddressSanitizer|runtime error:|LeakSanitizer/.test(this.log))
-            throw new Error(`sanitizer report:\n${this.log.slice(-6000)}`);
-    }
-
-    async api(method, url, body, headers = {}) {
-        const init = { method, headers: { ...headers } };
-        if (body !== undefined) {
-            init.body = typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
-            init.headers['Content-Type'] ??= 'application/json';
-        }
-        const r = await fetch(this.base + url, init);
-        const text = await r.text();
-        let json = null;
-        try { json = JSON.parse(text); } catch { /* not JSON */ }
-        return { status: r.status, json, text, headers: r.headers };
-    }
-
-    client(key = 'none') {
-        return new OpenAI({ baseURL: `${this.base}/v1`, apiKey: key, maxRetries: 0 });
-    }
-
-    /* curl -X PUT -F config=@... -F weights=@... (asynchronous: requests go on meanwhile) */
-    upload(name, dir, { key, parts } = {}) {
-        const argv = ['-s', '-o', '-', '-w', '\n%{http_code}', '-X', 'PUT'];
-        for (const p of parts || [`config=@${dir}/adapter_config.json`,
-                                  `weights=@${dir}/adapter_model.safetensors`])
-            argv.push('-F', p);
-        if (key)
-            argv.push('-H', `Authorization: Bearer ${key}`);
-        argv.push(`${this.base}/v1/adapters/${name}`);
-        return new Promise((res, rej) => execFile('curl', argv, (err, out) => {
-            if (err)
-                return rej(err);
-            const i = out.lastIndexOf('\n');
-            const text = out.slice(0, i);
-            let json = null;
-            try { json = JSON.parse(text); } catch { /* empty body */ }
-            res({ status: Number(out.slice(i + 1)), json, text });
-        }));
-    }
-
-    async metric(name) {
-        const r = await this.api('GET', '/metrics');
-        const m = new RegExp(`^${name.replace(/[{}"]/g, (c) => '\\' + c)} (\\S+)$`, 'm').exec(r.text);
-        return m ? Number(m[1]) : undefined;
-    }
-}
-
-/* An error response: the status, and the body {"error": {"message", "type", "code"}}. */
-function assertError(r, status, pattern) {
-    assert.equal(r.status, status, `expected ${status}, got ${r.status}: ${r.text}`);
-    assert.ok(r.json && r.json.error, `no error object: ${r.text}`);
-    const e = r.json.error;
-    assert.equal(typeof e.message, 'string');
-    assert.equal(typeof e.type, 'string');
-    assert.ok('code' in e, 'error has no code');
-    if (pattern)
-        assert.match(e.message, pattern);
-}
-
-/* Reads an SSE stream of a fetch Response; calls onEvent(json) for each data line. */
-async function readSSE(resp, onEvent) {
-    const reader = resp.body.getReader();
-    const dec = new TextDecoder();
-    let buf = '', done = false;
-    while (!done) {
-        const { value, done: end } = await reader.read();
-        if (end)
-            break;
-        buf += dec.decode(value, { stream: true });
-        let i;
-        while ((i = buf.indexOf('\n\n')) >= 0) {
-            const ev = buf.slice(0, i);
-            buf = buf.slice(i + 2);
-            if (!ev.startsWith('data: '))
-                continue;
-            if (ev === 'data: [DONE]') {
-                done = true;
-                break;
-            }
-            if ((await onEvent(JSON.parse(ev.slice(6)))) === false)
-                return reader;
-        }
-    }
-    return null;
-}
-
-const close = (a, b, tol = 1e-4) => a.length === b.length &&
-    a.every((x, i) => (x === null && b[i] === null) || Math.abs(x - b[i]) <= tol);
+const {
+    assert, fs, path, OpenAI, Template, sleep, TMP, MODEL, CTX, CHATML, ONLY, makeModel,
+    makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon, assertError, readSSE, close,
+} = require('./lib.js');
 
 /* ------------------------------------------------------------------------------------------
  * The tests: each gets the shared daemon `d` (some start their own) */
@@ -559,6 +325,58 @@ test('errors: oversized body (413)', async () => {
     } finally {
         await s.stop();
     }
+});
+
+test('every adapter kind in one batch: each request gets what it gets alone', async (d) => {
+    const kinds = {
+        'k-lora': makeLora(path.join(TMP, 'k-lora'), { seed: 21 }),
+        'k-ia3': makeIA3(path.join(TMP, 'k-ia3'), { seed: 22 }),
+        'k-prompt': makePrompt(path.join(TMP, 'k-prompt'), { seed: 23 }),
+        'k-prefix': makePrefix(path.join(TMP, 'k-prefix'), { seed: 24 }),
+        'k-bias': makeBitfit(path.join(TMP, 'k-bias'), { seed: 25 }),
+        'k-lora2': makeLora(path.join(TMP, 'k-lora2'), { seed: 26 }),
+    };
+    for (const [name, dir] of Object.entries(kinds)) {
+        const r = await d.upload(name, dir);
+        assert.equal(r.status, 201, `${name}: ${r.text}`);
+    }
+    const kindOf = Object.fromEntries((await d.api('GET', '/v1/adapters')).json.data
+        .map((a) => [a.id, a.kind]));
+    assert.deepEqual(['k-lora', 'k-ia3', 'k-prompt', 'k-prefix', 'k-bias'].map((n) => kindOf[n]),
+                     ['lora', 'ia3', 'prompt', 'prefix', 'bias']);
+    const variants = [{ model: 'model' }, ...Object.keys(kinds).map((m) => ({ model: m })),
+                      { model: 'model', adapters: [{ name: 'k-lora', weight: 0.6 },
+                                                   { name: 'k-lora2', weight: 0.4 }] }];
+    const one = (v, i) => d.api('POST', '/v1/completions', {
+        ...v, prompt: `Request number ${i} asks`, max_tokens: 16, temperature: 0, ignore_eos: true,
+        logprobs: 1, return_tokens_as_token_ids: true,
+    }).then((r) => {
+        assert.equal(r.status, 200, r.text);
+        return r.json.choices[0].logprobs;
+    });
+    const steps0 = await d.metric('adapterd_engine_steps_total');
+    const alone = [];
+    for (let i = 0; i < variants.length; i++)
+        alone.push(await one(variants[i], i));
+    const steps1 = await d.metric('adapterd_engine_steps_total');
+    const outputs = new Set(alone.map((a) => a.tokens.join(',') + a.token_logprobs
+        .map((x) => x.toFixed(3)).join(',')));
+    assert.equal(outputs.size, variants.length, 'an adapter does not change the output');
+    const together = await Promise.all(variants.map((v, i) => one(v, i)));
+    const steps2 = await d.metric('adapterd_engine_steps_total');
+    let worst = 0;
+    for (let i = 0; i < variants.length; i++) {
+        assert.deepEqual(together[i].tokens, alone[i].tokens, `${JSON.stringify(variants[i])}`);
+        for (let t = 0; t < alone[i].token_logprobs.length; t++)
+            worst = Math.max(worst, Math.abs(together[i].token_logprobs[t] - alone[i].token_logprobs[t]));
+    }
+    assert.ok(worst <= 1e-4, `logprobs differ by ${worst} in a batch`);
+    // they really shared steps: far fewer forward passes than one request at a time
+    assert.ok(steps2 - steps0 - (steps1 - steps0) < 0.5 * (steps1 - steps0),
+              `batched ${steps2 - steps1} steps vs ${steps1 - steps0} alone`);
+    console.log(`    (${variants.length} requests: ${steps1 - steps0} steps alone, ${steps2 - steps1} together; max |diff| ${worst.toExponential(1)})`);
+    for (const name of Object.keys(kinds))
+        assert.equal((await d.api('DELETE', `/v1/adapters/${name}`)).status, 204);
 });
 
 test('replacing an adapter while requests stream from it', async (d) => {

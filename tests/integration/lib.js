@@ -1,0 +1,308 @@
+/* Shared by the integration tests: command-line options, the references (installed from
+ * package-lock.json on first use), fixtures (a small Llama model with a trained tokenizer and a
+ * ChatML template; PEFT adapters of several kinds written here byte by byte: safetensors is an
+ * 8-byte length, a JSON header, then the data) and a handle on a running daemon. */
+'use strict';
+
+const assert = require('assert/strict');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { spawn, spawnSync, execFile } = require('child_process');
+
+const HERE = __dirname;
+const args = process.argv.slice(2);
+const opt = (name) => {
+    const i = args.indexOf(name);
+    return i >= 0 ? args[i + 1] : undefined;
+};
+const ADAPTERD = opt('--adapterd');
+const MKMODEL = opt('--mkmodel');
+const BPE_TRAIN = opt('--bpe-train');
+const ONLY = opt('--only');
+if (!ADAPTERD || !MKMODEL || !BPE_TRAIN) {
+    console.error(`usage: ${path.basename(process.argv[1])} --adapterd PATH --mkmodel PATH --bpe-train PATH`);
+    process.exit(2);
+}
+
+/* The references, installed from package-lock.json on first use (offline afterwards). */
+if (!fs.existsSync(path.join(HERE, 'node_modules', 'openai', 'package.json')) ||
+    !fs.existsSync(path.join(HERE, 'node_modules', '@huggingface', 'jinja', 'package.json'))) {
+    console.log('integration: node_modules missing, running npm ci');
+    const r = spawnSync('npm', ['ci', '--no-audit', '--no-fund', '--loglevel=error'],
+                        { cwd: HERE, stdio: 'inherit' });
+    if (r.status !== 0) {
+        console.error('FAIL: npm ci failed: the openai client cannot be installed');
+        process.exit(1);
+    }
+}
+const OpenAI = require(path.join(HERE, 'node_modules', 'openai')).default;
+const { Template } = require(path.join(HERE, 'node_modules', '@huggingface', 'jinja'));
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/* ------------------------------------------------------------------------------------------
+ * Fixtures: a small Llama model with a trained tokenizer and a ChatML template, and PEFT LoRA
+ * adapters written here byte by byte (safetensors is an 8-byte length, a JSON header, data). */
+
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'adapterd-it-'));
+const MODEL = path.join(TMP, 'model');
+const HIDDEN = 512, KV_DIM = 256, FF = 1024, LAYERS = 8, CTX = 512;
+const CHATML = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + " +
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}" +
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+function run(cmd, argv) {
+    const r = spawnSync(cmd, argv, { encoding: 'utf8' });
+    if (r.status !== 0)
+        throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr}`);
+}
+
+function makeModel() {
+    run(MKMODEL, ['--vocab', '512', '--hidden', String(HIDDEN), '--layers', String(LAYERS),
+                  '--heads', '8', '--kv-heads', '4', '--ff', String(FF), '--ctx', String(CTX), MODEL]);
+    const corpus = path.join(TMP, 'corpus.txt');
+    const dir = '/usr/share/games/fortunes';
+    fs.writeFileSync(corpus, ['computers', 'cookie', 'fortunes']
+        .map((f) => fs.readFileSync(path.join(dir, f), 'latin1')).join('\n'));
+    run(BPE_TRAIN, ['--vocab-size', '512', '--special', '<|endoftext|>', '--special',
+                    '<|im_start|>', '--special', '<|im_end|>', '--eos', '<|endoftext|>',
+                    '-o', MODEL, corpus]);
+    const cfgPath = path.join(MODEL, 'tokenizer_config.json');
+    const cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8'));
+    cfg.chat_template = CHATML;
+    fs.writeFileSync(cfgPath, JSON.stringify(cfg, null, 2));
+}
+
+function rng(seed) {
+    let s = seed >>> 0 || 1;
+    return () => {
+        s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
+        return s / 4294967296 - 0.5;
+    };
+}
+
+function safetensors(tensors) { /* {name: [shape, Float32Array]} */
+    const header = {};
+    let off = 0;
+    for (const [name, [shape, data]] of Object.entries(tensors)) {
+        header[name] = { dtype: 'F32', shape, data_offsets: [off, off + data.byteLength] };
+        off += data.byteLength;
+    }
+    let h = Buffer.from(JSON.stringify(header));
+    h = Buffer.concat([h, Buffer.alloc((8 - (h.length % 8)) % 8, 0x20)]);
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(h.length));
+    return Buffer.concat([len, h, ...Object.values(tensors).map(([, d]) => Buffer.from(d.buffer))]);
+}
+
+/* A LoRA on q_proj and v_proj; `scaleB` 0 makes it an exact no-op. `outV` lets a test write a
+ * mismatched shape. */
+function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed), t = {};
+    const mat = (n, s) => Float32Array.from({ length: n }, () => rand() * s);
+    for (let l = 0; l < LAYERS; l++)
+        for (const [m, out] of [['q_proj', HIDDEN], ['v_proj', outV]]) {
+            const p = `base_model.model.model.layers.${l}.self_attn.${m}`;
+            t[`${p}.lora_A.weight`] = [[r, HIDDEN], mat(r * HIDDEN, 0.2)];
+            t[`${p}.lora_B.weight`] = [[out, r], mat(out * r, 0.5 * scaleB)];
+        }
+    fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({
+        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: 2 * r, lora_dropout: 0,
+        target_modules: ['q_proj', 'v_proj'], bias: 'none', fan_in_fan_out: false,
+        base_model_name_or_path: 'model',
+    }));
+    fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), safetensors(t));
+    return dir;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The daemon */
+
+class Daemon {
+    constructor(extra = [], { adapters } = {}) {
+        this.adapters = adapters || fs.mkdtempSync(path.join(TMP, 'adapters-'));
+        this.log = '';
+        this.proc = spawn(ADAPTERD, ['--model', MODEL, '--adapters', this.adapters,
+                                     '--listen', '127.0.0.1:0', '--set', 'kv_cache_mb=64',
+                                     ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+        const onData = (d) => { this.log += d.toString(); };
+        this.proc.stdout.on('data', onData);
+        this.proc.stderr.on('data', onData);
+        this.exited = new Promise((res) => this.proc.on('exit', (code, sig) => res({ code, sig })));
+    }
+
+    async ready() {
+        for (let i = 0; i < 600; i++) {
+            const m = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(this.log);
+            if (m) {
+                this.base = `http://127.0.0.1:${m[1]}`;
+                return this;
+            }
+            if (this.proc.exitCode !== null)
+                throw new Error(`adapterd exited at startup:\n${this.log}`);
+            await sleep(50);
+        }
+        throw new Error(`adapterd did not start:\n${this.log}`);
+    }
+
+    async stop() {
+        if (this.proc.exitCode === null && this.proc.signalCode === null)
+            this.proc.kill('SIGTERM');
+        const r = await this.exited;
+        if (r.code !== 0)
+            throw new Error(`adapterd exited with ${r.code ?? r.sig}:\n${this.log.slice(-3000)}`);
+        if (/AddressSanitizer|runtime error:|LeakSanitizer/.test(this.log))
+            throw new Error(`sanitizer report:\n${this.log.slice(-6000)}`);
+    }
+
+    async api(method, url, body, headers = {}) {
+        const init = { method, headers: { ...headers } };
+        if (body !== undefined) {
+            init.body = typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
+            init.headers['Content-Type'] ??= 'application/json';
+        }
+        const r = await fetch(this.base + url, init);
+        const text = await r.text();
+        let json = null;
+        try { json = JSON.parse(text); } catch { /* not JSON */ }
+        return { status: r.status, json, text, headers: r.headers };
+    }
+
+    client(key = 'none') {
+        return new OpenAI({ baseURL: `${this.base}/v1`, apiKey: key, maxRetries: 0 });
+    }
+
+    /* curl -X PUT -F config=@... -F weights=@... (asynchronous: requests go on meanwhile) */
+    upload(name, dir, { key, parts } = {}) {
+        const argv = ['-s', '-o', '-', '-w', '\n%{http_code}', '-X', 'PUT'];
+        for (const p of parts || [`config=@${dir}/adapter_config.json`,
+                                  `weights=@${dir}/adapter_model.safetensors`])
+            argv.push('-F', p);
+        if (key)
+            argv.push('-H', `Authorization: Bearer ${key}`);
+        argv.push(`${this.base}/v1/adapters/${name}`);
+        return new Promise((res, rej) => execFile('curl', argv, (err, out) => {
+            if (err)
+                return rej(err);
+            const i = out.lastIndexOf('\n');
+            const text = out.slice(0, i);
+            let json = null;
+            try { json = JSON.parse(text); } catch { /* empty body */ }
+            res({ status: Number(out.slice(i + 1)), json, text });
+        }));
+    }
+
+    async metric(name) {
+        const r = await this.api('GET', '/metrics');
+        const m = new RegExp(`^${name.replace(/[{}"]/g, (c) => '\\' + c)} (\\S+)$`, 'm').exec(r.text);
+        return m ? Number(m[1]) : undefined;
+    }
+}
+
+/* An error response: the status, and the body {"error": {"message", "type", "code"}}. */
+function assertError(r, status, pattern) {
+    assert.equal(r.status, status, `expected ${status}, got ${r.status}: ${r.text}`);
+    assert.ok(r.json && r.json.error, `no error object: ${r.text}`);
+    const e = r.json.error;
+    assert.equal(typeof e.message, 'string');
+    assert.equal(typeof e.type, 'string');
+    assert.ok('code' in e, 'error has no code');
+    if (pattern)
+        assert.match(e.message, pattern);
+}
+
+/* Reads an SSE stream of a fetch Response; calls onEvent(json) for each data line. */
+async function readSSE(resp, onEvent) {
+    const reader = resp.body.getReader();
+    const dec = new TextDecoder();
+    let buf = '', done = false;
+    while (!done) {
+        const { value, done: end } = await reader.read();
+        if (end)
+            break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf('\n\n')) >= 0) {
+            const ev = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            if (!ev.startsWith('data: '))
+                continue;
+            if (ev === 'data: [DONE]') {
+                done = true;
+                break;
+            }
+            if ((await onEvent(JSON.parse(ev.slice(6)))) === false)
+                return reader;
+        }
+    }
+    return null;
+}
+
+const close = (a, b, tol = 1e-4) => a.length === b.length &&
+    a.every((x, i) => (x === null && b[i] === null) || Math.abs(x - b[i]) <= tol);
+
+/* IA3 on k_proj, v_proj (attention) and down_proj (feed-forward: scales its input). */
+function makeIA3(dir, { seed = 1 } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed), t = {};
+    const vec = (n) => Float32Array.from({ length: n }, () => 1 + rand());
+    for (let l = 0; l < LAYERS; l++) {
+        const p = `base_model.model.model.layers.${l}`;
+        t[`${p}.self_attn.k_proj.ia3_l`] = [[KV_DIM, 1], vec(KV_DIM)];
+        t[`${p}.self_attn.v_proj.ia3_l`] = [[KV_DIM, 1], vec(KV_DIM)];
+        t[`${p}.mlp.down_proj.ia3_l`] = [[1, FF], vec(FF)];
+    }
+    writeAdapter(dir, { peft_type: 'IA3', task_type: 'CAUSAL_LM',
+                        target_modules: ['k_proj', 'v_proj', 'down_proj'],
+                        feedforward_modules: ['down_proj'], fan_in_fan_out: false }, t);
+    return dir;
+}
+
+/* Prompt tuning: virtual token embeddings before the prompt. */
+function makePrompt(dir, { seed = 1, n = 4 } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed);
+    writeAdapter(dir, { peft_type: 'PROMPT_TUNING', task_type: 'CAUSAL_LM', num_virtual_tokens: n,
+                        token_dim: HIDDEN, num_transformer_submodules: 1, num_attention_heads: 8,
+                        num_layers: LAYERS, prompt_tuning_init: 'RANDOM' },
+                 { prompt_embeddings: [[n, HIDDEN], Float32Array.from({ length: n * HIDDEN }, () => rand())] });
+    return dir;
+}
+
+/* Prefix tuning (GQA: the stored prefix is per KV head, token_dim = n_kv * head_dim). */
+function makePrefix(dir, { seed = 1, n = 4 } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed), w = LAYERS * 2 * KV_DIM;
+    writeAdapter(dir, { peft_type: 'PREFIX_TUNING', task_type: 'CAUSAL_LM', num_virtual_tokens: n,
+                        token_dim: KV_DIM, num_transformer_submodules: 1, num_attention_heads: 4,
+                        num_layers: LAYERS, encoder_hidden_size: KV_DIM, prefix_projection: false },
+                 { prompt_embeddings: [[n, w], Float32Array.from({ length: n * w }, () => rand())] });
+    return dir;
+}
+
+/* A bias set (README: BitFit layout): replacement biases for q_proj and down_proj. */
+function makeBitfit(dir, { seed = 1 } = {}) {
+    fs.mkdirSync(dir, { recursive: true });
+    const rand = rng(seed), t = {};
+    for (let l = 0; l < LAYERS; l++) {
+        const p = `base_model.model.model.layers.${l}`;
+        t[`${p}.self_attn.q_proj.bias`] = [[HIDDEN], Float32Array.from({ length: HIDDEN }, () => rand())];
+        t[`${p}.mlp.down_proj.bias`] = [[HIDDEN], Float32Array.from({ length: HIDDEN }, () => rand() * 0.2)];
+    }
+    writeAdapter(dir, { peft_type: 'BITFIT', task_type: 'CAUSAL_LM', inference_mode: true }, t);
+    return dir;
+}
+
+function writeAdapter(dir, config, tensors) {
+    fs.writeFileSync(path.join(dir, 'adapter_config.json'),
+                     JSON.stringify({ base_model_name_or_path: 'model', ...config }));
+    fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), safetensors(tensors));
+}
+
+module.exports = {
+    assert, fs, os, path, spawn, OpenAI, Template, sleep, TMP, MODEL, HIDDEN, KV_DIM, LAYERS, CTX,
+    CHATML, ONLY, makeModel, makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon,
+    assertError, readSSE, close, rng,
+};
