@@ -379,6 +379,30 @@ test('every adapter kind in one batch: each request gets what it gets alone', as
         assert.equal((await d.api('DELETE', `/v1/adapters/${name}`)).status, 204);
 });
 
+test('a full queue: 429 with Retry-After, and the queued requests still complete', async () => {
+    const s = await new Daemon(['--set', 'max_seqs=1', '--set', 'max_queue=1']).ready();
+    try {
+        const body = { model: 'model', prompt: 'Busy', max_tokens: 120, ignore_eos: true };
+        const first = s.api('POST', '/v1/completions', body); // runs
+        await sleep(100);
+        const rs = await Promise.all([first, ...Array.from({ length: 4 },
+                                                           () => s.api('POST', '/v1/completions', body))]);
+        const refused = rs.filter((r) => r.status === 429);
+        assert.ok(refused.length >= 1 && refused.length <= 3, rs.map((r) => r.status).join(' '));
+        for (const r of refused) {
+            assertError(r, 429, /queue is full/);
+            assert.equal(r.json.error.type, 'rate_limit_error');
+            assert.equal(r.headers.get('retry-after'), '1');
+        }
+        for (const r of rs.filter((x) => x.status !== 429)) {
+            assert.equal(r.status, 200, r.text);
+            assert.equal(r.json.usage.completion_tokens, 120);
+        }
+    } finally {
+        await s.stop();
+    }
+});
+
 test('replacing an adapter while requests stream from it', async (d) => {
     const v1 = makeLora(path.join(TMP, 'lora-r1'), { seed: 11 });
     const v2 = makeLora(path.join(TMP, 'lora-r2'), { seed: 12 });
