@@ -409,6 +409,25 @@ int main(int argc, char **argv)
     openblas_set_num_threads((int)(d.cfg.threads > 0 ? d.cfg.threads : ncpu > 0 ? ncpu : 1));
 
     struct ad_err err;
+    /* Listen first: while the model loads, /health answers 503 and the rest 503 too. */
+    int n_fds = sd_listen_fds(1);
+    struct ad_http_config hc = {
+        .host = host, .port = port, .listen_fd = n_fds >= 1 ? SD_LISTEN_FDS_START : -1,
+        .max_body = (size_t)d.cfg.max_body_kb << 10,
+        .max_upload = (size_t)d.cfg.max_upload_mb << 20,
+        .max_connections = (int)d.cfg.max_connections,
+        .max_tokens_default = (int)d.cfg.max_tokens_default,
+        .api_key = api_key, .admin_key = admin_key};
+    if (ad_http_start(&hc, NULL, &d.http, &err) < 0) {
+        log_error("%s", err.msg);
+        goto out;
+    }
+    if (n_fds >= 1)
+        log_info("listening on the socket passed by systemd");
+    else
+        log_info("listening on http://%s%s%s:%d/", strchr(host, ':') ? "[" : "", host,
+                 strchr(host, ':') ? "]" : "", ad_http_port(d.http));
+
     sd_notify(0, "STATUS=loading the model");
     double t0 = ad_now();
     if (ad_model_load(d.cfg.model, &d.model, &err) < 0) {
@@ -454,26 +473,11 @@ int main(int argc, char **argv)
         goto out;
     }
 
-    int n_fds = sd_listen_fds(1);
-    struct ad_http_config hc = {
-        .host = host, .port = port, .listen_fd = n_fds >= 1 ? SD_LISTEN_FDS_START : -1,
-        .max_body = (size_t)d.cfg.max_body_kb << 10,
-        .max_upload = (size_t)d.cfg.max_upload_mb << 20,
-        .max_connections = (int)d.cfg.max_connections,
-        .max_tokens_default = (int)d.cfg.max_tokens_default,
-        .api_key = api_key, .admin_key = admin_key};
     struct ad_http_deps deps = {.model = d.model, .tok = d.tok, .registry = d.registry,
                                 .engine = d.engine};
-    if (ad_http_start(&hc, &deps, &d.http, &err) < 0) {
-        log_error("%s", err.msg);
-        goto out;
-    }
-    if (n_fds >= 1)
-        log_info("listening on the socket passed by systemd");
-    else
-        log_info("listening on http://%s%s%s:%d/ (%d KV blocks of %ld tokens)",
-                 strchr(host, ':') ? "[" : "", host, strchr(host, ':') ? "]" : "",
-                 ad_http_port(d.http), ec.kv_blocks, d.cfg.kv_block_size);
+    ad_http_serve(d.http, &deps);
+    log_info("serving: %d KV blocks of %ld tokens, %ld sequences at most", ec.kv_blocks,
+             d.cfg.kv_block_size, d.cfg.max_seqs);
 
     d.loop = uv_default_loop();
     uv_signal_init(d.loop, &d.sig_term);

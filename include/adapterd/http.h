@@ -33,12 +33,14 @@ struct ad_http_deps {
     struct ad_engine *engine;
 };
 
+/* Listens and answers. deps NULL: loading, every route but /health answers 503 until
+ * ad_http_serve; /health answers 503 {"status": "loading"}, then 200. */
 int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *deps,
                   struct ad_http **ret, struct ad_err *err);
+/* The model is loaded: start serving with deps. Call once, from any thread. */
+void ad_http_serve(struct ad_http *h, const struct ad_http_deps *deps);
 /* Stops accepting; waits up to grace_seconds for requests in flight, then cancels the rest and
  * stops. */
 void ad_http_stop(struct ad_http *h, double grace_seconds);
 /* The port actually bound (for port 0). */
 int ad_http_port(const struct ad_http *h);
-/* Sets whether /health says ready (200) or loading (503). Thread-safe. */
-void ad_http_set_ready(struct ad_http *h, bool ready);

@@ -324,6 +324,10 @@ static int resolve_mix(struct completion *cp, json_t *req, char *msg, size_t msg
         return -EINVAL;
     }
     snprintf(cp->model, sizeof(cp->model), "%s", model ? model : h->deps.model->id);
+    size_t n = strlen(cp->model); /* truncated: not inside a character (the JSON must be UTF-8) */
+    if (model && strlen(model) > n)
+        while (n > 0 && ((unsigned char)model[n] & 0xc0) == 0x80)
+            cp->model[--n] = '\0';
     if (list && !json_is_null(list)) {
         size_t i;
         json_t *e;
@@ -415,7 +419,8 @@ static int prompt_ids(struct completion *cp, json_t *p, bool add_special, struct
 }
 
 /* Chat messages through the model's chat template, recognised by family. */
-int chat_render(const char *tmpl, json_t *messages, char **ret, char *msg, size_t msg_len);
+int chat_render(const char *tmpl, const char *bos, const char *eos, json_t *messages, char **ret,
+                char *msg, size_t msg_len);
 
 static int parse(struct completion *cp, json_t *req, struct ad_request_params *base,
                  json_t **prompts, char *msg, size_t msg_len)
@@ -427,6 +432,32 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
     if (json_object_get(req, "n") && json_integer_value(json_object_get(req, "n")) != 1) {
         snprintf(msg, msg_len, "only n = 1 is supported");
         return -EINVAL;
+    }
+    /* Fields that would change the output if they were honoured: refused rather than ignored,
+     * unless they hold their neutral value. */
+    static const struct {
+        const char *name;
+        double neutral;
+    } unsupported[] = {{"best_of", 1},           {"presence_penalty", 0},
+                       {"frequency_penalty", 0}, {"repetition_penalty", 1},
+                       {"logit_bias", 0},        {"suffix", 0},
+                       {"tools", 0},             {"response_format", 0},
+                       {"guided_json", 0},       {"guided_regex", 0}};
+    for (size_t i = 0; i < sizeof(unsupported) / sizeof(unsupported[0]); i++) {
+        json_t *f = json_object_get(req, unsupported[i].name);
+        bool neutral = !f || json_is_null(f) ||
+                       (json_is_number(f) && json_number_value(f) == unsupported[i].neutral) ||
+                       (json_is_object(f) && json_object_size(f) == 0) ||
+                       (json_is_array(f) && json_array_size(f) == 0) ||
+                       (json_is_string(f) && json_string_length(f) == 0);
+        if (!strcmp(unsupported[i].name, "response_format") && json_is_object(f) &&
+            json_is_string(json_object_get(f, "type")) &&
+            !strcmp(json_string_value(json_object_get(f, "type")), "text"))
+            neutral = true;
+        if (!neutral) {
+            snprintf(msg, msg_len, "'%s' is not supported by this server", unsupported[i].name);
+            return -EINVAL;
+        }
     }
     *base = (struct ad_request_params){.temperature = 1.0f, .top_p = 1.0f, .n_logprobs = -1};
     if ((rc = get_number(req, cp->chat ? "max_completion_tokens" : "max_tokens", 0, 1 << 24,
@@ -521,7 +552,9 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
                      "chat_template): use /v1/completions");
             return -EINVAL;
         }
-        rc = chat_render(tmpl, messages, &text, msg, msg_len);
+        rc = chat_render(tmpl, ad_tokenizer_id_to_token(tok, ad_tokenizer_bos_id(tok), NULL),
+                         ad_tokenizer_id_to_token(tok, ad_tokenizer_eos_id(tok), NULL), messages,
+                         &text, msg, msg_len);
         if (rc < 0)
             return rc;
         *prompts = json_pack("[s]", text);

@@ -18,8 +18,10 @@
 
 enum MHD_Result route_health(struct conn *c)
 {
-    if (!atomic_load(&c->h->ready) || atomic_load(&c->h->stopping))
+    if (!atomic_load(&c->h->ready))
         return http_json(c, 503, json_pack("{s:s}", "status", "loading"));
+    if (atomic_load(&c->h->stopping))
+        return http_json(c, 503, json_pack("{s:s}", "status", "stopping"));
     return http_json(c, 200, json_pack("{s:s}", "status", "ok"));
 }
 
@@ -263,7 +265,6 @@ static enum MHD_Result on_part(void *cls, enum MHD_ValueKind kind, const char *k
     (void)filename;
     (void)content_type;
     (void)transfer_encoding;
-    (void)off;
     if (c->upload_rc < 0)
         return MHD_NO;
     if (!key || (strcmp(key, "config") && strcmp(key, "weights"))) {
@@ -272,7 +273,9 @@ static enum MHD_Result on_part(void *cls, enum MHD_ValueKind kind, const char *k
                                   key ? key : "");
         return MHD_NO;
     }
-    if (strcmp(c->field, key)) { /* a new part: open its file */
+    /* a new part: another name, or the same name again from offset 0 (MHD may first call with
+     * no data at offset 0, so a part has begun once its file holds bytes) */
+    if (strcmp(c->field, key) || (off == 0 && size > 0 && lseek(c->fd, 0, SEEK_CUR) > 0)) {
         char path[4200];
         if (c->fd >= 0) {
             if (fsync(c->fd) < 0)

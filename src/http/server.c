@@ -40,6 +40,28 @@ enum MHD_Result http_json(struct conn *c, unsigned status, json_t *body)
     return ret;
 }
 
+/* Replaces each byte that does not start a complete, valid UTF-8 sequence with '?': messages
+ * quote what the client sent (names, URLs, JSON error context) and may cut a character, and
+ * jansson refuses to build a string that is not UTF-8. */
+static void utf8_scrub(char *s)
+{
+    unsigned char *p = (unsigned char *)s;
+    while (*p) {
+        int n = *p < 0x80 ? 1 : (*p & 0xe0) == 0xc0 ? 2 : (*p & 0xf0) == 0xe0 ? 3
+                : (*p & 0xf8) == 0xf0 ? 4 : 0;
+        uint32_t cp = *p & (0x7fu >> n);
+        int i = 1;
+        while (i < n && (p[i] & 0xc0) == 0x80)
+            cp = cp << 6 | (p[i++] & 0x3fu);
+        uint32_t min = n == 2 ? 0x80 : n == 3 ? 0x800 : 0x10000; /* shorter: overlong */
+        bool ok = n == 1 || (n > 1 && i == n && cp >= min && cp <= 0x10ffff &&
+                             (cp < 0xd800 || cp > 0xdfff));
+        if (!ok)
+            *p = '?';
+        p += ok ? n : 1;
+    }
+}
+
 enum MHD_Result http_error(struct conn *c, unsigned status, const char *fmt, ...)
 {
     char msg[512];
@@ -54,6 +76,7 @@ enum MHD_Result http_error(struct conn *c, unsigned status, const char *fmt, ...
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    utf8_scrub(msg);
     return http_json(c, status,
                      json_pack("{s:{s:s, s:s, s:i}}", "error", "message", msg, "type", type,
                                "code", (int)status));
@@ -233,6 +256,8 @@ static enum MHD_Result dispatch(struct conn *c, const char *url, const char *met
         return http_error(c, 401, "missing or wrong API key (Authorization: Bearer ...)");
     if (denied == 403)
         return http_error(c, 403, "this route needs the admin key");
+    if (!atomic_load(&h->ready) && strcmp(url, "/health"))
+        return http_error(c, 503, "the model is still loading");
     if (c->too_big)
         return http_error(c, 413, "the request body is larger than %zu bytes",
                           c->pp ? h->cfg.max_upload : h->cfg.max_body);
@@ -294,7 +319,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         const char *ct = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Type");
         /* uploads stream to disk, and only from a client holding the admin key */
         if (!strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && ct &&
-            !strncasecmp(ct, "multipart/form-data", 19) && auth_status(c, method, url) == 0) {
+            !strncasecmp(ct, "multipart/form-data", 19) && auth_status(c, method, url) == 0 &&
+            atomic_load(&h->ready)) {
             if (upload_begin(c, &c->upload_err) < 0)
                 c->upload_rc = c->upload_err.code ? c->upload_err.code : -EIO;
         }
@@ -384,7 +410,8 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
     if (!h)
         return ad_err_set(err, -ENOMEM, "out of memory");
     h->cfg = *cfg;
-    h->deps = *deps;
+    if (deps)
+        h->deps = *deps;
     metrics_init(&h->metrics);
     if (cfg->listen_fd < 0) {
         struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
@@ -416,7 +443,7 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
         return ad_err_set(err, -EADDRINUSE, "cannot listen on %s:%d (in use, or not allowed)",
                           cfg->host, cfg->port);
     }
-    atomic_store(&h->ready, true);
+    atomic_store(&h->ready, deps != NULL);
     *ret = h;
     return 0;
 }
@@ -442,7 +469,8 @@ int ad_http_port(const struct ad_http *h)
     return di ? di->port : -1;
 }
 
-void ad_http_set_ready(struct ad_http *h, bool ready)
+void ad_http_serve(struct ad_http *h, const struct ad_http_deps *deps)
 {
-    atomic_store(&h->ready, ready);
+    h->deps = *deps;
+    atomic_store(&h->ready, true); /* publishes deps to the handler threads */
 }

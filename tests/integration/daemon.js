@@ -267,6 +267,30 @@ test('adapters: upload with curl, use, replace, compose, delete', async (d) => {
     assertError(await d.api('POST', '/v1/completions', { model: 'nop', prompt: 'x' }), 404, /nop/);
 });
 
+test('uploads racing deletes of the same name: each answered, the store consistent', async (d) => {
+    const dir = makeLora(path.join(TMP, 'lora-race'), { seed: 31 });
+    const statuses = new Set();
+    for (let i = 0; i < 12; i++) {
+        const [put, del] = await Promise.all([
+            d.upload('race', dir),
+            sleep(i % 4).then(() => d.api('DELETE', '/v1/adapters/race')),
+        ]);
+        assert.ok([200, 201].includes(put.status), `PUT: ${put.status} ${put.text}`);
+        assert.ok([204, 404].includes(del.status), `DELETE: ${del.status} ${del.text}`);
+        statuses.add(`${put.status}/${del.status}`);
+        const g = await d.api('GET', '/v1/adapters/race');
+        const onDisk = fs.existsSync(path.join(d.adapters, 'race', 'adapter_config.json'));
+        assert.equal(g.status === 200, onDisk, `registry says ${g.status}, disk says ${onDisk}`);
+        if (g.status === 200) // usable whenever it is listed
+            assert.equal((await d.api('POST', '/v1/completions', { model: 'race', prompt: 'x',
+                                                                   max_tokens: 1 })).status, 200);
+    }
+    await d.api('DELETE', '/v1/adapters/race');
+    const leftovers = fs.readdirSync(d.adapters).filter((n) => n.startsWith('.'));
+    assert.deepEqual(leftovers, [], 'staging or trash directories left behind');
+    console.log(`    (PUT/DELETE outcomes seen: ${[...statuses].join(', ')})`);
+});
+
 test('adapters: vLLM load_lora_adapter / unload_lora_adapter', async (d) => {
     const dir = makeLora(path.join(TMP, 'lora-vllm'), { seed: 7 });
     let r = await d.api('POST', '/v1/load_lora_adapter', { lora_name: 'vl', lora_path: dir });
@@ -295,6 +319,13 @@ test('errors: malformed, wrong types, unknown, too long, wrong route', async (d)
     assertError(await post({ model: 'model', prompt: [1, 'a'] }), 400);
     assertError(await post({ model: 'model', prompt: [100000] }), 400);
     assertError(await post({ model: 'model' }), 400, /prompt/);
+    // fields that would change the output are refused, not ignored; neutral values pass
+    assertError(await post({ model: 'model', prompt: 'x', presence_penalty: 0.5 }), 400,
+                /presence_penalty/);
+    assertError(await post({ model: 'model', prompt: 'x', logit_bias: { 5: 10 } }), 400, /logit_bias/);
+    assertError(await post({ model: 'model', prompt: 'x', n: 3 }), 400, /n = 1/);
+    assert.equal((await post({ model: 'model', prompt: 'x', max_tokens: 1, presence_penalty: 0,
+                               logit_bias: {}, n: 1, best_of: 1 })).status, 200);
     assertError(await post({ model: 'no-such-adapter', prompt: 'x' }), 404, /no-such-adapter/);
     const long = Array.from({ length: CTX + 10 }, (_, i) => (i % 200) + 10);
     assertError(await post({ model: 'model', prompt: long }), 400, new RegExp(String(CTX)));
@@ -411,10 +442,7 @@ test('replacing an adapter while requests stream from it', async (d) => {
                   temperature: 0, ignore_eos: true };
     const expect1 = (await d.api('POST', '/v1/completions', req)).json.choices[0].text;
     let uploaded = null, text = '', chunks = 0, chunksAfter = 0;
-    const resp = await fetch(`${d.base}/v1/completions`, {
-        method: 'POST', headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ ...req, stream: true }),
-    });
+    const resp = await d.stream(req);
     await readSSE(resp, async (ev) => {
         text += ev.choices[0].text;
         chunks++;
@@ -435,11 +463,8 @@ test('a client that disconnects mid-stream: cancelled, KV blocks freed', async (
     const used0 = await d.metric('adapterd_kv_blocks{state="used"}');
     assert.equal(used0, 0);
     const ac = new AbortController();
-    const resp = await fetch(`${d.base}/v1/completions`, {
-        method: 'POST', headers: { 'Content-Type': 'application/json' }, signal: ac.signal,
-        body: JSON.stringify({ model: 'model', prompt: 'Going away', max_tokens: 400,
-                               ignore_eos: true, stream: true }),
-    });
+    const resp = await d.stream({ model: 'model', prompt: 'Going away', max_tokens: 400,
+                                  ignore_eos: true }, ac.signal);
     let n = 0;
     try {
         await readSSE(resp, () => {
@@ -545,11 +570,8 @@ test('adapters directory: a directory dropped in appears; SIGHUP reloads', async
 
 test('SIGTERM: a request in flight finishes within the grace period, exit 0', async () => {
     const s = await new Daemon(['--set', 'shutdown_grace_s=20']).ready();
-    const resp = await fetch(`${s.base}/v1/completions`, {
-        method: 'POST', headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ model: 'model', prompt: 'Last words', max_tokens: 200,
-                               ignore_eos: true, stream: true }),
-    });
+    const resp = await s.stream({ model: 'model', prompt: 'Last words', max_tokens: 200,
+                                  ignore_eos: true });
     let n = 0, last = null;
     await readSSE(resp, (ev) => {
         if (++n === 2)
@@ -566,11 +588,8 @@ test('SIGTERM: a request in flight finishes within the grace period, exit 0', as
 
 test('SIGTERM: past the grace period the request is cancelled, exit 0', async () => {
     const s = await new Daemon(['--set', 'shutdown_grace_s=0']).ready();
-    const resp = await fetch(`${s.base}/v1/completions`, {
-        method: 'POST', headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ model: 'model', prompt: 'Cut short', max_tokens: 480,
-                               ignore_eos: true, stream: true }),
-    });
+    const resp = await s.stream({ model: 'model', prompt: 'Cut short', max_tokens: 480,
+                                  ignore_eos: true });
     let n = 0, last = null;
     await readSSE(resp, (ev) => {
         if (++n === 2)

@@ -136,9 +136,12 @@ class Daemon {
     async ready() {
         for (let i = 0; i < 600; i++) {
             const m = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(this.log);
-            if (m) {
+            if (m && !this.base)
                 this.base = `http://127.0.0.1:${m[1]}`;
-                return this;
+            if (this.base) { /* listening: ready once /health says so (503 while loading) */
+                const r = await fetch(`${this.base}/health`).catch(() => null);
+                if (r && r.status === 200)
+                    return this;
             }
             if (this.proc.exitCode !== null)
                 throw new Error(`adapterd exited at startup:\n${this.log}`);
@@ -168,6 +171,14 @@ class Daemon {
         let json = null;
         try { json = JSON.parse(text); } catch { /* not JSON */ }
         return { status: r.status, json, text, headers: r.headers };
+    }
+
+    /* POST /v1/completions with "stream": true; the fetch Response, for readSSE. */
+    stream(body, signal) {
+        return fetch(`${this.base}/v1/completions`, {
+            method: 'POST', headers: { 'Content-Type': 'application/json' }, signal,
+            body: JSON.stringify({ ...body, stream: true }),
+        });
     }
 
     client(key = 'none') {

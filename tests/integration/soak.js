@@ -65,10 +65,7 @@ async function main() {
                 }
                 stats.streams++;
                 const ac = new AbortController();
-                const resp = await fetch(`${d.base}/v1/completions`, {
-                    method: 'POST', headers: { 'Content-Type': 'application/json' },
-                    body: JSON.stringify({ ...body, stream: true }), signal: ac.signal,
-                });
+                const resp = await d.stream(body, ac.signal);
                 if (resp.status !== 200)
                     throw new Error(`${resp.status} ${await resp.text()}`);
                 const cut = int(1, 20);
