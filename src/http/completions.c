@@ -319,7 +319,7 @@ static int resolve_mix(struct completion *cp, json_t *req, char *msg, size_t msg
     struct ad_err err;
     int rc;
 
-    if (json_object_get(req, "model") && !model) {
+    if (json_object_get(req, "model") && !json_is_null(json_object_get(req, "model")) && !model) {
         snprintf(msg, msg_len, "'model' must be a string");
         return -EINVAL;
     }
@@ -429,7 +429,8 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
     double v;
     int rc;
 
-    if (json_object_get(req, "n") && json_integer_value(json_object_get(req, "n")) != 1) {
+    json_t *n_field = json_object_get(req, "n");
+    if (n_field && !json_is_null(n_field) && json_number_value(n_field) != 1) {
         snprintf(msg, msg_len, "only n = 1 is supported");
         return -EINVAL;
     }

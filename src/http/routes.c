@@ -371,6 +371,11 @@ enum MHD_Result route_adapter_put(struct conn *c, const char *name)
                           "-, not starting with '.')", name);
     if (c->upload_rc < 0)
         return http_error(c, http_status_of(c->upload_rc), "%s", c->upload_err.msg);
+    /* MHD_NO: the body ended before the closing boundary (a cut upload) */
+    enum MHD_Result complete = MHD_destroy_post_processor(c->pp);
+    c->pp = NULL;
+    if (complete != MHD_YES)
+        return http_error(c, 400, "the multipart body is incomplete (no closing boundary)");
     if (c->fd >= 0) {
         rc = fsync(c->fd) < 0 ? -errno : 0;
         close(c->fd);
@@ -487,8 +492,9 @@ enum MHD_Result route_vllm_load(struct conn *c)
         rc = ad_registry_install(c->h->deps.registry, name, stage, &created, &err);
     else if (stage[0])
         ad_rm_rf(stage);
-    if (rc < 0)
-        return http_error(c, rc == -ENOENT ? 400 : http_status_of(rc), "%s", err.msg);
+    if (rc < 0) /* a path the caller gave that cannot be read is the caller's error */
+        return http_error(c, rc == -ENOENT || rc == -EACCES || rc == -EISDIR || rc == -ENOTDIR
+                                 ? 400 : http_status_of(rc), "%s", err.msg);
     snprintf(c->adapter, sizeof(c->adapter), "%s", name);
     return installed(c, name, false); /* vLLM answers 200 either way */
 }

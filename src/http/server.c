@@ -22,8 +22,14 @@ enum MHD_Result http_json(struct conn *c, unsigned status, json_t *body)
 {
     char *text = json_dumps(body, JSON_COMPACT);
     json_decref(body);
-    if (!text)
-        return MHD_NO;
+    if (!text) { /* out of memory, or a string that is not UTF-8: still answer */
+        static const char oops[] = "{\"error\":{\"message\":\"internal error: cannot encode the "
+                                   "response\",\"type\":\"server_error\",\"code\":500}}";
+        text = strdup(oops);
+        status = 500;
+        if (!text)
+            return MHD_NO;
+    }
     size_t n = strlen(text);
     struct MHD_Response *r = MHD_create_response_from_buffer(n, text, MHD_RESPMEM_MUST_FREE);
     if (!r) {

@@ -252,6 +252,15 @@ test('adapters: upload with curl, use, replace, compose, delete', async (d) => {
     r = await d.upload('.hidden', v1);
     assertError(r, 400, /not a valid adapter name/);
     assertError(await d.api('PUT', '/v1/adapters/fox', { x: 1 }), 415);
+    // a body cut before its closing boundary: refused, even though both parts began
+    const cfg = fs.readFileSync(path.join(v1, 'adapter_config.json'));
+    const cut = Buffer.concat([Buffer.from('--XyZ\r\nContent-Disposition: form-data; name="config"; ' +
+                                           'filename="adapter_config.json"\r\n\r\n'), cfg,
+                               Buffer.from('\r\n--XyZ\r\nContent-Disposition: form-data; ' +
+                                           'name="weights"; filename="w.safetensors"\r\n\r\n'),
+                               w.subarray(0, 1000)]);
+    assertError(await d.api('PUT', '/v1/adapters/fox', cut,
+                            { 'Content-Type': 'multipart/form-data; boundary=XyZ' }), 400, /incomplete/);
     r = await d.upload('brandnew', bad);
     assertError(r, 400);
     assertError(await d.api('GET', '/v1/adapters/brandnew'), 404);
