@@ -396,19 +396,14 @@ static int merge_site(struct plan *p, int i, struct ad_err *err)
         float wk = mix->w[k];
         if (!d)
             continue;
-        if (d->w_new) { /* [n_out, n_in] whatever the base layout */
+        if (d->w_new) { /* [n_out, n_in] whatever the base layout; nothing else on the site */
             for (int o = 0; o < s->n_out; o++)
                 for (int j = 0; j < s->n_in; j++)
                     w[at(s, o, j)] = d->w_new[(size_t)o * s->n_in + j];
             w_changed = true;
-            if (d->b_new) {
-                memcpy(b, d->b_new, (size_t)s->n_out * sizeof(float));
-                has_b = b_changed = true;
-            }
         }
-        if (d->bias_add) {
-            for (int o = 0; o < s->n_out; o++)
-                b[o] += d->bias_add[o];
+        if (d->b_new) { /* a replacement, not a delta; DoRA leaves it unscaled */
+            memcpy(b, d->b_new, (size_t)s->n_out * sizeof(float));
             has_b = b_changed = true;
         }
         if (d->lora_a) {

@@ -26,10 +26,13 @@ enum ad_adapter_kind {
 };
 
 /* What one adapter does to one site (linear map) of the model. Any combination of fields may
- * be set: a LoRA file with bias="all" carries LoRA factors and replacement biases. */
+ * be set, except that a replaced module (w_new) carries nothing else but its bias: PEFT never
+ * adapts a module listed in modules_to_save. A LoRA file with bias="all" carries LoRA factors
+ * and replacement biases. */
 struct ad_site_delta {
     const struct ad_site *site;
-    /* LoRA: y += scale * B (A x) (+ scale * b_B); DoRA: y = k (y - b + scale B A x) + b */
+    /* LoRA: y += scale * B (A x) (+ scale * b_B); DoRA: y = k (W x + scale B A x) + b, b the
+     * bias in effect (b_new, else the base's) */
     int rank;
     float scale;
     float *lora_a;    /* [rank, n_in] */
@@ -39,10 +42,10 @@ struct ad_site_delta {
     /* IA3: y *= l_out (bias included), or y = W (l_in x) + b */
     float *ia3_out; /* [n_out] or NULL */
     float *ia3_in;  /* [n_in] or NULL */
-    /* Bias sets and bias="all": y += bias_add (= new bias - base bias) */
-    float *bias_add; /* [n_out] or NULL */
-    /* modules_to_save: the whole linear replaced: y = x W'^T + b' */
+    /* modules_to_save: the whole linear replaced: y = x w_new^T + b, b = b_new or the base's */
     float *w_new; /* [n_out, n_in] or NULL */
+    /* Bias sets, bias="all", modules_to_save: the module's bias replaced by b_new, as the file
+     * stores it (a module without a base bias gets one) */
     float *b_new; /* [n_out] or NULL */
 };
 

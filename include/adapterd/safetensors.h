@@ -82,7 +82,9 @@ struct ad_st_entry {
 };
 
 /* Writes a safetensors file to path (created or truncated, then fsync'd). metadata is a NULL-
- * terminated list of key, value strings, or NULL. Returns 0 or -errno. Not atomic: callers that
- * need atomicity write to a temporary name and rename. */
+ * terminated list of key, value strings, or NULL. Returns 0, -EINVAL (a name given twice or
+ * "__metadata__", a name that is not UTF-8, a bad dtype, rank or dimension; nothing is written),
+ * -ENOMEM or the -errno of the write. Not atomic: callers that need atomicity write to a
+ * temporary name and rename. */
 int ad_st_write(const char *path, const struct ad_st_entry *entries, size_t n,
                 const char *const *metadata, struct ad_err *err);

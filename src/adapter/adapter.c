@@ -53,7 +53,7 @@ static bool is_pure_lora(const struct ad_adapter *a)
         return false;
     for (int i = 0; i < a->model->n_sites; i++) {
         const struct ad_site_delta *d = a->by_site[i];
-        if (d && (d->dora_k || d->w_new || d->bias_add))
+        if (d && (d->dora_k || d->w_new || d->b_new))
             return false;
     }
     return true;
@@ -124,17 +124,53 @@ bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x
     return true;
 }
 
-/* y = x W'^T + b' for a replaced module. */
+/* The bias in effect at a site for this adapter: the replacement, else the base's (or NULL). */
+static const float *bias_of(const struct ad_site_delta *d)
+{
+    return d->b_new ? d->b_new : d->site->b;
+}
+
+/* y = x w_new^T + b for a replaced module. */
 static void replaced(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
                      int n)
 {
     const struct ad_site *s = d->site;
-    const float *b = d->b_new ? d->b_new : s->b;
+    const float *b = bias_of(d);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
                 d->w_new, s->n_in, 0.0f, y, ldy);
     for (int i = 0; b && i < n; i++)
         for (int j = 0; j < s->n_out; j++)
             y[(size_t)i * ldy + j] += b[j];
+}
+
+/* y += b_new - b: the base's bias swapped for the replacement. */
+static void swap_bias(const struct ad_site_delta *d, float *y, int ldy, int n)
+{
+    const struct ad_site *s = d->site;
+    for (int i = 0; i < n; i++) {
+        float *row = y + (size_t)i * ldy;
+        for (int j = 0; j < s->n_out; j++)
+            row[j] += d->b_new[j] - (s->b ? s->b[j] : 0.0f);
+    }
+}
+
+/* DoRA, on y = W x + b_base: y = k (W x + scale B A x) + b, b the bias in effect. PEFT
+ * (lora/dora.py, DoraLinearLayer.forward) subtracts base_layer.bias, which under bias="all" is
+ * the replacement, and adds it back unscaled; here the base's bias is what y holds. */
+static void dora(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
+                 int ldy, int n, float *tmp, size_t tmp_len)
+{
+    const struct ad_site *s = d->site;
+    const float *b = bias_of(d);
+    for (int i = 0; s->b && i < n; i++)
+        for (int j = 0; j < s->n_out; j++)
+            y[(size_t)i * ldy + j] -= s->b[j];
+    ad_lora_apply(d, weight, x, ldx, y, ldy, n, tmp, tmp_len);
+    for (int i = 0; i < n; i++) {
+        float *row = y + (size_t)i * ldy;
+        for (int j = 0; j < s->n_out; j++)
+            row[j] = row[j] * d->dora_k[j] + (b ? b[j] : 0.0f);
+    }
 }
 
 /* y += ((l - 1) * x) W^T: IA3 input scaling when x is shared with other sites. */
@@ -166,24 +202,12 @@ void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const f
             continue;
         if (d->w_new)
             replaced(d, x, ldx, y, ldy, n);
-        for (int i = 0; d->bias_add && i < n; i++)
-            for (int j = 0; j < s->n_out; j++)
-                y[(size_t)i * ldy + j] += d->bias_add[j];
-        if (d->dora_k) {
-            /* y = k (W x + s B A x) + b, with b the bias in effect */
-            for (int i = 0; i < n; i++)
-                for (int j = 0; j < s->n_out; j++)
-                    y[(size_t)i * ldy + j] -= (s->b ? s->b[j] : 0) +
-                                              (d->bias_add ? d->bias_add[j] : 0);
+        else if (d->dora_k)
+            dora(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+        else if (d->b_new)
+            swap_bias(d, y, ldy, n);
+        if (d->lora_a && !d->dora_k)
             ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
-            for (int i = 0; i < n; i++)
-                for (int j = 0; j < s->n_out; j++)
-                    y[(size_t)i * ldy + j] = y[(size_t)i * ldy + j] * d->dora_k[j] +
-                                             (s->b ? s->b[j] : 0) +
-                                             (d->bias_add ? d->bias_add[j] : 0);
-        } else if (d->lora_a) {
-            ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
-        }
         if (d->ia3_in && !x_scaled)
             ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
         for (int i = 0; d->ia3_out && i < n; i++)

@@ -202,6 +202,37 @@ int ad_lora_load(struct load_ctx *c)
     return 0;
 }
 
+/* Rows below this many go through lora_row; from it on, two sgemm calls per block of rows.
+ * For one row, sgemm pays its setup per call (and 210 sites x 2 calls per decode step), and
+ * OpenBLAS's sgemv runs a rank-16 A (16 x 576 = 9216 elements, its threshold) on two threads,
+ * which costs more in wake-ups than the product itself. */
+#define GEMM_MIN_ROWS 4
+
+/* Sum of a[i] * b[i], eight independent partial sums: the compiler vectorises it without
+ * reassociating a single sum. */
+static float dot(const float *a, const float *b, int n)
+{
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++)
+            acc[k] += a[i + k] * b[i + k];
+    for (; i < n; i++)
+        acc[0] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* One row: t = scale * A x, then y += B t. t holds rank floats. */
+static void lora_row(const struct ad_site_delta *d, float scale, const float *x, float *y,
+                     float *t)
+{
+    const struct ad_site *s = d->site;
+    for (int r = 0; r < d->rank; r++)
+        t[r] = scale * dot(d->lora_a + (size_t)r * s->n_in, x, s->n_in);
+    for (int o = 0; o < s->n_out; o++)
+        y[o] += dot(d->lora_b + (size_t)o * d->rank, t, d->rank);
+}
+
 void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
                    int ldy, int n, float *tmp, size_t tmp_len)
 {
@@ -215,11 +246,16 @@ void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, 
         int nb = n - r0 < block ? n - r0 : block;
         const float *xb = x + (size_t)r0 * ldx;
         float *yb = y + (size_t)r0 * ldy;
-        /* tmp = x A^T: [nb, rank]; y += scale * tmp B^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, d->rank, s->n_in, 1.0f, xb, ldx,
-                    d->lora_a, s->n_in, 0.0f, tmp, d->rank);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, d->rank, scale, tmp,
-                    d->rank, d->lora_b, d->rank, 1.0f, yb, ldy);
+        if (nb < GEMM_MIN_ROWS) {
+            for (int i = 0; i < nb; i++)
+                lora_row(d, scale, xb + (size_t)i * ldx, yb + (size_t)i * ldy, tmp);
+        } else {
+            /* tmp = x A^T: [nb, rank]; y += scale * tmp B^T */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, d->rank, s->n_in, 1.0f, xb,
+                        ldx, d->lora_a, s->n_in, 0.0f, tmp, d->rank);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, d->rank, scale,
+                        tmp, d->rank, d->lora_b, d->rank, 1.0f, yb, ldy);
+        }
         if (d->lora_bias)
             for (int i = 0; i < nb; i++)
                 for (int j = 0; j < s->n_out; j++)

@@ -30,10 +30,11 @@ const struct ad_tensor *ctx_take(struct load_ctx *c, const char *key)
     return t;
 }
 
-float *ctx_alloc(struct load_ctx *c, size_t n)
+/* n floats owned by the adapter, zeroed or not (a tensor about to be converted into it). */
+static float *own_floats(struct load_ctx *c, size_t n, bool zero)
 {
     struct ad_adapter *a = c->a;
-    float *p = calloc(n ? n : 1, sizeof(float));
+    float *p = zero ? calloc(n ? n : 1, sizeof(float)) : malloc((n ? n : 1) * sizeof(float));
     void **o = p ? realloc(a->owned, sizeof(*o) * (size_t)(a->n_owned + 1)) : NULL;
     if (!o) {
         free(p);
@@ -43,6 +44,11 @@ float *ctx_alloc(struct load_ctx *c, size_t n)
     a->owned[a->n_owned++] = p;
     a->bytes += n * sizeof(float);
     return p;
+}
+
+float *ctx_alloc(struct load_ctx *c, size_t n)
+{
+    return own_floats(c, n, true);
 }
 
 int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret)
@@ -70,7 +76,7 @@ int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d
     if (!ad_dtype_is_float(t->dtype))
         return ad_err_set(c->err, -EINVAL, "tensor '%s': dtype %s is not supported (F32, F16, "
                           "BF16)", t->name, ad_dtype_name(t->dtype));
-    float *p = ctx_alloc(c, (size_t)t->n_elems);
+    float *p = own_floats(c, (size_t)t->n_elems, false);
     if (!p)
         return ad_err_set(c->err, -ENOMEM, "out of memory");
     ad_tensor_to_f32(t, p);
@@ -121,18 +127,16 @@ int ctx_replacement(struct load_ctx *c, const struct ad_tensor *t)
         struct ad_site_delta *d = ctx_delta(c, s);
         int r;
         c->used[t - ad_st_tensor(c->st, 0)] = true;
-        if (is_bias) {
-            r = ctx_f32(c, t, s->n_out, 0, &d->bias_add);
-            if (r < 0)
-                return r;
-            for (int i = 0; s->b && i < s->n_out; i++) /* a replacement, kept as a delta */
-                d->bias_add[i] -= s->b[i];
-            return 1;
-        }
-        if (s->w_in_out) /* stored as the base stores it: [in, out] */
-            return ad_err_set(c->err, -ENOTSUP, "tensor '%s': replacing a Conv1D weight "
-                              "(modules_to_save) is not supported", t->name);
-        r = ctx_f32(c, t, s->n_out, s->n_in, &d->w_new);
+        if (is_bias ? d->b_new != NULL : d->w_new != NULL) /* ".bias" and ".base_layer.bias" */
+            return ad_err_set(c->err, -EINVAL, "tensor '%s': module '%s' has a replacement %s "
+                              "twice", t->name, module, is_bias ? "bias" : "weight");
+        if (is_bias)
+            r = ctx_f32(c, t, s->n_out, 0, &d->b_new);
+        else if (s->w_in_out) /* stored as the base stores it: [in, out] */
+            r = ad_err_set(c->err, -ENOTSUP, "tensor '%s': replacing a Conv1D weight "
+                           "(modules_to_save) is not supported", t->name);
+        else
+            r = ctx_f32(c, t, s->n_out, s->n_in, &d->w_new);
         return r < 0 ? r : 1;
     }
 
@@ -171,6 +175,20 @@ int ctx_check_all_used(struct load_ctx *c)
         if (!c->used[i])
             return ad_err_set(c->err, -EINVAL, "tensor '%s' matches nothing in the model or this "
                               "adapter kind", ad_st_tensor(c->st, i)->name);
+    return 0;
+}
+
+/* A module replaced by modules_to_save is not adapted as well (PEFT never targets it; rule 2 of
+ * PEFT-FORMATS 1.4): its deltas would be defined against the base weight it no longer has. */
+static int check_replaced(struct load_ctx *c)
+{
+    for (int i = 0; i < c->m->n_sites; i++) {
+        const struct ad_site_delta *d = c->a->by_site[i];
+        if (d && d->w_new && (d->lora_a || d->ia3_in || d->ia3_out))
+            return ad_err_set(c->err, -EINVAL, "module '%s' is both saved whole "
+                              "(modules_to_save) and adapted (%s)", d->site->path,
+                              d->lora_a ? "LoRA" : "IA3");
+    }
     return 0;
 }
 
@@ -298,6 +316,8 @@ int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const
     }
     if (r >= 0)
         r = ctx_check_all_used(&c);
+    if (r >= 0)
+        r = check_replaced(&c);
     if (r >= 0 && c.a->n_deltas == 0 && !c.a->norms && !c.a->n_virtual && !c.a->n_prefix &&
         !c.a->bn_attn && !c.a->bn_mlp)
         r = ad_err_set(err, -EINVAL, "the adapter matches no part of the model");

@@ -157,10 +157,20 @@ static int parse_llama(json_t *root, struct ad_model_config *cfg, struct ad_err 
     else
         return ad_err_set(err, -ENOTSUP, "config.json: hidden_act '%.40s' is not supported", act);
 
+    /* Biases as each transformers class builds its modules: Llama reads attention_bias (q, k,
+     * v, o) and mlp_bias (gate, up, down); Qwen2 always has q, k, v biases and never o or MLP
+     * ones; Mistral has none; the flags are ignored by the classes that do not read them. */
     bool qwen2 = !strcmp(cfg->model_type, "qwen2");
-    cfg->qkv_bias = get_bool(root, "attention_bias", qwen2);
-    cfg->o_bias = get_bool(root, "attention_bias", false);
-    cfg->mlp_bias = get_bool(root, "mlp_bias", false);
+    bool mistral = !strcmp(cfg->architecture, "MistralForCausalLM");
+    if (qwen2) {
+        cfg->qkv_bias = true;
+        cfg->o_bias = cfg->mlp_bias = false;
+    } else if (mistral) {
+        cfg->qkv_bias = cfg->o_bias = cfg->mlp_bias = false;
+    } else {
+        cfg->qkv_bias = cfg->o_bias = get_bool(root, "attention_bias", false);
+        cfg->mlp_bias = get_bool(root, "mlp_bias", false);
+    }
     cfg->tie_embeddings = get_bool(root, "tie_word_embeddings", false);
 
     /* Mistral always slides when sliding_window is set; Qwen2 only with use_sliding_window. */

@@ -138,17 +138,15 @@ void ad_tensor_to_f32(const struct ad_tensor *t, float *dst)
         memcpy(dst, src, (size_t)n * 4);
         break;
     case AD_DTYPE_F16:
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = ad_f16_to_f32(h);
-        }
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ad_f16_to_f32((uint16_t)(src[2 * i] | src[2 * i + 1] << 8));
         break;
     case AD_DTYPE_BF16:
+        /* Byte loads (any alignment, little-endian file) into the high half of an f32: a
+         * loop the compiler vectorises, about 4x faster than a call per element. */
         for (int64_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = ad_bf16_to_f32(h);
+            uint32_t bits = (uint32_t)src[2 * i] << 16 | (uint32_t)src[2 * i + 1] << 24;
+            memcpy(&dst[i], &bits, 4);
         }
         break;
     default:
@@ -375,23 +373,55 @@ int ad_st_write(const char *path, const struct ad_st_entry *entries, size_t n,
         return ad_err_set(err, -ENOMEM, "out of memory");
     if (metadata && metadata[0]) {
         json_t *meta = json_object();
+        if (json_object_set_new(hdr, "__metadata__", meta) < 0) {
+            r = ad_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
         for (size_t i = 0; metadata[i] && metadata[i + 1]; i += 2)
-            json_object_set_new(meta, metadata[i], json_string(metadata[i + 1]));
-        json_object_set_new(hdr, "__metadata__", meta);
+            if (json_object_set_new(meta, metadata[i], json_string(metadata[i + 1])) < 0) {
+                r = ad_err_set(err, -EINVAL, "%s: metadata '%.60s': not UTF-8, or out of memory",
+                               path, metadata[i]);
+                goto out;
+            }
     }
     for (size_t i = 0; i < n; i++) {
         const struct ad_st_entry *e = &entries[i];
-        json_t *shape = json_array();
         uint64_t elems = 1;
-        for (int d = 0; d < e->n_dims; d++) {
-            json_array_append_new(shape, json_integer(e->shape[d]));
-            elems *= (uint64_t)e->shape[d];
+        /* The header is a JSON object: a second entry of a name would replace the first one's
+         * offsets while its data is still written, and the file would not read back. */
+        bool reserved = !strcmp(e->name, "__metadata__");
+        if (reserved || json_object_get(hdr, e->name)) {
+            r = ad_err_set(err, -EINVAL, "%s: tensor '%.120s' %s", path, e->name,
+                           reserved ? "is a reserved name" : "appears twice");
+            goto out;
+        }
+        if ((unsigned)e->dtype >= AD_DTYPE_COUNT || e->n_dims < 0 ||
+            e->n_dims > AD_TENSOR_MAX_DIMS) {
+            r = ad_err_set(err, -EINVAL, "%s: tensor '%.120s': bad dtype or rank", path, e->name);
+            goto out;
+        }
+        json_t *shape = json_array();
+        for (int d = 0; shape && d < e->n_dims; d++) {
+            if (e->shape[d] < 0 || json_array_append_new(shape, json_integer(e->shape[d])) < 0) {
+                json_decref(shape);
+                shape = NULL;
+            }
+            elems *= (uint64_t)(e->shape[d] < 0 ? 0 : e->shape[d]);
         }
         uint64_t bytes = elems * ad_dtype_size(e->dtype);
-        json_object_set_new(hdr, e->name,
-                            json_pack("{s:s, s:o, s:[I,I]}", "dtype", ad_dtype_name(e->dtype),
+        json_t *v = shape ? json_pack("{s:s, s:o, s:[I,I]}", "dtype", ad_dtype_name(e->dtype),
                                       "shape", shape, "data_offsets", (json_int_t)off,
-                                      (json_int_t)(off + bytes)));
+                                      (json_int_t)(off + bytes))
+                          : NULL;
+        if (!v) {
+            r = ad_err_set(err, shape ? -ENOMEM : -EINVAL, "%s: tensor '%.120s': %s", path,
+                           e->name, shape ? "out of memory" : "negative dimension");
+            goto out;
+        }
+        if (json_object_set_new(hdr, e->name, v) < 0) { /* takes v, even on failure */
+            r = ad_err_set(err, -EINVAL, "%s: tensor name '%.120s' is not UTF-8", path, e->name);
+            goto out;
+        }
         off += bytes;
     }
     text = json_dumps(hdr, JSON_COMPACT | JSON_SORT_KEYS);

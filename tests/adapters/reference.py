@@ -5,7 +5,7 @@ Run with Debian's interpreter (torch and numpy; no transformers, peft, safetenso
 
     /usr/bin/python3 tests/adapters/reference.py OUTDIR
 
-For each base model ("llama", "gpt2") this writes OUTDIR/<base>/:
+For each base model ("llama", "gpt2", "qwen2") this writes OUTDIR/<base>/:
 
   config.json, model.safetensors   the tiny random base (F32), built by
                                    tests/parity/reference.py's llama_build/gpt2_build.
@@ -160,6 +160,12 @@ BASES = {
     "gpt2": dict(
         family="gpt2", dtype="F32", seed=22, prefix="transformer.", std=0.3,
         n_embd=48, n_head=4, n_layer=2, vocab=211, n_pos=64, n_inner=None),
+    # Qwen2: Llama with a bias on q, k and v (never on o_proj): DoRA and bias="all" on biased
+    # modules.
+    "qwen2": dict(
+        family="llama", arch="Qwen2ForCausalLM", model_type="qwen2", dtype="F32", seed=23,
+        hidden=48, n_head=6, n_kv=2, inter=80, vocab=263, n_layer=2, tied=False,
+        eps=1e-6, theta=1000000.0, max_pos=128, qkv_bias=True),
 }
 
 
@@ -800,11 +806,28 @@ ADAPTERS = {
         "pfeiffer": spec(make_bottleneck, preset="seq_bn", reduction_factor=12,
                          non_linearity="relu", up_std=0.1),
     },
+    "qwen2": {
+        "lora_list": spec(make_lora, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8),
+        "lora_all": spec(make_lora, target_modules=LLAMA_PROJ, r=2, lora_alpha=4),
+        # DoRA on biased (q, k, v) and bias-free (o) modules: the bias is not scaled.
+        "dora": spec(make_lora, target_modules=LLAMA_PROJ[:4], r=4, lora_alpha=8, use_dora=True),
+        # bias="all": q and v (targeted) get replacement biases under DoRA, k (not targeted) a
+        # plain replacement: the DoRA output adds the replacement, unscaled.
+        "dora_bias_all": spec(make_lora, target_modules=["q_proj", "v_proj", "o_proj"], r=4,
+                              lora_alpha=8, use_dora=True, bias="all"),
+        "lora_bias_all": spec(make_lora, target_modules=["q_proj", "k_proj"], r=4,
+                              lora_alpha=8, bias="all"),
+        "ia3": spec(make_ia3, target_modules=["k_proj", "v_proj", "down_proj"],
+                    feedforward_modules=["down_proj"]),
+        "bitfit": spec(make_bitfit, modules=[f"model.layers.{i}.{m}" for i in range(2) for m in
+                                             ("self_attn.q_proj", "self_attn.v_proj")]),
+    },
 }
 
 COMPOSITIONS = {
     "llama": {"mix_lora": [("lora_list", 0.7), ("lora_rslora_all", -0.4)]},
     "gpt2": {"mix_lora": [("lora_c_attn", 1.0), ("lora_all", 0.5)]},
+    "qwen2": {"mix_lora": [("lora_list", 0.7), ("lora_all", -0.5)]},
 }
 
 # --------------------------------------------------------------- self-checks

@@ -251,7 +251,8 @@ int main(void)
     CHECK_INT(ad_engine_new(m, &one, &e, &err), ==, 0);
     init_result(&a);
     init_result(&b);
-    struct ad_request_params pa = params(1, NULL, 200);
+    /* long enough that it cannot end before the cancel, however loaded the machine is */
+    struct ad_request_params pa = params(1, NULL, 2000);
     pa.prompt_logprobs = true;
     CHECK_INT(ad_engine_submit(e, &pa, on_event, &a, &r1, &err), ==, 0);
     while (1) { /* let it start */

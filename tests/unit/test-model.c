@@ -69,11 +69,49 @@ static int load(struct ad_err *err)
     return r;
 }
 
+/* Which projections have a bias, per family and flags, as transformers builds them (Llama:
+ * attention_bias on q, k, v, o and mlp_bias; Qwen2: q, k, v always, never o or MLP; Mistral:
+ * none, whatever the flags say). */
+static void test_config_biases(void)
+{
+    static const struct {
+        const char *arch, *flags;
+        bool qkv, o, mlp;
+    } cases[] = {
+        {"LlamaForCausalLM", "", false, false, false},
+        {"LlamaForCausalLM", ",\"attention_bias\":true", true, true, false},
+        {"LlamaForCausalLM", ",\"mlp_bias\":true", false, false, true},
+        {"Qwen2ForCausalLM", "", true, false, false},
+        {"Qwen2ForCausalLM", ",\"attention_bias\":false", true, false, false},
+        {"Qwen2ForCausalLM", ",\"attention_bias\":true,\"mlp_bias\":true", true, false, false},
+        {"MistralForCausalLM", ",\"attention_bias\":true,\"mlp_bias\":true", false, false,
+         false},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char text[512];
+        struct ad_model_config cfg;
+        struct ad_err err;
+        snprintf(text, sizeof(text),
+                 "{\"architectures\":[\"%s\"],\"vocab_size\":11,\"hidden_size\":8,"
+                 "\"num_hidden_layers\":1,\"num_attention_heads\":2,"
+                 "\"intermediate_size\":6%s}", cases[i].arch, cases[i].flags);
+        CHECK_INT(ad_model_config_parse(text, NULL, &cfg, &err), ==, 0);
+        if (cfg.qkv_bias != cases[i].qkv || cfg.o_bias != cases[i].o ||
+            cfg.mlp_bias != cases[i].mlp) {
+            fprintf(stderr, "%s%s: biases q/k/v %d o %d mlp %d, expected %d %d %d\n",
+                    cases[i].arch, cases[i].flags, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias,
+                    cases[i].qkv, cases[i].o, cases[i].mlp);
+            abort();
+        }
+    }
+}
+
 int main(void)
 {
     struct ad_err err;
     struct ad_model *m;
 
+    test_config_biases();
     CHECK(mkdtemp(dir));
     CHECK_INT(load(&err), ==, -ENOENT);
     CHECK_CONTAINS(err.msg, "config.json");

@@ -138,12 +138,45 @@ static void test_half(void)
     }
 }
 
+/* The writer refuses what would not read back: a name twice (the header is a JSON object), the
+ * reserved "__metadata__", a name that is not UTF-8; and creates no file then. */
+static void test_write_refusals(void)
+{
+    float a[2] = {1, 2};
+    char bad_utf8[] = {'a', (char)0xff, '\0'};
+    struct ad_st_entry dup[] = {
+        {"x.weight", AD_DTYPE_F32, 1, {2}, a},
+        {"y.weight", AD_DTYPE_F32, 1, {2}, a},
+        {"x.weight", AD_DTYPE_F32, 1, {1}, a},
+    };
+    struct ad_st_entry reserved[] = {{"__metadata__", AD_DTYPE_F32, 1, {2}, a}};
+    struct ad_st_entry not_utf8[] = {{bad_utf8, AD_DTYPE_F32, 1, {2}, a}};
+    struct ad_st_entry negative[] = {{"z", AD_DTYPE_F32, 1, {-2}, a}};
+    char path[256];
+    struct ad_err err;
+
+    snprintf(path, sizeof(path), "%s/refused.safetensors", dir);
+    CHECK_INT(ad_st_write(path, dup, 3, NULL, &err), ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "'x.weight' appears twice");
+    CHECK_INT(access(path, F_OK), ==, -1);
+    CHECK_INT(ad_st_write(path, reserved, 1, NULL, &err), ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "reserved");
+    CHECK_INT(ad_st_write(path, not_utf8, 1, NULL, &err), ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "UTF-8");
+    CHECK_INT(ad_st_write(path, negative, 1, NULL, &err), ==, -EINVAL);
+    CHECK_INT(access(path, F_OK), ==, -1);
+    /* the first two alone are fine */
+    CHECK_INT(ad_st_write(path, dup, 2, NULL, &err), ==, 0);
+    unlink(path);
+}
+
 int main(void)
 {
     CHECK(mkdtemp(dir));
     test_round_trip();
     test_malformed();
     test_half();
+    test_write_refusals();
     rmdir(dir);
     printf("safetensors: ok\n");
     return 0;

@@ -1,0 +1,181 @@
+/* Adapter loading rules that the PyTorch reference suite (tests/adapters) cannot show: how
+ * replacement biases are represented and applied, the LoRA row kernel against the sgemm path,
+ * and the combinations PEFT never writes (a module saved whole and also adapted). */
+#include <errno.h>
+#include <sys/stat.h>
+
+#include "../check.h"
+#include "../tiny.h"
+#include "adapterd/adapter.h"
+#include "adapterd/model.h"
+#include "adapterd/safetensors.h"
+#include "adapterd/util.h"
+
+static char model_dir[64];
+static struct ad_model *model;
+
+struct tensor {
+    const char *name;
+    int64_t d0, d1; /* d1 = 0: a vector */
+    float value;    /* every element; < 0 for a ramp 0.01 * i */
+};
+
+/* Writes an adapter directory under the model's and loads it. Returns the load's result. */
+static int load(const char *name, const char *config, const struct tensor *t, size_t n,
+                struct ad_adapter **ret, struct ad_err *err)
+{
+    static float data[8][24 * 24];
+    struct ad_st_entry e[8];
+    char dir[256], path[320];
+
+    CHECK(n <= 8);
+    snprintf(dir, sizeof(dir), "%s/%s", model_dir, name);
+    CHECK(mkdir(dir, 0755) == 0 || errno == EEXIST);
+    for (size_t i = 0; i < n; i++) {
+        CHECK(t[i].d0 * (t[i].d1 ? t[i].d1 : 1) <= 24 * 24);
+        for (int j = 0; j < 24 * 24; j++)
+            data[i][j] = t[i].value < 0 ? 0.01f * (float)(j % 97) - 0.4f : t[i].value;
+        e[i] = (struct ad_st_entry){
+            t[i].name, AD_DTYPE_F32, t[i].d1 ? 2 : 1, {t[i].d0, t[i].d1}, data[i]};
+    }
+    snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+    CHECK_INT(ad_st_write(path, e, n, NULL, err), ==, 0);
+    snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
+    FILE *f = fopen(path, "w");
+    CHECK(f);
+    fputs(config, f);
+    fclose(f);
+    return ad_adapter_load(model, dir, name, ret, err);
+}
+
+static const struct ad_site_delta *delta(const struct ad_adapter *a, const char *module)
+{
+    const struct ad_site *s = ad_model_find_site(model, module);
+    CHECK(s);
+    return a->by_site[s - model->sites];
+}
+
+/* A replacement bias is kept as the file has it (b_new), and the output gets exactly it. */
+static void test_bias_replacement(void)
+{
+    static const struct tensor t[] = {
+        {"base_model.model.model.layers.0.self_attn.q_proj.bias", 16, 0, 0.25f},
+    };
+    struct ad_adapter *a;
+    struct ad_err err;
+    CHECK_INT(load("bitfit", "{\"peft_type\": \"BITFIT\"}", t, 1, &a, &err), ==, 0);
+    const struct ad_site_delta *d = delta(a, "model.layers.0.self_attn.q_proj");
+    CHECK(d && d->b_new && !d->w_new && !d->lora_a);
+    CHECK_NEAR(d->b_new[3], 0.25, 0);
+
+    struct ad_mix mix = {.n = 1, .a = {a}, .w = {1}};
+    float x[16] = {0}, y[2][16] = {{0}}, tmp[64];
+    ad_mix_site_post(&mix, d->site, x, 16, false, y[0], 16, 2, tmp, 64);
+    for (int j = 0; j < 16; j++) /* no base bias here: y = 0 + b_new */
+        CHECK_NEAR(y[1][j], 0.25, 0);
+    CHECK_INT(ad_mix_validate(&mix, &err), ==, 0);
+    mix.w[0] = 0.5f; /* a replacement does not scale */
+    CHECK_INT(ad_mix_validate(&mix, &err), ==, -EINVAL);
+    ad_adapter_unref(a);
+
+    /* ".bias" and ".base_layer.bias" of one module: two replacements, refused */
+    static const struct tensor twice[] = {
+        {"base_model.model.model.layers.0.self_attn.q_proj.bias", 16, 0, 0.25f},
+        {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias", 16, 0, 0.5f},
+    };
+    CHECK_INT(load("bias-twice", "{\"peft_type\": \"BITFIT\"}", twice, 2, &a, &err), ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "replacement bias twice");
+}
+
+/* PEFT never adapts a module listed in modules_to_save, so a file that both replaces and adapts
+ * one is refused rather than given a meaning (the forward and adapterd-export would disagree on
+ * which weight an IA3 input scaling or a LoRA delta applies to). */
+static void test_replaced_and_adapted(void)
+{
+    static const struct tensor ia3[] = {
+        {"base_model.model.model.layers.0.mlp.down_proj.ia3_l", 1, 24, 1.5f},
+        {"base_model.model.model.layers.0.mlp.down_proj.weight", 16, 24, 0.1f},
+    };
+    static const struct tensor lora[] = {
+        {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", 2, 16, 0.1f},
+        {"base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", 16, 2, 0.1f},
+        {"base_model.model.model.layers.1.self_attn.q_proj.weight", 16, 16, 0.1f},
+    };
+    static const struct tensor ok[] = {
+        {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", 2, 16, 0.1f},
+        {"base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", 16, 2, 0.1f},
+        {"base_model.model.model.layers.1.self_attn.v_proj.weight", 8, 16, 0.1f},
+        {"base_model.model.model.layers.1.self_attn.v_proj.bias", 8, 0, 0.1f},
+    };
+    struct ad_adapter *a;
+    struct ad_err err;
+
+    CHECK_INT(load("ia3-mts",
+                   "{\"peft_type\": \"IA3\", \"target_modules\": [\"down_proj\"], "
+                   "\"feedforward_modules\": [\"down_proj\"]}",
+                   ia3, 2, &a, &err),
+              ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "model.layers.0.mlp.down_proj");
+    CHECK_CONTAINS(err.msg, "modules_to_save");
+    CHECK_CONTAINS(err.msg, "IA3");
+    CHECK_INT(load("lora-mts", "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4}", lora, 3,
+                   &a, &err),
+              ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, "LoRA");
+    /* replaced and adapted modules side by side are fine */
+    CHECK_INT(load("lora-mts-ok", "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4}", ok, 4,
+                   &a, &err),
+              ==, 0);
+    const struct ad_site_delta *d = delta(a, "model.layers.1.self_attn.v_proj");
+    CHECK(d && d->w_new && d->b_new && !d->lora_a);
+    ad_adapter_unref(a);
+}
+
+/* One row (the decode kernel) and the sgemm path for many rows give the same deltas. */
+static void test_lora_rows(void)
+{
+    static const struct tensor t[] = {
+        {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", 8, 24, -1},
+        {"base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", 16, 8, -1},
+    };
+    struct ad_adapter *a;
+    struct ad_err err;
+    CHECK_INT(
+        load("lora-rows", "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a, &err),
+        ==, 0);
+    const struct ad_site_delta *d = delta(a, "model.layers.0.mlp.down_proj");
+    struct ad_mix mix = {.n = 1, .a = {a}, .w = {0.75f}};
+    float x[8][24], one[8][16] = {{0}}, many[8][16] = {{0}}, tmp[256];
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 24; j++)
+            x[i][j] = 0.05f * (float)((i * 7 + j * 3) % 11) - 0.25f;
+    for (int i = 0; i < 8; i++)
+        ad_mix_site_post(&mix, d->site, x[i], 24, false, one[i], 16, 1, tmp, 256);
+    ad_mix_site_post(&mix, d->site, x[0], 24, false, many[0], 16, 8, tmp, 256);
+    for (int i = 0; i < 8; i++)
+        for (int o = 0; o < 16; o++) {
+            double want = 0;
+            for (int r = 0; r < 8; r++) {
+                double ax = 0;
+                for (int j = 0; j < 24; j++)
+                    ax += (double)d->lora_a[r * 24 + j] * x[i][j];
+                want += (double)d->lora_b[o * 8 + r] * ax;
+            }
+            want *= 0.75 * 0.5; /* weight * alpha / r */
+            CHECK_NEAR(one[i][o], want, 1e-5);
+            CHECK_NEAR(many[i][o], want, 1e-5);
+        }
+    ad_adapter_unref(a);
+}
+
+int main(void)
+{
+    model = tiny_model(model_dir);
+    test_bias_replacement();
+    test_replaced_and_adapted();
+    test_lora_rows();
+    ad_model_free(model);
+    CHECK_INT(ad_rm_rf(model_dir), ==, 0);
+    printf("adapter: ok\n");
+    return 0;
+}
