@@ -248,6 +248,7 @@ int main(void)
     struct result a, b;
     struct ad_engine_config one = cfg;
     one.max_queue = 1;
+    one.kv_blocks = 512; /* room for the 2000-token request below */
     CHECK_INT(ad_engine_new(m, &one, &e, &err), ==, 0);
     init_result(&a);
     init_result(&b);
