@@ -463,11 +463,14 @@ int main(int argc, char **argv)
 
     const char *coretype = getenv("OPENBLAS_CORETYPE");
     const char *nthr_env = getenv("OPENBLAS_NUM_THREADS");
+    const char *kern_env = getenv("ADAPTERD_KERNELS");
     printf("== environment\n");
     printf("nproc                 %ld\n", sysconf(_SC_NPROCESSORS_ONLN));
     printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
     printf("OPENBLAS_NUM_THREADS  %s\n", nthr_env ? nthr_env : "(unset)");
-    printf("openblas threads      %d\n", openblas_get_num_threads());
+    printf("ADAPTERD_KERNELS      %s\n", kern_env ? kern_env : "(unset: the best the CPU runs)");
+    printf("openblas threads      %d (also the forward pass's own threads)\n",
+           openblas_get_num_threads());
     printf("openblas core         %s\n", openblas_get_corename());
     printf("openblas config       %s\n", openblas_get_config());
     ad_print_loadavg("(start) ");

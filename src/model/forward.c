@@ -3,7 +3,13 @@
  *
  * Row layout: the batch's T rows are the chunks' tokens, chunk after chunk. The q, k and v of a
  * row sit side by side in one buffer ([q | k | v], row stride ld_qkv), which is also what GPT-2's
- * fused c_attn produces, so both families share the attention code. */
+ * fused c_attn produces, so both families share the attention code.
+ *
+ * Threads: a pass with few rows (decode) runs its linears and its decode attention on this
+ * thread plus the scratch's helper threads (pool.c), as many in all as OpenBLAS is allowed to
+ * use; a pass with many rows (prefill, big batches) calls OpenBLAS's sgemm instead. A batch-1
+ * decode step makes no BLAS call at all. */
+#include <assert.h>
 #include <cblas.h>
 #include <errno.h>
 #include <math.h>
@@ -28,7 +34,7 @@ enum {
     BUF_FB,  /* [T, F] */
     BUF_COS, /* [T, hd / 2] */
     BUF_SIN, /* [T, hd / 2] */
-    BUF_KG,  /* [ctx, KVd] gathered keys of one sequence */
+    BUF_KG,  /* [ctx, KVd] gathered keys of one sequence (prefill chunks) */
     BUF_VG,  /* [ctx, KVd] */
     BUF_S,   /* [chunk, ctx] attention scores */
     BUF_XO,  /* [n_logits, E] rows that produce logits */
@@ -40,7 +46,12 @@ enum {
 struct group {
     int r0, n;
     const struct ad_mix *mix;
-    bool x_scaled; /* set by site_groups for the site in progress */
+    bool x_scaled; /* set by sites_groups for the site in progress */
+};
+
+/* A chunk of one token (a decode step) and its row. */
+struct dec_chunk {
+    int chunk, row;
 };
 
 struct ad_scratch {
@@ -51,6 +62,13 @@ struct ad_scratch {
     struct group *groups;
     size_t groups_cap;
     int n_groups;
+    struct dec_chunk *dec; /* [n_chunks] the batch's one-token chunks */
+    size_t dec_cap;
+    int n_dec;
+
+    const struct ad_kernels *k;
+    struct ad_pool *pool; /* NULL: one thread */
+    bool pool_tried;      /* the pool is started by the first pass */
 };
 
 struct ad_scratch *ad_scratch_new(void)
@@ -66,6 +84,8 @@ void ad_scratch_free(struct ad_scratch *s)
         free(s->buf[i]);
     free(s->pos);
     free(s->groups);
+    free(s->dec);
+    ad_pool_free(s->pool);
     free(s);
 }
 
@@ -87,29 +107,87 @@ static int reserve(float **p, size_t *cap, size_t n, size_t elem)
 /* ==========================================================================================
  * Kernels */
 
-/* y[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W^T + b, one BLAS call. */
-static void linear(const struct ad_site *s, const float *x, int ldx, int n, float *y, int ldy)
+/* Passes of at most this many rows compute their linears with the own matrix-vector kernel on
+ * the pool's threads; more rows go to OpenBLAS's sgemm, which packs and blocks for reuse. */
+#define AD_MATVEC_MAX_ROWS 4
+
+/* A few sites that read the same rows of x (q, k, v; or gate, up), as one job for the pool: the
+ * items are blocks of output rows of the sites one after the other. */
+struct matvec_job {
+    const struct ad_kernels *k;
+    const float *x;
+    int ldx, n_x, ldy, n_parts;
+    struct {
+        const struct ad_site *site;
+        float *y;
+        int first_item, rows; /* its items start at first_item, each is rows output rows */
+    } part[3];
+};
+
+static void matvec_item(void *ctx, int item, int thread)
 {
-    if (n == 1) {
-        if (s->w_in_out)
-            cblas_sgemv(CblasRowMajor, CblasTrans, s->n_in, s->n_out, 1.0f, s->w, s->n_out, x, 1,
-                        0.0f, y, 1);
-        else
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, s->n_out, s->n_in, 1.0f, s->w, s->n_in, x,
-                        1, 0.0f, y, 1);
-    } else if (s->w_in_out) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
-                    s->w, s->n_out, 0.0f, y, ldy);
-    } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
-                    s->w, s->n_in, 0.0f, y, ldy);
-    }
-    if (s->b)
-        for (int i = 0; i < n; i++) {
-            float *row = y + (size_t)i * (size_t)ldy;
-            for (int j = 0; j < s->n_out; j++)
-                row[j] += s->b[j];
+    const struct matvec_job *j = ctx;
+    int p = 0;
+    while (p + 1 < j->n_parts && item >= j->part[p + 1].first_item)
+        p++;
+    const struct ad_site *site = j->part[p].site;
+    int j0 = (item - j->part[p].first_item) * j->part[p].rows;
+    int j1 = j0 + j->part[p].rows < site->n_out ? j0 + j->part[p].rows : site->n_out;
+    j->k->matvec(site->w, site->n_in, j->x, j->ldx, j->n_x, j->part[p].y, j->ldy, j0, j1);
+    (void)thread;
+}
+
+/* y[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W^T, one BLAS call. */
+static void blas_linear(const struct ad_site *st, const float *x, int ldx, int n, float *y,
+                        int ldy)
+{
+    if (st->w_in_out && n == 1)
+        cblas_sgemv(CblasRowMajor, CblasTrans, st->n_in, st->n_out, 1.0f, st->w, st->n_out, x, 1,
+                    0.0f, y, 1);
+    else if (st->w_in_out)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, st->n_out, st->n_in, 1.0f, x,
+                    ldx, st->w, st->n_out, 0.0f, y, ldy);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, st->n_out, st->n_in, 1.0f, x, ldx,
+                    st->w, st->n_in, 0.0f, y, ldy);
+}
+
+/* y_i[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W_i^T + b_i for n_sites (<= 3)
+ * sites: one pool job for all when n is small, else one BLAS call each. */
+static void linear(struct ad_scratch *s, const struct ad_site *const *sites, int n_sites,
+                   const float *x, int ldx, int n, float *const *ys, int ldy)
+{
+    bool own = n <= AD_MATVEC_MAX_ROWS;
+    for (int i = 0; i < n_sites; i++)
+        own = own && !sites[i]->w_in_out; /* GPT-2's Conv1D layout: OpenBLAS's sgemv */
+    if (own) {
+        struct matvec_job job = {.k = s->k, .x = x, .ldx = ldx, .n_x = n, .ldy = ldy,
+                                 .n_parts = n_sites};
+        int n_items = 0, n_threads = ad_pool_threads(s->pool);
+        for (int i = 0; i < n_sites; i++) {
+            /* About 8 items per thread, so that the threads finish close together; 4 to 64
+             * rows each. */
+            int rows = (sites[i]->n_out + 8 * n_threads - 1) / (8 * n_threads);
+            rows = rows < 4 ? 4 : rows > 64 ? 64 : (rows + 3) / 4 * 4;
+            job.part[i].site = sites[i];
+            job.part[i].y = ys[i];
+            job.part[i].first_item = n_items;
+            job.part[i].rows = rows;
+            n_items += (sites[i]->n_out + rows - 1) / rows;
         }
+        ad_pool_run(s->pool, n_items, matvec_item, &job);
+    }
+    for (int i = 0; i < n_sites; i++) {
+        const struct ad_site *st = sites[i];
+        if (!own)
+            blas_linear(st, x, ldx, n, ys[i], ldy);
+        if (st->b)
+            for (int r = 0; r < n; r++) {
+                float *row = ys[i] + (size_t)r * (size_t)ldy;
+                for (int j = 0; j < st->n_out; j++)
+                    row[j] += st->b[j];
+            }
+    }
 }
 
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out)
@@ -168,25 +246,34 @@ static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, in
     }
 }
 
-/* A site over every row: one matrix product for the whole batch, then each group's adapter
- * deltas on its own rows. x_exclusive: no other site reads x, so input-side deltas may scale it
- * in place. */
-static void site_groups(const struct ad_site *site, struct ad_scratch *s, float *x, int ldx,
-                        bool x_exclusive, int T, float *y, int ldy)
+/* Sites over every row: one matrix product (or one pool job) for the whole batch, then each
+ * group's adapter deltas on its own rows. Several sites (q, k, v; gate, up) read the same x and
+ * write to ys[i] with one row stride. x_exclusive (one site only): no other site reads x, so
+ * input-side deltas may scale it in place. */
+static void sites_groups(const struct ad_site *const *sites, int n_sites, struct ad_scratch *s,
+                         float *x, int ldx, bool x_exclusive, int T, float *const *ys, int ldy)
 {
+    assert(n_sites == 1 || !x_exclusive);
     for (int g = 0; g < s->n_groups; g++) {
         struct group *G = &s->groups[g];
         G->x_scaled = x_exclusive && G->mix &&
-                      ad_mix_site_pre(G->mix, site, x + (size_t)G->r0 * ldx, ldx, G->n);
+                      ad_mix_site_pre(G->mix, sites[0], x + (size_t)G->r0 * ldx, ldx, G->n);
     }
-    linear(site, x, ldx, T, y, ldy);
-    for (int g = 0; g < s->n_groups; g++) {
-        const struct group *G = &s->groups[g];
-        if (G->mix)
-            ad_mix_site_post(G->mix, site, x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
-                             y + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
-                             s->cap[BUF_TMP]);
-    }
+    linear(s, sites, n_sites, x, ldx, T, ys, ldy);
+    for (int i = 0; i < n_sites; i++)
+        for (int g = 0; g < s->n_groups; g++) {
+            const struct group *G = &s->groups[g];
+            if (G->mix)
+                ad_mix_site_post(G->mix, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
+                                 ys[i] + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
+                                 s->cap[BUF_TMP]);
+        }
+}
+
+static void site_groups(const struct ad_site *site, struct ad_scratch *s, float *x, int ldx,
+                        bool x_exclusive, int T, float *y, int ldy)
+{
+    sites_groups(&site, 1, s, x, ldx, x_exclusive, T, &y, ldy);
 }
 
 static void sublayer_groups(const struct ad_model *m, struct ad_scratch *s, int layer,
@@ -228,16 +315,12 @@ static void rope(float *x, int n_heads, int hd, const float *cos_, const float *
 }
 
 /* Softmax of row[0..n) in place; entries outside [lo, hi) become 0. */
-static void softmax_range(float *row, int n, int lo, int hi)
+static void softmax_range(const struct ad_kernels *k, float *row, int n, int lo, int hi)
 {
-    float mx = -INFINITY, sum = 0;
+    float mx = -INFINITY;
     for (int j = lo; j < hi; j++)
         mx = row[j] > mx ? row[j] : mx;
-    for (int j = lo; j < hi; j++) {
-        row[j] = expf(row[j] - mx);
-        sum += row[j];
-    }
-    float inv = 1.0f / sum;
+    float inv = 1.0f / k->exp_sum(row + lo, hi - lo, mx);
     for (int j = 0; j < lo; j++)
         row[j] = 0;
     for (int j = lo; j < hi; j++)
@@ -275,7 +358,8 @@ static void kv_gather(const struct ad_kv *kv, float *base, int layer, const stru
 }
 
 /* Rows [r0, r0 + n) of qkv hold the chunk's queries (already rotated); their keys and values are
- * already in the cache at positions [pos0, pos0 + n). Writes att rows [r0, r0 + n). */
+ * already in the cache at positions [pos0, pos0 + n). Writes att rows [r0, r0 + n). For chunks
+ * of more than one token (prefill): the keys and values are gathered, then OpenBLAS's sgemm. */
 static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struct ad_scratch *s,
                          int layer, const struct ad_kv_seq *seq, int pos0, int n, const float *q,
                          int ld_q, float *att, int ld_att)
@@ -293,23 +377,73 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
     kv_gather(kv, kv->v, layer, seq, lo, hi, vg);
     for (int h = 0; h < c->n_head; h++) {
         const float *qh = q + h * hd, *kh = kg + (h / group) * hd, *vh = vg + (h / group) * hd;
-        float *out = att + h * hd;
-        if (n == 1) {
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, hd, scale, kh, kvd, qh, 1, 0.0f, S, 1);
-            softmax_range(S, nk, 0, nk);
-            cblas_sgemv(CblasRowMajor, CblasTrans, nk, hd, 1.0f, vh, kvd, S, 1, 0.0f, out, 1);
-            continue;
-        }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, scale, qh, ld_q, kh, kvd,
                     0.0f, S, nk);
         for (int i = 0; i < n; i++) {
             int p = pos0 + i; /* query position: sees keys (p - W, p] */
             int klo = W > 0 && p - W + 1 > lo ? p - W + 1 - lo : 0;
-            softmax_range(S + (size_t)i * nk, nk, klo, p + 1 - lo);
+            softmax_range(s->k, S + (size_t)i * nk, nk, klo, p + 1 - lo);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, S, nk, vh, kvd,
-                    0.0f, out, ld_att);
+                    0.0f, att + h * hd, ld_att);
     }
+}
+
+/* The one-token chunks of a layer: one pool job whose items are (chunk, head) pairs. Each reads
+ * its keys and values in place from the cache blocks, in runs of up to AD_DEC_RUN positions with
+ * an online softmax (the output is rescaled when a run raises the maximum), so it needs no
+ * gather and no score buffer. */
+#define AD_DEC_RUN 64
+
+struct dec_job {
+    const struct ad_kernels *k;
+    const struct ad_model *m;
+    const struct ad_kv *kv;
+    const struct ad_chunk *chunks;
+    const struct dec_chunk *dec;
+    int layer, ld_qkv, ld_att;
+    const float *qkv;
+    float *att;
+};
+
+static void attend_one(void *ctx, int item, int thread)
+{
+    const struct dec_job *j = ctx;
+    const struct ad_model_config *c = &j->m->cfg;
+    const struct ad_kernels *k = j->k;
+    int hd = c->head_dim, h = item % c->n_head, kvh = h / (c->n_head / c->n_kv_head);
+    const struct dec_chunk *d = &j->dec[item / c->n_head];
+    const struct ad_kv_seq *seq = j->chunks[d->chunk].seq;
+    int hi = seq->n_tokens + 1, W = c->sliding_window; /* the token's own K/V is at hi - 1 */
+    int lo = W > 0 && hi - W > 0 ? hi - W : 0;
+    const float *q = j->qkv + (size_t)d->row * (size_t)j->ld_qkv + (size_t)h * (size_t)hd;
+    float *out = j->att + (size_t)d->row * (size_t)j->ld_att + (size_t)h * (size_t)hd;
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0, sc[AD_DEC_RUN];
+    (void)thread;
+
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p0 = lo; p0 < hi; p0 += AD_DEC_RUN) {
+        int nb = hi - p0 < AD_DEC_RUN ? hi - p0 : AD_DEC_RUN;
+        float run_mx = -INFINITY;
+        for (int b = 0; b < nb; b++) {
+            const float *kp = kv_slot(j->kv, j->kv->k, j->layer, seq, p0 + b) + kvh * hd;
+            sc[b] = k->dot(q, kp, hd) * scale;
+            run_mx = sc[b] > run_mx ? sc[b] : run_mx;
+        }
+        if (run_mx > mx) { /* rescale what is summed so far to the new maximum */
+            float f = sum > 0 ? expf(mx - run_mx) : 0;
+            for (int i = 0; i < hd; i++)
+                out[i] *= f;
+            sum *= f;
+            mx = run_mx;
+        }
+        sum += k->exp_sum(sc, nb, mx);
+        for (int b = 0; b < nb; b++)
+            k->axpy(sc[b], kv_slot(j->kv, j->kv->v, j->layer, seq, p0 + b) + kvh * hd, out, hd);
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < hd; i++)
+        out[i] *= inv;
 }
 
 /* ==========================================================================================
@@ -376,8 +510,22 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         if (reserve(&s->buf[i], &s->cap[i], sizes[i], sizeof(float)) < 0)
             return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
     if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
-        reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0)
+        reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0 ||
+        reserve((float **)&s->dec, &s->dec_cap, (size_t)n_chunks, sizeof(struct dec_chunk)) < 0)
         return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
+
+    /* The helper threads: as many threads in all as OpenBLAS may use (main.c decides that),
+     * or just this one if they cannot be started. */
+    if (!s->pool_tried) {
+        s->k = ad_kernels_get();
+        s->pool = ad_pool_new(openblas_get_num_threads());
+        s->pool_tried = true;
+    }
+
+    s->n_dec = 0;
+    for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++)
+        if (chunks[i].n_tokens == 1)
+            s->dec[s->n_dec++] = (struct dec_chunk){i, r};
 
     /* Row groups: runs of adjacent chunks with the same mix. */
     s->n_groups = 0;
@@ -419,6 +567,8 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     int T = prepare(m, kv, chunks, n_chunks, s, err);
     if (T < 0)
         return T;
+    /* A pass without BLAS calls keeps the helpers spinning between its jobs (see pool.c). */
+    ad_pool_spin(s->pool, T <= AD_MATVEC_MAX_ROWS && !m->arch->conv1d);
 
     int E = c->n_embd, hd = c->head_dim, half = hd / 2, F = c->n_ff;
     int Hq = c->n_head * hd, KVd = kv->kv_dim, ld_qkv = Hq + 2 * KVd;
@@ -457,9 +607,10 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         if (L->site[AD_ROLE_QKV]) {
             site_groups(L->site[AD_ROLE_QKV], s, xn, E, true, T, qkv, ld_qkv);
         } else {
-            site_groups(L->site[AD_ROLE_Q], s, xn, E, false, T, qkv, ld_qkv);
-            site_groups(L->site[AD_ROLE_K], s, xn, E, false, T, qkv + Hq, ld_qkv);
-            site_groups(L->site[AD_ROLE_V], s, xn, E, false, T, qkv + Hq + KVd, ld_qkv);
+            const struct ad_site *qkv_sites[3] = {L->site[AD_ROLE_Q], L->site[AD_ROLE_K],
+                                                  L->site[AD_ROLE_V]};
+            float *qkv_out[3] = {qkv, qkv + Hq, qkv + Hq + KVd};
+            sites_groups(qkv_sites, 3, s, xn, E, false, T, qkv_out, ld_qkv);
         }
         for (int i = 0, r = 0; i < n_chunks; i++)
             for (int j = 0; j < chunks[i].n_tokens; j++, r++) {
@@ -476,8 +627,12 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
                        (size_t)KVd * sizeof(float));
             }
         for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++)
-            attend_chunk(m, kv, s, l, chunks[i].seq, chunks[i].seq->n_tokens, chunks[i].n_tokens,
-                         qkv + (size_t)r * ld_qkv, ld_qkv, att + (size_t)r * Hq, Hq);
+            if (chunks[i].n_tokens > 1)
+                attend_chunk(m, kv, s, l, chunks[i].seq, chunks[i].seq->n_tokens,
+                             chunks[i].n_tokens, qkv + (size_t)r * ld_qkv, ld_qkv,
+                             att + (size_t)r * Hq, Hq);
+        struct dec_job dj = {s->k, m, kv, chunks, s->dec, l, ld_qkv, Hq, qkv, att};
+        ad_pool_run(s->pool, s->n_dec * c->n_head, attend_one, &dj);
         site_groups(L->site[AD_ROLE_O], s, att, Hq, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_ATTN, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)
@@ -486,15 +641,21 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         /* MLP: gate/up (or up alone), activation, down. */
         norm_groups(m, s, l, AD_NORM_MLP, x, xn);
         bool gated = L->site[AD_ROLE_GATE] != NULL;
-        site_groups(L->site[AD_ROLE_UP], s, xn, E, !gated, T, fa, F);
         if (gated) {
-            site_groups(L->site[AD_ROLE_GATE], s, xn, E, false, T, fb, F);
+            const struct ad_site *gu_sites[2] = {L->site[AD_ROLE_UP], L->site[AD_ROLE_GATE]};
+            float *gu_out[2] = {fa, fb};
+            sites_groups(gu_sites, 2, s, xn, E, false, T, gu_out, F);
+        } else {
+            site_groups(L->site[AD_ROLE_UP], s, xn, E, true, T, fa, F);
+        }
+        if (c->act == AD_ACT_SILU)
+            s->k->silu_mul(fa, gated ? fb : NULL, (size_t)T * F);
+        else if (gated)
             for (size_t i = 0; i < (size_t)T * F; i++)
                 fa[i] *= act(c->act, fb[i]);
-        } else {
+        else
             for (size_t i = 0; i < (size_t)T * F; i++)
                 fa[i] = act(c->act, fa[i]);
-        }
         site_groups(L->site[AD_ROLE_DOWN], s, fa, F, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_MLP, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)
@@ -519,6 +680,8 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     }
     norm_groups(m, s, -1, AD_NORM_FINAL, xo, xo);
     site_groups(&m->sites[m->n_sites - 1], s, xo, E, true, n_out, logits, c->n_vocab);
+
+    ad_pool_spin(s->pool, false);
 
     for (int i = 0; i < n_chunks; i++)
         chunks[i].seq->n_tokens += chunks[i].n_tokens;

@@ -26,3 +26,48 @@ struct ad_arch {
 
 const struct ad_arch *ad_arch_for(enum ad_family family);
 const char *ad_role_name(enum ad_role role);
+
+/* ==========================================================================================
+ * Vector kernels (kernels.c): AVX-512, AVX2 + FMA or plain C, picked once at run time. */
+
+struct ad_kernels {
+    const char *name; /* "avx512", "avx2", "c" */
+    /* y[m * ldy + j] = w[j] . x[m * ldx] for rows j in [j0, j1) of w [n_out, n_in] (row-major)
+     * and m in [0, n_x): a matrix-vector product for a few vectors at once. */
+    void (*matvec)(const float *w, int n_in, const float *x, int ldx, int n_x, float *y, int ldy,
+                   int j0, int j1);
+    float (*dot)(const float *a, const float *b, int n);
+    void (*axpy)(float a, const float *x, float *y, int n); /* y += a x */
+    /* x[i] = exp(x[i] - sub) for i in [0, n); returns the sum. */
+    float (*exp_sum)(float *x, int n, float sub);
+    /* a[i] *= silu(g[i]), or a[i] = silu(a[i]) when g is NULL. */
+    void (*silu_mul)(float *a, const float *g, size_t n);
+};
+
+/* The best set the CPU runs (or the one ADAPTERD_KERNELS names: avx512, avx2, c). Static;
+ * thread-safe. */
+const struct ad_kernels *ad_kernels_get(void);
+
+/* ==========================================================================================
+ * Helper threads of the forward pass (pool.c) */
+
+struct ad_pool;
+
+/* One item of a job; thread is 0 for the caller, 1 .. n - 1 for the helpers. */
+typedef void ad_pool_fn(void *ctx, int item, int thread);
+
+/* Starts n_threads - 1 helper threads (the caller is the n-th). Returns NULL when n_threads <= 1
+ * or nothing could be started: every function below accepts NULL and then runs on the caller
+ * alone. */
+struct ad_pool *ad_pool_new(int n_threads);
+/* Stops and joins the helpers. Not while a job runs. */
+void ad_pool_free(struct ad_pool *p);
+/* Threads that share a job, the caller included (1 for NULL). */
+int ad_pool_threads(const struct ad_pool *p);
+/* on: idle helpers spin (for at most about 1 ms) waiting for the next job, for a pass whose
+ * jobs follow each other within microseconds. off: they sleep as soon as a job is done, so they
+ * leave the CPU to others (OpenBLAS's threads) between jobs. */
+void ad_pool_spin(struct ad_pool *p, bool on);
+/* Runs fn(ctx, i, thread) for every i in [0, n_items) on the caller and the helpers, and returns
+ * when all are done. Items may run in any order and at the same time. One caller at a time. */
+void ad_pool_run(struct ad_pool *p, int n_items, ad_pool_fn *fn, void *ctx);
