@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-/* Soak test: ADAPTERD_SOAK_SECONDS (default 90) of random traffic against the real daemon with a
+/* Soak test: ADAPTERD_SOAK_SECONDS (default 60) of random traffic against the real daemon with a
  * KV pool small enough to preempt: random adapters of every kind and compositions, random
  * prompt and output lengths, streams and plain requests, clients that disconnect, adapters
  * replaced and deleted while in use. It must end with zero errors, every KV block back in the
@@ -14,7 +14,7 @@ const {
 } = require('./lib.js');
 const fs = require('fs');
 
-const SECONDS = Number(process.env.ADAPTERD_SOAK_SECONDS || 90);
+const SECONDS = Number(process.env.ADAPTERD_SOAK_SECONDS || 60);
 const CONCURRENCY = 12;
 
 async function main() {
