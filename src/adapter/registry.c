@@ -6,6 +6,7 @@
  * complete adapter. Hidden leftovers of interrupted writes are removed by the next scan. */
 #include <dirent.h>
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -184,12 +185,41 @@ void ad_registry_free(struct ad_registry *r)
     free(r);
 }
 
+/* The kind and rank an adapter directory's adapter_config.json declares, without loading the
+ * weights. -1 if there is no readable config. */
+static int peek_config(const char *dir, enum ad_adapter_kind *kind, int *rank)
+{
+    static const struct {
+        const char *peft_type;
+        enum ad_adapter_kind kind;
+    } types[] = {{"LORA", AD_ADAPTER_LORA},           {"IA3", AD_ADAPTER_IA3},
+                 {"PREFIX_TUNING", AD_ADAPTER_PREFIX}, {"PROMPT_TUNING", AD_ADAPTER_PROMPT},
+                 {"P_TUNING", AD_ADAPTER_PROMPT},      {"BITFIT", AD_ADAPTER_BIAS}};
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    if (!json_is_object(cfg)) {
+        json_decref(cfg);
+        return -1;
+    }
+    const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
+    *kind = AD_ADAPTER_BOTTLENECK; /* AdapterHub: {"config": {...}} */
+    for (size_t i = 0; pt && i < sizeof(types) / sizeof(types[0]); i++)
+        if (!strcmp(pt, types[i].peft_type))
+            *kind = types[i].kind;
+    json_t *r = json_object_get(cfg, "r");
+    *rank = json_is_integer(r) ? (int)json_integer_value(r) : 0;
+    json_decref(cfg);
+    return 0;
+}
+
 int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void *ud)
 {
     DIR *d = opendir(r->dir);
     struct dirent *de;
     char path[4096];
     int n_ok = 0;
+    size_t loaded = 0; /* bytes this scan loaded: eager loading stops at the budget */
 
     if (!d)
         return -errno;
@@ -221,7 +251,25 @@ int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void 
             n_ok++;
             continue;
         }
-        /* New: load it to validate, keep it resident if the budget allows. */
+        /* New. While the budget has room: load it (validated now, resident). Beyond: register
+         * it from its config alone, to be loaded and validated when first asked for, so a
+         * store of thousands of adapters is served within a second of starting. */
+        if (r->budget && loaded >= r->budget) {
+            enum ad_adapter_kind kind;
+            int rank;
+            if (peek_config(path, &kind, &rank) < 0)
+                continue; /* not an adapter directory (yet): a later scan may see it whole */
+            pthread_mutex_lock(&r->lock);
+            e = find(r, name) ? NULL : insert(r, name);
+            if (e) {
+                e->kind = kind;
+                e->rank = rank;
+                e->seen = true;
+                n_ok++;
+            }
+            pthread_mutex_unlock(&r->lock);
+            continue;
+        }
         struct ad_adapter *a;
         struct ad_err err;
         if (ad_adapter_load(r->m, path, name, &a, &err) < 0) {
@@ -229,6 +277,7 @@ int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void 
                 on_error(ud, name, &err);
             continue;
         }
+        loaded += a->bytes;
         struct ad_adapter *drop[64];
         size_t n_drop = 0;
         pthread_mutex_lock(&r->lock);

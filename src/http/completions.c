@@ -40,6 +40,7 @@ struct job {
     enum ad_finish finish;
     int n_generated;
     bool role_sent; /* chat streams: the first delta carried "role" */
+    size_t ids_sent; /* streams: token ids already sent */
     json_t *lp_tokens, *lp_values, *lp_top, *lp_offsets; /* completions' logprobs arrays */
     json_t *chat_lp;                                      /* chat's logprobs.content */
     json_t *ids;                                          /* generated ids (token_ids) */
@@ -638,7 +639,8 @@ static void stream_chunks(struct completion *cp, bool all_done)
         size_t upto = j->stopped || j->finish ? j->len : (j->len > hold ? j->len - hold : 0);
         if (cp->n_stops == 0)
             upto = j->len;
-        if (upto <= j->sent && !(all_done && j->finish))
+        size_t n_ids = j->ids ? json_array_size(j->ids) : 0;
+        if (upto <= j->sent && n_ids == j->ids_sent && !(all_done && j->finish))
             continue;
         json_t *choice;
         if (cp->chat) {
@@ -656,6 +658,13 @@ static void stream_chunks(struct completion *cp, bool all_done)
                                j->finish && all_done ? json_string(finish_reason(j->finish))
                                                      : json_null());
         j->sent = upto;
+        if (choice && j->ids) { /* the new token ids (vLLM's return_token_ids) */
+            json_t *ids = json_array();
+            for (size_t k = j->ids_sent; k < n_ids; k++)
+                json_array_append(ids, json_array_get(j->ids, k));
+            json_object_set_new(choice, "token_ids", ids);
+            j->ids_sent = n_ids;
+        }
         json_t *chunk = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", cp->id, "object",
                                   cp->chat ? "chat.completion.chunk" : "text_completion",
                                   "created", (json_int_t)cp->created, "model", cp->model,

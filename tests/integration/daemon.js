@@ -132,6 +132,15 @@ test('streaming: completions and chat through the openai client', async (d) => {
     assert.equal(text, whole.choices[0].text);
     assert.ok(chunks >= 2, `one chunk for 24 tokens`);
     assert.equal(usage?.completion_tokens, 24);
+    // vLLM's return_token_ids: each chunk carries its new ids; together, those of the whole
+    const ids = (await d.api('POST', '/v1/completions', { ...req, return_token_ids: true }))
+        .json.choices[0].token_ids;
+    assert.equal(ids.length, 24);
+    let streamed = [];
+    await readSSE(await d.stream({ ...req, return_token_ids: true }), (ev) => {
+        streamed = streamed.concat(ev.choices[0].token_ids);
+    });
+    assert.deepEqual(streamed, ids);
     const msgs = [{ role: 'user', content: 'Say something.' }];
     const cw = await c.chat.completions.create({ model: 'model', messages: msgs, max_tokens: 16,
                                                 temperature: 0, ignore_eos: true });

@@ -194,6 +194,35 @@ int main(void)
     CHECK_INT(count_hidden(), ==, 0);
 
     ad_registry_free(r);
+
+    /* a budget smaller than one adapter: the first is loaded and checked at scan, the others
+     * registered from their configs and loaded (and checked) when first asked for */
+    CHECK_INT(ad_registry_new(m, adir, 1, &r, &err), ==, 0);
+    n_errors = 0;
+    int n_scanned = ad_registry_scan(r, on_error, NULL);
+    size_t n_info, n_resident = 0;
+    char lazy[65] = "";
+    CHECK_INT(ad_registry_list(r, &info, &n_info), ==, 0);
+    CHECK_INT(n_info, ==, (size_t)n_scanned);
+    CHECK_INT(n_info, >=, 2);
+    for (size_t i = 0; i < n_info; i++) {
+        CHECK_INT(info[i].kind, ==, AD_ADAPTER_LORA);
+        if (info[i].bytes > 0) /* loaded at least once */
+            n_resident++;
+        else if (strcmp(info[i].name, "bad"))
+            snprintf(lazy, sizeof(lazy), "%s", info[i].name);
+    }
+    free(info);
+    CHECK_INT(n_resident, ==, 1);
+    CHECK(lazy[0]);
+    CHECK_INT(ad_registry_get(r, lazy, &a2, &err), ==, 0); /* loaded on demand */
+    CHECK_INT(a2->kind, ==, AD_ADAPTER_LORA);
+    ad_adapter_unref(a2);
+    if (n_errors == 0) { /* 'bad' was registered unchecked: its error comes at first use */
+        CHECK_INT(ad_registry_get(r, "bad", &a2, &err), ==, -EINVAL);
+        CHECK_CONTAINS(err.msg, "rank");
+    }
+    ad_registry_free(r);
     free(config);
     free(weights);
     free(config2);
