@@ -13,6 +13,7 @@
 #include <ini.h>
 #include <limits.h>
 #include <stddef.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -299,6 +300,16 @@ static void on_signal(uv_signal_t *s, int signum)
     uv_stop(d->loop);
 }
 
+/* After the loop: a second SIGTERM/SIGINT cuts the grace period short (async-signal-safe). */
+static struct ad_http *volatile stopping_http;
+
+static void on_signal_while_stopping(int signum)
+{
+    (void)signum;
+    if (stopping_http)
+        ad_http_hurry(stopping_http);
+}
+
 static int parse_listen(const char *s, char *host, size_t host_len, int *port)
 {
     const char *colon = strrchr(s, ':');
@@ -502,9 +513,9 @@ int main(int argc, char **argv)
 
     uv_run(d.loop, UV_RUN_DEFAULT);
 
-    ad_http_stop(d.http, (double)d.cfg.shutdown_grace_s);
-    d.http = NULL;
-    rc = 0;
+    /* Stopping. The loop's signal handles go; from here a second SIGTERM/SIGINT ends the grace
+     * period at once (requests in flight are cancelled) and SIGHUP is ignored, but neither
+     * kills the process before it has shut down cleanly. */
     uv_close((uv_handle_t *)&d.sig_term, NULL);
     uv_close((uv_handle_t *)&d.sig_int, NULL);
     uv_close((uv_handle_t *)&d.sig_hup, NULL);
@@ -514,6 +525,16 @@ int main(int argc, char **argv)
         uv_close((uv_handle_t *)&d.watch, NULL);
     uv_run(d.loop, UV_RUN_DEFAULT);
     uv_loop_close(d.loop);
+    stopping_http = d.http;
+    struct sigaction sa = {.sa_handler = on_signal_while_stopping};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGHUP, &sa, NULL);
+    ad_http_stop(d.http, (double)d.cfg.shutdown_grace_s);
+    d.http = NULL;
+    rc = 0;
     log_info("stopped");
 out:
     ad_http_stop(d.http, 0);

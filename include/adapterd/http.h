@@ -42,5 +42,7 @@ void ad_http_serve(struct ad_http *h, const struct ad_http_deps *deps);
 /* Stops accepting; waits up to grace_seconds for requests in flight, then cancels the rest and
  * stops. */
 void ad_http_stop(struct ad_http *h, double grace_seconds);
+/* Ends a running ad_http_stop's grace period now. Async-signal-safe. */
+void ad_http_hurry(struct ad_http *h);
 /* The port actually bound (for port 0). */
 int ad_http_port(const struct ad_http *h);

@@ -34,6 +34,7 @@ struct ad_http {
     atomic_bool ready;
     atomic_bool stopping;
     atomic_bool cancel_all; /* the grace period is over: handlers cancel what they wait for */
+    atomic_bool hurry;      /* end the grace period now (a second SIGTERM) */
     atomic_int in_flight;
     atomic_ullong next_id;
     struct metrics metrics;

@@ -461,12 +461,18 @@ void ad_http_stop(struct ad_http *h, double grace_seconds)
     atomic_store(&h->stopping, true);
     MHD_quiesce_daemon(h->daemon); /* stop accepting */
     double t0 = ad_now();
-    while (atomic_load(&h->in_flight) > 0 && ad_now() - t0 < grace_seconds)
+    while (atomic_load(&h->in_flight) > 0 && ad_now() - t0 < grace_seconds &&
+           !atomic_load(&h->hurry))
         usleep(20000);
     atomic_store(&h->cancel_all, true); /* handlers still waiting cancel their sequences */
     MHD_stop_daemon(h->daemon);         /* joins the connection threads */
     metrics_fini(&h->metrics);
     free(h);
+}
+
+void ad_http_hurry(struct ad_http *h)
+{
+    atomic_store(&h->hurry, true);
 }
 
 int ad_http_port(const struct ad_http *h)

@@ -621,6 +621,24 @@ test('SIGTERM: past the grace period the request is cancelled, exit 0', async ()
               'the request ran to its end although the grace period was 0');
 });
 
+test('SIGTERM twice: the second ends the grace period at once, still exit 0', async () => {
+    const s = await new Daemon(['--set', 'shutdown_grace_s=60']).ready();
+    const resp = await s.stream({ model: 'model', prompt: 'Hurry', max_tokens: 480,
+                                  ignore_eos: true });
+    let n = 0, last = null;
+    const t0 = Date.now();
+    await readSSE(resp, (ev) => {
+        if (++n === 2) {
+            s.proc.kill('SIGTERM');
+            setTimeout(() => s.proc.kill('SIGTERM'), 300);
+        }
+        last = ev;
+    }).catch(() => { /* the connection may be cut */ });
+    await s.stop();
+    assert.ok(Date.now() - t0 < 20000, 'the second SIGTERM did not cut the 60 s grace period');
+    assert.ok(!last || last.usage?.completion_tokens !== 480, 'the request ran to its end');
+});
+
 /* ------------------------------------------------------------------------------------------ */
 
 async function main() {
