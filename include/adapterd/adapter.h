@@ -138,9 +138,23 @@ int ad_mix_n_prefix(const struct ad_mix *mix);
  * buffer no other site reads. Returns true if it scaled x. */
 bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x, int ldx, int n);
 /* Output-side deltas: y (the base result for these rows) is updated in place. x_scaled says
- * whether ad_mix_site_pre already scaled x. tmp holds tmp_len floats. */
+ * whether ad_mix_site_pre already scaled x. tmp holds tmp_len floats. It reads x and the
+ * adapters and writes y's n rows (n_out columns from y) and tmp only. */
 void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
                       bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len);
+
+/* Groups of fewer rows than this compute their LoRA deltas with the adapters' own row kernel;
+ * larger ones call OpenBLAS's sgemm (lora.c). */
+#define AD_MIX_ROW_KERNEL_ROWS 4
+/* The work space ad_mix_site_post needs when ad_mix_site_post_local says yes, in floats: one
+ * row's A x at the largest rank a loader accepts. */
+#define AD_MIX_LOCAL_TMP 4096
+/* Whether ad_mix_site_post(mix, s, ..., x_scaled, ..., n, ...) runs on the adapters' own row
+ * kernels only: no BLAS call, and no more than AD_MIX_LOCAL_TMP floats of tmp. Such calls may
+ * run at the same time on several threads (one tmp each) for different sites or different rows,
+ * including while another thread runs a BLAS call. Thread-safe. */
+bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled,
+                            int n);
 /* Norm parameters for the group (the base's unless an adapter replaces them). */
 void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
                  const float **b);

@@ -216,6 +216,20 @@ void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const f
     }
 }
 
+bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled,
+                            int n)
+{
+    for (int k = 0; k < mix->n; k++) {
+        const struct ad_site_delta *d = delta_of(mix->a[k], s);
+        if (!d)
+            continue;
+        /* replaced() and ia3_in_delta() are sgemm calls, and so is LoRA on larger groups */
+        if (d->w_new || (d->ia3_in && !x_scaled) || (d->lora_a && n >= AD_MIX_ROW_KERNEL_ROWS))
+            return false;
+    }
+    return true;
+}
+
 void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
                  const float **b)
 {

@@ -118,7 +118,7 @@ static int load_module(struct load_ctx *c, const char *module, const struct ad_t
     if (ta->n_dims != 2 || ta->shape[0] != (int64_t)rank)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %lld, but the config says r = %g",
                           ta->name, (long long)(ta->n_dims == 2 ? ta->shape[0] : -1), rank);
-    if (rank < 1 || rank > 4096)
+    if (rank < 1 || rank > AD_MIX_LOCAL_TMP) /* lora_row's A x fits a thread's work space */
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %g out of range", ta->name, rank);
 
     struct ad_site_delta *d = ctx_delta(c, s);
@@ -206,7 +206,7 @@ int ad_lora_load(struct load_ctx *c)
  * For one row, sgemm pays its setup per call (and 210 sites x 2 calls per decode step), and
  * OpenBLAS's sgemv runs a rank-16 A (16 x 576 = 9216 elements, its threshold) on two threads,
  * which costs more in wake-ups than the product itself. */
-#define GEMM_MIN_ROWS 4
+#define GEMM_MIN_ROWS AD_MIX_ROW_KERNEL_ROWS
 
 /* Sum of a[i] * b[i], eight independent partial sums: the compiler vectorises it without
  * reassociating a single sum. */

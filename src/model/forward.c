@@ -8,7 +8,8 @@
  * Threads: a pass with few rows (decode) runs its linears and its decode attention on this
  * thread plus the scratch's helper threads (pool.c), as many in all as OpenBLAS is allowed to
  * use; a pass with many rows (prefill, big batches) calls OpenBLAS's sgemm instead. A batch-1
- * decode step makes no BLAS call at all. */
+ * decode step makes no BLAS call at all. The adapter deltas of groups of a few rows (a decode
+ * step's requests on different adapters) are pool jobs too, one item per (site, group). */
 #include <assert.h>
 #include <cblas.h>
 #include <errno.h>
@@ -38,7 +39,8 @@ enum {
     BUF_VG,  /* [ctx, KVd] */
     BUF_S,   /* [chunk, ctx] attention scores */
     BUF_XO,  /* [n_logits, E] rows that produce logits */
-    BUF_TMP, /* adapter deltas' work space */
+    BUF_TMP, /* adapter deltas' work space; during a post_item job, pool thread t owns floats
+              * [t AD_MIX_LOCAL_TMP, (t + 1) AD_MIX_LOCAL_TMP) */
     N_BUF,
 };
 
@@ -65,6 +67,8 @@ struct ad_scratch {
     struct dec_chunk *dec; /* [n_chunks] the batch's one-token chunks */
     size_t dec_cap;
     int n_dec;
+    int *post; /* [3 n_chunks] (site, group) pairs of a post_item job */
+    size_t post_cap;
 
     const struct ad_kernels *k;
     struct ad_pool *pool; /* NULL: one thread */
@@ -85,6 +89,7 @@ void ad_scratch_free(struct ad_scratch *s)
     free(s->pos);
     free(s->groups);
     free(s->dec);
+    free(s->post);
     ad_pool_free(s->pool);
     free(s);
 }
@@ -246,28 +251,66 @@ static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, in
     }
 }
 
+/* The adapter deltas of one sites_groups call as one pool job: an item is a (site, group) pair
+ * whose hook runs on the adapters' own row kernels (ad_mix_site_post_local: no BLAS call, so it
+ * may run on a helper). Adapters are read-only, x is read-only once the input-side deltas are
+ * applied, and each pair writes only its own group's rows of its own site's columns; each thread
+ * has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. Items are claimed one by one, so groups of
+ * different costs (sites of different shapes, mixes of several adapters) balance out. */
+struct post_job {
+    const struct ad_site *const *sites;
+    const struct group *groups;
+    const int *pairs; /* site * n_groups + group */
+    int n_groups, ldx, ldy;
+    const float *x;
+    float *const *ys;
+    float *tmp; /* thread t's work space starts at tmp + t * AD_MIX_LOCAL_TMP */
+};
+
+static void post_item(void *ctx, int item, int thread)
+{
+    const struct post_job *j = ctx;
+    int i = j->pairs[item] / j->n_groups;
+    const struct group *G = &j->groups[j->pairs[item] % j->n_groups];
+    ad_mix_site_post(G->mix, j->sites[i], j->x + (size_t)G->r0 * (size_t)j->ldx, j->ldx,
+                     G->x_scaled, j->ys[i] + (size_t)G->r0 * (size_t)j->ldy, j->ldy, G->n,
+                     j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP, AD_MIX_LOCAL_TMP);
+}
+
 /* Sites over every row: one matrix product (or one pool job) for the whole batch, then each
  * group's adapter deltas on its own rows. Several sites (q, k, v; gate, up) read the same x and
  * write to ys[i] with one row stride. x_exclusive (one site only): no other site reads x, so
- * input-side deltas may scale it in place. */
+ * input-side deltas may scale it in place (on this thread, before the linear). The deltas that
+ * call BLAS (large groups, replaced modules) run on this thread with the whole work space; the
+ * others are one pool job (post_item). */
 static void sites_groups(const struct ad_site *const *sites, int n_sites, struct ad_scratch *s,
                          float *x, int ldx, bool x_exclusive, int T, float *const *ys, int ldy)
 {
     assert(n_sites == 1 || !x_exclusive);
+    assert(n_sites <= 3);
     for (int g = 0; g < s->n_groups; g++) {
         struct group *G = &s->groups[g];
         G->x_scaled = x_exclusive && G->mix &&
                       ad_mix_site_pre(G->mix, sites[0], x + (size_t)G->r0 * ldx, ldx, G->n);
     }
     linear(s, sites, n_sites, x, ldx, T, ys, ldy);
+
+    int n_items = 0;
     for (int i = 0; i < n_sites; i++)
         for (int g = 0; g < s->n_groups; g++) {
             const struct group *G = &s->groups[g];
-            if (G->mix)
+            if (!G->mix)
+                continue;
+            if (ad_mix_site_post_local(G->mix, sites[i], G->x_scaled, G->n))
+                s->post[n_items++] = i * s->n_groups + g;
+            else
                 ad_mix_site_post(G->mix, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
                                  ys[i] + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
                                  s->cap[BUF_TMP]);
         }
+    struct post_job job = {sites, s->groups, s->post, s->n_groups, ldx, ldy, x, ys,
+                           s->buf[BUF_TMP]};
+    ad_pool_run(s->pool, n_items, post_item, &job);
 }
 
 static void site_groups(const struct ad_site *site, struct ad_scratch *s, float *x, int ldx,
@@ -499,20 +542,6 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     size_t E = (size_t)c->n_embd, Hq = (size_t)c->n_head * (size_t)c->head_dim;
     size_t KVd = (size_t)kv->kv_dim, F = (size_t)c->n_ff, half = (size_t)c->head_dim / 2;
     size_t widest = F > Hq + 2 * KVd ? F : Hq + 2 * KVd;
-    size_t sizes[N_BUF] = {
-        [BUF_X] = T * E,         [BUF_XN] = T * E,     [BUF_QKV] = T * (Hq + 2 * KVd),
-        [BUF_ATT] = T * Hq,      [BUF_Y] = T * E,      [BUF_FA] = T * F,
-        [BUF_FB] = T * F,        [BUF_COS] = T * half, [BUF_SIN] = T * half,
-        [BUF_KG] = max_ctx * KVd, [BUF_VG] = max_ctx * KVd, [BUF_S] = max_n * max_ctx,
-        [BUF_XO] = n_out * E,    [BUF_TMP] = T * (widest + E) + 4096,
-    };
-    for (int i = 0; i < N_BUF; i++)
-        if (reserve(&s->buf[i], &s->cap[i], sizes[i], sizeof(float)) < 0)
-            return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
-    if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
-        reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0 ||
-        reserve((float **)&s->dec, &s->dec_cap, (size_t)n_chunks, sizeof(struct dec_chunk)) < 0)
-        return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
 
     /* The helper threads: as many threads in all as OpenBLAS may use (main.c decides that),
      * or just this one if they cannot be started. */
@@ -521,6 +550,25 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         s->pool = ad_pool_new(openblas_get_num_threads());
         s->pool_tried = true;
     }
+    size_t n_threads = (size_t)ad_pool_threads(s->pool);
+    size_t tmp = T * (widest + E) + 4096;
+    if (tmp < n_threads * AD_MIX_LOCAL_TMP)
+        tmp = n_threads * AD_MIX_LOCAL_TMP;
+    size_t sizes[N_BUF] = {
+        [BUF_X] = T * E,         [BUF_XN] = T * E,     [BUF_QKV] = T * (Hq + 2 * KVd),
+        [BUF_ATT] = T * Hq,      [BUF_Y] = T * E,      [BUF_FA] = T * F,
+        [BUF_FB] = T * F,        [BUF_COS] = T * half, [BUF_SIN] = T * half,
+        [BUF_KG] = max_ctx * KVd, [BUF_VG] = max_ctx * KVd, [BUF_S] = max_n * max_ctx,
+        [BUF_XO] = n_out * E,    [BUF_TMP] = tmp,
+    };
+    for (int i = 0; i < N_BUF; i++)
+        if (reserve(&s->buf[i], &s->cap[i], sizes[i], sizeof(float)) < 0)
+            return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
+    if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
+        reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0 ||
+        reserve((float **)&s->dec, &s->dec_cap, (size_t)n_chunks, sizeof(struct dec_chunk)) < 0 ||
+        reserve((float **)&s->post, &s->post_cap, 3 * (size_t)n_chunks, sizeof(int)) < 0)
+        return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
 
     s->n_dec = 0;
     for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++)

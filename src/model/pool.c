@@ -11,13 +11,16 @@
  * late (asleep, or preempted by another process on a shared machine) does not hold the caller
  * up: the caller claims whatever is left and only waits for items a helper has already started.
  * The counter and the job's generation share one 64-bit word, so a helper that wakes up late
- * can never claim an item of a newer job with the parameters of an older one.
+ * can never claim an item of a newer job with the parameters of an older one; and a finished
+ * job is closed (its counter set past any item) before the next one is written, so it cannot
+ * claim an item past the end of an older job with the parameters of a newer one either.
  *
  * A helper preempted in the middle of an item still holds the caller up until it runs again,
  * which on a machine busy with other processes costs milliseconds per job: measured there, two
  * threads ran at half the speed of one. So the caller keeps a moving average of the share of a
- * job's time it spends waiting for helpers, and when it exceeds AD_POOL_LATE it runs the next
- * AD_POOL_SOLO jobs alone, then tries the helpers again. */
+ * job's time it spends waiting for helpers (beyond about one item's time, which any job of few
+ * items waits), and when it exceeds AD_POOL_LATE it runs the next AD_POOL_SOLO jobs alone, then
+ * tries the helpers again. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -54,7 +57,8 @@ struct ad_pool {
     struct helper_arg arg[AD_POOL_MAX];
 
     /* The job in progress: written by the caller before it publishes a new generation.
-     * Atomic (relaxed) only because a late helper may read them while they change. */
+     * Atomic because a late helper may read them while they change; acquire/release so that a
+     * helper that reads the next job's values also sees the job before it closed (work()). */
     _Atomic(ad_pool_fn *) fn;
     _Atomic(void *) ctx;
     _Atomic int n_items;
@@ -79,26 +83,33 @@ static uint32_t gen_of(uint64_t state)
     return (uint32_t)(state >> 32);
 }
 
+/* The item part of a finished job's state: no claim can succeed on it (see ad_pool_run). */
+#define AD_POOL_CLOSED UINT32_MAX
+
 /* Claims and runs items of generation gen until none is left. Returns when this thread cannot
- * claim any more (the job may still be running on other threads). */
-static void work(struct ad_pool *p, uint32_t gen, int thread)
+ * claim any more (the job may still be running on other threads), with the number it ran. */
+static int work(struct ad_pool *p, uint32_t gen, int thread)
 {
     uint64_t st = atomic_load_explicit(&p->state, memory_order_acquire);
+    int n_run = 0;
     for (;;) {
         if (gen_of(st) != gen)
-            return;
+            return n_run;
         /* Read the job before claiming: if the claim succeeds, the job was still this one
-         * when it was read (a new job is published only after every item is finished). */
-        ad_pool_fn *fn = atomic_load_explicit(&p->fn, memory_order_relaxed);
-        void *ctx = atomic_load_explicit(&p->ctx, memory_order_relaxed);
-        int n_items = atomic_load_explicit(&p->n_items, memory_order_relaxed);
+         * when it was read. The caller closes a job (AD_POOL_CLOSED) before it writes the next
+         * one, so a claim made with the next job's n_items but an older state (all items
+         * claimed, the next generation not yet published) fails. */
+        ad_pool_fn *fn = atomic_load_explicit(&p->fn, memory_order_acquire);
+        void *ctx = atomic_load_explicit(&p->ctx, memory_order_acquire);
+        int n_items = atomic_load_explicit(&p->n_items, memory_order_acquire);
         uint32_t item = (uint32_t)st;
-        if ((int)item >= n_items)
-            return;
+        if (item >= (uint32_t)n_items)
+            return n_run;
         if (!atomic_compare_exchange_weak_explicit(&p->state, &st, st + 1, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue; /* st now holds the current value */
         fn(ctx, (int)item, thread);
+        n_run++;
         atomic_fetch_add_explicit(&p->n_done, 1, memory_order_release);
         st = atomic_load_explicit(&p->state, memory_order_acquire);
     }
@@ -212,9 +223,9 @@ void ad_pool_run(struct ad_pool *p, int n_items, ad_pool_fn *fn, void *ctx)
     }
     double t0 = ad_now();
     /* Publish: the job first, then the new generation with item 0 (release). */
-    atomic_store_explicit(&p->fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
-    atomic_store_explicit(&p->n_items, n_items, memory_order_relaxed);
+    atomic_store_explicit(&p->fn, fn, memory_order_release);
+    atomic_store_explicit(&p->ctx, ctx, memory_order_release);
+    atomic_store_explicit(&p->n_items, n_items, memory_order_release);
     atomic_store_explicit(&p->n_done, 0, memory_order_relaxed);
     uint32_t gen = gen_of(atomic_load_explicit(&p->state, memory_order_relaxed)) + 1;
     atomic_store(&p->state, (uint64_t)gen << 32); /* seq_cst: ordered before the load below */
@@ -224,7 +235,7 @@ void ad_pool_run(struct ad_pool *p, int n_items, ad_pool_fn *fn, void *ctx)
         pthread_mutex_unlock(&p->lock);
     }
 
-    work(p, gen, 0);
+    int n_run = work(p, gen, 0);
     /* Every item is claimed; wait for those the helpers are still running. */
     double t1 = ad_now();
     for (unsigned i = 0; atomic_load_explicit(&p->n_done, memory_order_acquire) < n_items; i++) {
@@ -232,8 +243,20 @@ void ad_pool_run(struct ad_pool *p, int n_items, ad_pool_fn *fn, void *ctx)
         if (i % 4096 == 4095)
             sched_yield(); /* a helper was preempted: let it run */
     }
+    /* Close the job before the next one is written: a helper that read the state while the
+     * last items were running, and n_items after the next job changed it, would otherwise
+     * claim an item past the end of this job (and run it with the next job's fn and ctx, and
+     * count it as done in the next job). acq_rel: the next job's stores stay after it. */
+    atomic_exchange_explicit(&p->state, ((uint64_t)gen << 32) | AD_POOL_CLOSED,
+                             memory_order_acq_rel);
     double t2 = ad_now();
-    p->late = 0.95 * p->late + 0.05 * (t2 - t1) / (t2 - t0 + 1e-9);
+    /* Waiting up to about an item's time is the job's granularity, not a late helper: a job
+     * of 2 or 3 items of different sizes (the adapter deltas of q, k and v at batch 1) waits
+     * for most of one. Allow twice the caller's mean item; a preempted helper costs far more. */
+    if (n_run == 0)
+        return; /* the helpers took every item: nothing to compare with */
+    double wait = (t2 - t1) - 2 * (t1 - t0) / n_run;
+    p->late = 0.95 * p->late + 0.05 * (wait > 0 ? wait : 0) / (t2 - t0 + 1e-9);
     if (p->late > AD_POOL_LATE) {
         p->late = 0;
         p->solo = AD_POOL_SOLO;
