@@ -33,6 +33,7 @@
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
 #include "adapterd/util.h"
+#include "bench.h"
 
 #define AD_BENCH_DEFAULT_DIR "/tmp/adapterd-bench-135m"
 #define AD_BENCH_BLOCK 16
@@ -58,17 +59,6 @@ struct ad_bench_opts {
 
 /* ==========================================================================================
  * Helpers */
-
-static int ad_parse_int(const char *s, int lo, int hi, int *ret)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return -EINVAL;
-    *ret = (int)v;
-    return 0;
-}
 
 static uint64_t ad_rng = 0x9e3779b97f4a7c15ull;
 
@@ -109,19 +99,6 @@ static size_t ad_rss(void)
         resident = 0;
     fclose(f);
     return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
-}
-
-static void ad_print_loadavg(const char *when)
-{
-    char buf[128] = "";
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f) {
-        if (!fgets(buf, sizeof(buf), f))
-            buf[0] = '\0';
-        fclose(f);
-    }
-    buf[strcspn(buf, "\n")] = '\0';
-    printf("load average %-9s%s\n", when, buf[0] ? buf : "(unknown)");
 }
 
 /* ==========================================================================================
@@ -458,15 +435,15 @@ static int ad_parse_args(int argc, char **argv, struct ad_bench_opts *o)
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
         case 'r':
-            if (ad_parse_int(optarg, 1, 1000, &o->reps) < 0)
+            if (bench_parse_int(optarg, 1, 1000, &o->reps) < 0)
                 return -EINVAL;
             break;
         case 's':
-            if (ad_parse_int(optarg, 1, 512, &o->steps) < 0)
+            if (bench_parse_int(optarg, 1, 512, &o->steps) < 0)
                 return -EINVAL;
             break;
         case 'p':
-            if (ad_parse_int(optarg, 1, 1024, &o->prompt) < 0)
+            if (bench_parse_int(optarg, 1, 1024, &o->prompt) < 0)
                 return -EINVAL;
             break;
         case 'P':
@@ -476,7 +453,7 @@ static int ad_parse_args(int argc, char **argv, struct ad_bench_opts *o)
                 return -EINVAL;
             break;
         case 'b':
-            if (ad_parse_int(optarg, 1, 32, &o->only_batch) < 0 ||
+            if (bench_parse_int(optarg, 1, 32, &o->only_batch) < 0 ||
                 (o->only_batch != 1 && o->only_batch != 32))
                 return -EINVAL;
             break;
@@ -628,7 +605,7 @@ int main(int argc, char **argv)
     printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
     printf("openblas threads      %d\n", openblas_get_num_threads());
     printf("openblas core         %s\n", openblas_get_corename());
-    ad_print_loadavg("(start) ");
+    bench_print_loadavg("(start) ");
 
     if (ad_model_load(dir, &m, &err) < 0) {
         fprintf(stderr, "bench-adapters: %s\n", err.msg);
@@ -662,7 +639,7 @@ int main(int argc, char **argv)
         goto out;
 
     printf("\n");
-    ad_print_loadavg("(end)   ");
+    bench_print_loadavg("(end)   ");
     printf("\n== goals\n");
     for (int i = 0; o.load && i < AD_N_RANKS * 2; i++)
         if (load[i].rank == AD_BENCH_DECODE_RANK)

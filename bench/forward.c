@@ -25,6 +25,7 @@
 
 #include "adapterd/model.h"
 #include "adapterd/util.h"
+#include "bench.h"
 
 #define AD_BENCH_DEFAULT_DIR "/tmp/adapterd-bench-135m"
 #define AD_BENCH_SGEMM_N 2048
@@ -44,17 +45,6 @@ struct ad_bench_opts {
 
 /* ==========================================================================================
  * Helpers */
-
-static int ad_parse_int(const char *s, int lo, int hi, int *ret)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return -EINVAL;
-    *ret = (int)v;
-    return 0;
-}
 
 static uint64_t ad_rng = 0x9e3779b97f4a7c15ull;
 
@@ -398,15 +388,15 @@ static int ad_parse_args(int argc, char **argv, struct ad_bench_opts *o)
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
         case 'p':
-            if (ad_parse_int(optarg, 1, 1024, &o->prompt) < 0)
+            if (bench_parse_int(optarg, 1, 1024, &o->prompt) < 0)
                 return -EINVAL;
             break;
         case 's':
-            if (ad_parse_int(optarg, 1, 512, &o->steps) < 0)
+            if (bench_parse_int(optarg, 1, 512, &o->steps) < 0)
                 return -EINVAL;
             break;
         case 'b':
-            if (ad_parse_int(optarg, 1, 32, &o->only_batch) < 0 ||
+            if (bench_parse_int(optarg, 1, 32, &o->only_batch) < 0 ||
                 (o->only_batch != 1 && o->only_batch != 8 && o->only_batch != 32))
                 return -EINVAL;
             break;
@@ -429,19 +419,6 @@ static int ad_parse_args(int argc, char **argv, struct ad_bench_opts *o)
     if (optind < argc)
         o->dir = argv[optind++];
     return optind == argc ? 0 : -EINVAL;
-}
-
-static void ad_print_loadavg(const char *when)
-{
-    char buf[128] = "";
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f) {
-        if (!fgets(buf, sizeof(buf), f))
-            buf[0] = '\0';
-        fclose(f);
-    }
-    buf[strcspn(buf, "\n")] = '\0';
-    printf("load average %-9s%s\n", when, buf[0] ? buf : "(unknown)");
 }
 
 int main(int argc, char **argv)
@@ -473,7 +450,7 @@ int main(int argc, char **argv)
            openblas_get_num_threads());
     printf("openblas core         %s\n", openblas_get_corename());
     printf("openblas config       %s\n", openblas_get_config());
-    ad_print_loadavg("(start) ");
+    bench_print_loadavg("(start) ");
     fflush(stdout);
 
     if (o.roofline) {
@@ -576,7 +553,7 @@ int main(int argc, char **argv)
                bw > 0 ? 100.0 * wgbs / bw : 0.0);
     }
     printf("\n");
-    ad_print_loadavg("(end)   ");
+    bench_print_loadavg("(end)   ");
 
     if (o.roofline) {
         printf("read bandwidth        %.1f GB/s at the start, %.1f GB/s at the end: bound %.1f "

@@ -47,6 +47,7 @@
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
 #include "adapterd/util.h"
+#include "bench.h"
 
 #define BS_PREPARED "prepared-v1" /* stamp written when the work directory is complete */
 #define BS_MODEL_NAME "smollm2-135m-random"
@@ -126,29 +127,6 @@ static double bs_quantile(double *v, int n, double q)
     qsort(v, (size_t)n, sizeof(double), bs_cmp_double);
     int k = (int)ceil(q * n) - 1;
     return v[k < 0 ? 0 : k >= n ? n - 1 : k];
-}
-
-static int bs_parse_int(const char *s, int lo, int hi, int *ret)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return -EINVAL;
-    *ret = (int)v;
-    return 0;
-}
-
-static void bs_loadavg(char *buf, size_t size)
-{
-    FILE *f = fopen("/proc/loadavg", "r");
-    buf[0] = '\0';
-    if (f) {
-        if (!fgets(buf, (int)size, f))
-            buf[0] = '\0';
-        fclose(f);
-    }
-    buf[strcspn(buf, "\n")] = '\0';
 }
 
 static void bs_sleep(double s)
@@ -1435,7 +1413,7 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
     int n_res = (int)(BS_N_ZIPF * BS_RESIDENT_SHARE);
     int budget_mb = (int)((adapter_bytes * n_res + (1 << 20) - 1) >> 20);
     bs_zipf_init(z, n_res);
-    bs_loadavg(before, sizeof(before));
+    bench_loadavg(before, sizeof(before));
     if ((r = bs_daemon_start(o, p, p->store_z, budget_mb, &d)) < 0)
         goto out;
     snprintf(c->url, sizeof(c->url), "%s/v1/completions", d.base);
@@ -1478,7 +1456,7 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
         picks0 += z->picks - pk;
         misses0 += z->misses - ms;
     }
-    bs_loadavg(after, sizeof(after));
+    bench_loadavg(after, sizeof(after));
     printf("load average during this part: %s (before) -> %s (after)\n", before, after);
     printf("%d rounds (+%d repeated: others >= %.2f), taking turns; best: of the clean rounds if "
            "any; TTFT over the requests of every round\n", o->zipf_rounds, extra, BS_CLEAN);
@@ -1535,14 +1513,14 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
         case 'm': o->mkmodel = optarg; break;
         case 'w': o->work = optarg; break;
         case 's': o->model_src = optarg; break;
-        case 'r': r = bs_parse_int(optarg, 1, 100, &o->rounds); break;
-        case 'R': r = bs_parse_int(optarg, 1, 100, &o->zipf_rounds); break;
-        case 'F': r = bs_parse_int(optarg, 1, BS_N_ZIPF / 10, &o->zipf_fixed); break;
-        case 'p': r = bs_parse_int(optarg, 1, 1024, &o->prompt); break;
-        case 't': r = bs_parse_int(optarg, 2, 1024, &o->tokens); break;
-        case 'W': r = bs_parse_int(optarg, 1, 3600, &w); o->window = w; break;
-        case 'z': r = bs_parse_int(optarg, 1, BS_MAX_STREAMS, &o->zipf_streams); break;
-        case 'k': r = bs_parse_int(optarg, 1, BS_MAX_STREAMS, &o->kinds_streams); break;
+        case 'r': r = bench_parse_int(optarg, 1, 100, &o->rounds); break;
+        case 'R': r = bench_parse_int(optarg, 1, 100, &o->zipf_rounds); break;
+        case 'F': r = bench_parse_int(optarg, 1, BS_N_ZIPF / 10, &o->zipf_fixed); break;
+        case 'p': r = bench_parse_int(optarg, 1, 1024, &o->prompt); break;
+        case 't': r = bench_parse_int(optarg, 2, 1024, &o->tokens); break;
+        case 'W': r = bench_parse_int(optarg, 1, 3600, &w); o->window = w; break;
+        case 'z': r = bench_parse_int(optarg, 1, BS_MAX_STREAMS, &o->zipf_streams); break;
+        case 'k': r = bench_parse_int(optarg, 1, BS_MAX_STREAMS, &o->kinds_streams); break;
         case 'P':
             o->streams = !strcmp(optarg, "all") || !strcmp(optarg, "streams");
             o->zipf = !strcmp(optarg, "all") || !strcmp(optarg, "zipf");
@@ -1603,7 +1581,7 @@ int main(int argc, char **argv)
     }
 
     const char *coretype = getenv("OPENBLAS_CORETYPE");
-    bs_loadavg(la0, sizeof(la0));
+    bench_loadavg(la0, sizeof(la0));
     printf("== bench-serve: adapterd over HTTP on 127.0.0.1\n");
     printf("nproc %ld; OPENBLAS_CORETYPE %s (the daemon inherits it); openblas core %s\n",
            sysconf(_SC_NPROCESSORS_ONLN), coretype ? coretype : "(unset)",
@@ -1645,7 +1623,7 @@ int main(int argc, char **argv)
         if ((r = bs_part_zipf(&o, &p, &c, adapter_bytes, &zipf_ratio)) < 0)
             goto out;
     }
-    bs_loadavg(la1, sizeof(la1));
+    bench_loadavg(la1, sizeof(la1));
     printf("\n== goals (issue 6, item 6)\n");
     if (o.zipf && o.zipf_fixed != 5)
         printf("(part 3 compared with %d adapters, not 5)\n", o.zipf_fixed);
