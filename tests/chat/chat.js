@@ -20,8 +20,9 @@
  *     str.strip() its own, and
  *   - its == and != are JavaScript's loose ones: '' != false is false there, true in Python
  *     (Llama 2's template prints an empty system prompt's <<SYS>> block because of it).
- * When Python's jinja2 is installed, every case is also rendered by it, with the settings of
- * transformers, and must agree: the corrections above are checked, not assumed.
+ * Every case is also rendered by Python's jinja2 (Debian python3-jinja2; the test fails without
+ * it) with the settings of transformers, and must agree: the corrections above are checked, not
+ * assumed.
  *
  * Content given as a list of {"type": "text"} parts goes to the reference as the list itself
  * when the template iterates over it (Gemma 3), and otherwise joined with "\n": adapterd, like
@@ -238,9 +239,10 @@ let pyOut = null;
         maxBuffer: 1 << 28, encoding: 'utf8' });
     if (r.status === 0) {
         pyOut = JSON.parse(r.stdout);
-    } else {
-        console.log('chat: Python jinja2 not available, the cross-check is skipped' +
+    } else { /* the patched builtins above are only trusted because Python agrees */
+        console.log('FAIL: Python jinja2 (Debian python3-jinja2) cannot run the cross-check' +
                     (r.stderr ? ` (${r.stderr.trim().split('\n').pop()})` : ''));
+        process.exit(1);
     }
 }
 
@@ -277,7 +279,7 @@ assert.equal(got.length, cases.length);
 const show = (s) => JSON.stringify(s);
 let passed = 0, failed = 0, divergent = 0;
 const perTemplate = new Map();
-pyCases.forEach((c, i) => { c.py = pyOut ? pyOut[i] : null; });
+pyCases.forEach((c, i) => { c.py = pyOut[i]; });
 cases.forEach((c, i) => {
     const a = got[i], t = c.template;
     const label = `${t.name} / ${c.conv}`;
@@ -317,6 +319,6 @@ cases.forEach((c, i) => {
 for (const [name, s] of perTemplate)
     console.log(`${s.ok === s.n ? 'ok  ' : 'FAIL'} ${name}: ${s.ok}/${s.n}`);
 console.log(`chat: ${divergent} cases where unmodified @huggingface/jinja differs from Python's ` +
-            `strip/trim/== (adapterd follows Python)${pyOut ? ', all checked against Python jinja2' : ''}`);
+            `strip/trim/== (adapterd follows Python), all checked against Python jinja2`);
 console.log(`chat: ${passed} of ${cases.length} cases pass, ${failed} fail`);
 process.exit(failed ? 1 : 0);
