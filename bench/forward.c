@@ -170,78 +170,6 @@ static double ad_bench_bandwidth(int n_threads, int reps)
 }
 
 /* ==========================================================================================
- * The model: find or generate it */
-
-static int ad_file_exists(const char *dir, const char *name)
-{
-    char path[PATH_MAX];
-    struct stat st;
-    if (ad_path_join(path, sizeof(path), dir, name) < 0)
-        return 0;
-    return stat(path, &st) == 0;
-}
-
-/* Finds adapterd-mkmodel next to this binary (build/bench/ -> build/tools/) into buf. */
-static int ad_find_mkmodel(char *buf, size_t size)
-{
-    static const char *const rel[] = {"adapterd-mkmodel", "../tools/adapterd-mkmodel",
-                                      "../adapterd-mkmodel"};
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-
-    if (n <= 0)
-        return -ENOENT;
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (!slash)
-        return -ENOENT;
-    *slash = '\0';
-    for (size_t i = 0; i < sizeof(rel) / sizeof(rel[0]); i++)
-        if (ad_path_join(buf, size, self, rel[i]) == 0 && access(buf, X_OK) == 0)
-            return 0;
-    return -ENOENT;
-}
-
-/* Generates the SmolLM2-135M-shaped model into dir (via dir.tmp, then rename) unless it is
- * already there. */
-static int ad_ensure_model(const char *dir)
-{
-    char mk[PATH_MAX], tmp[PATH_MAX];
-
-    if (ad_file_exists(dir, "config.json") && ad_file_exists(dir, "model.safetensors"))
-        return 0;
-    if (ad_find_mkmodel(mk, sizeof(mk)) < 0) {
-        fprintf(stderr, "bench-forward: adapterd-mkmodel not found next to this binary\n");
-        return -ENOENT;
-    }
-    int len = snprintf(tmp, sizeof(tmp), "%s.tmp-%ld", dir, (long)getpid());
-    if (len < 0 || (size_t)len >= sizeof(tmp))
-        return -ENAMETOOLONG;
-    fprintf(stderr, "bench-forward: generating the model into '%s' (once)...\n", dir);
-    double t0 = ad_now();
-    pid_t pid = fork();
-    if (pid < 0)
-        return -errno;
-    if (pid == 0) {
-        dup2(2, 1); /* mkmodel's chatter goes to stderr, the report stays clean */
-        execl(mk, mk, "--preset", "smollm2-135m", tmp, (char *)NULL);
-        _exit(127);
-    }
-    int status;
-    if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        fprintf(stderr, "bench-forward: '%s' failed\n", mk);
-        return -EIO;
-    }
-    if (rename(tmp, dir) < 0) {
-        int e = errno;
-        fprintf(stderr, "bench-forward: cannot rename '%s' to '%s': %s\n", tmp, dir, strerror(e));
-        return -e;
-    }
-    fprintf(stderr, "bench-forward: generated in %.1f s\n", ad_now() - t0);
-    return 0;
-}
-
-/* ==========================================================================================
  * The forward pass: prefill and decode */
 
 struct ad_bench_run {
@@ -435,7 +363,7 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *dir = o.dir ? o.dir : AD_BENCH_DEFAULT_DIR;
-    if (!o.dir && ad_ensure_model(dir) < 0)
+    if (!o.dir && bench_ensure_model("bench-forward", dir) < 0)
         return 1;
 
     const char *coretype = getenv("OPENBLAS_CORETYPE");

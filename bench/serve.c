@@ -161,29 +161,6 @@ static bool bs_exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-/* Finds a program next to this binary (build/bench/ -> build/, build/tools/) into buf. */
-static int bs_find_tool(const char *name, char *buf, size_t size)
-{
-    static const char *const rel[] = {".", "..", "../tools"};
-    char self[PATH_MAX], rel_name[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-
-    if (n <= 0)
-        return -ENOENT;
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (!slash)
-        return -ENOENT;
-    *slash = '\0';
-    for (size_t i = 0; i < sizeof(rel) / sizeof(rel[0]); i++) {
-        int len = snprintf(rel_name, sizeof(rel_name), "%s/%s", rel[i], name);
-        if (len > 0 && (size_t)len < sizeof(rel_name) &&
-            ad_path_join(buf, size, self, rel_name) == 0 && access(buf, X_OK) == 0)
-            return 0;
-    }
-    return -ENOENT;
-}
-
 /* ==========================================================================================
  * Preparing the model and the adapters (once; a stamp file marks a complete work directory) */
 
@@ -1551,7 +1528,7 @@ int main(int argc, char **argv)
         bs_usage(stderr);
         return 2;
     }
-    if (!o.mkmodel && bs_find_tool("adapterd-mkmodel", mk, sizeof(mk)) == 0)
+    if (!o.mkmodel && bench_find_tool("adapterd-mkmodel", mk, sizeof(mk)) == 0)
         o.mkmodel = mk;
     signal(SIGINT, bs_on_signal);
     signal(SIGTERM, bs_on_signal);
