@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include "../check.h"
+#include "../reference.h"
 #include "adapterd/adapter.h"
 #include "adapterd/model.h"
 #include "adapterd/util.h"
@@ -30,32 +31,6 @@ static int n_seq, n_steps, V;
 static int32_t *prompts[MAX_SEQS];
 static int prompt_len[MAX_SEQS];
 static size_t total_prompt;
-
-static float *read_f32(const char *rel, size_t n)
-{
-    char path[4096];
-    char *buf;
-    size_t len;
-    struct ad_err err;
-    CHECK(ad_path_join(path, sizeof(path), case_dir, rel) == 0);
-    if (ad_read_file(path, (size_t)1 << 31, &buf, &len, &err) < 0) {
-        fprintf(stderr, "%s\n", err.msg);
-        exit(1);
-    }
-    CHECK_INT(len, ==, n * sizeof(float));
-    return (float *)buf;
-}
-
-static double max_diff(const float *a, const float *b, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - (double)b[i]);
-        if (!(d <= m))
-            m = isnan(d) ? INFINITY : d;
-    }
-    return m;
-}
 
 /* Runs every sequence s with runs[which[s]]'s mix in shared batches (prefill in one pass, then
  * decode steps) and returns the worst difference from each sequence's own reference. */
@@ -203,8 +178,8 @@ int main(int argc, char **argv)
             printf("%-28s mix FAIL: %s\n", r->name, err.msg);
             fail = 1;
         }
-        r->prefill = read_f32(json_string_value(json_object_get(jr, "prefill")), total_prompt * V);
-        r->decode = read_f32(json_string_value(json_object_get(jr, "decode")),
+        r->prefill = read_f32(case_dir, json_string_value(json_object_get(jr, "prefill")), total_prompt * V);
+        r->decode = read_f32(case_dir, json_string_value(json_object_get(jr, "decode")),
                              (size_t)n_steps * n_seq * V);
     }
     if (fail)

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "../check.h"
+#include "../reference.h"
 #include "adapterd/adapter.h"
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
@@ -42,31 +43,6 @@ static size_t total_prompt;
 
 /* ==========================================================================================
  * Helpers */
-
-static float *read_f32(const char *rel, size_t n)
-{
-    char path[4096], *buf;
-    size_t len;
-    struct ad_err err;
-    CHECK(ad_path_join(path, sizeof(path), case_dir, rel) == 0);
-    if (ad_read_file(path, (size_t)1 << 31, &buf, &len, &err) < 0) {
-        fprintf(stderr, "%s\n", err.msg);
-        exit(1);
-    }
-    CHECK_INT(len, ==, n * sizeof(float));
-    return (float *)buf;
-}
-
-static double max_diff(const float *a, const float *b, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - (double)b[i]);
-        if (!(d <= m))
-            m = isnan(d) ? INFINITY : d;
-    }
-    return m;
-}
 
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
@@ -457,7 +433,7 @@ int main(int argc, char **argv)
             n_refused++;
             continue;
         }
-        float *want = read_f32(json_string_value(json_object_get(jr, "prefill")),
+        float *want = read_f32(case_dir, json_string_value(json_object_get(jr, "prefill")),
                                total_prompt * (size_t)V);
         double d = export_and_compare(r, case_dir, "merged", want, NULL, msg, sizeof(msg));
         bool ok = d <= TOL;

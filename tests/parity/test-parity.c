@@ -9,37 +9,11 @@
 #include <stdlib.h>
 
 #include "../check.h"
+#include "../reference.h"
 #include "adapterd/model.h"
 #include "adapterd/util.h"
 
 #define TOL 1e-4
-
-static float *read_f32(const char *dir, const char *name, size_t n)
-{
-    char path[4096];
-    char *buf;
-    size_t len;
-    struct ad_err err;
-
-    CHECK(ad_path_join(path, sizeof(path), dir, name) == 0);
-    if (ad_read_file(path, (size_t)1 << 31, &buf, &len, &err) < 0) {
-        fprintf(stderr, "%s\n", err.msg);
-        exit(1);
-    }
-    CHECK_INT(len, ==, n * sizeof(float));
-    return (float *)buf;
-}
-
-static double max_diff(const float *a, const float *b, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - (double)b[i]);
-        if (!(d <= m)) /* NaN counts as infinitely wrong */
-            m = isnan(d) ? INFINITY : d;
-    }
-    return m;
-}
 
 /* mode 0: one pass; mode 1: two chunks per prompt; block size 16, or 3 in mode 2. */
 static double run(const struct ad_model *m, json_t *ref, int mode, const float *want_prefill,
