@@ -112,6 +112,9 @@ struct ad_adapter *ad_adapter_ref(struct ad_adapter *a);
 struct ad_adapter *ad_adapter_unref(struct ad_adapter *a);
 
 const char *ad_adapter_kind_name(enum ad_adapter_kind k);
+/* The kind an adapter_config.json's "peft_type" names (NULL: an AdapterHub bottleneck config),
+ * AD_ADAPTER_KIND_COUNT if it names none adapterd supports. */
+enum ad_adapter_kind ad_adapter_config_kind(const char *peft_type);
 
 /* ==========================================================================================
  * Mixes: what one request runs with. Several LoRA adapters compose (weighted deltas add);

@@ -255,6 +255,16 @@ static const struct {
     {"BITFIT", AD_ADAPTER_BIAS, ad_bias_load},
 };
 
+enum ad_adapter_kind ad_adapter_config_kind(const char *peft_type)
+{
+    if (!peft_type)
+        return AD_ADAPTER_BOTTLENECK; /* AdapterHub's config has no peft_type */
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+        if (!strcmp(peft_type, kinds[i].peft_type))
+            return kinds[i].kind;
+    return AD_ADAPTER_KIND_COUNT;
+}
+
 int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
                         size_t weights_len, const char *name, struct ad_adapter **ret,
                         struct ad_err *err)

@@ -186,31 +186,29 @@ void ad_registry_free(struct ad_registry *r)
 }
 
 /* The kind and rank an adapter directory's adapter_config.json declares, without loading the
- * weights. -1 if there is no readable config. */
-static int peek_config(const char *dir, enum ad_adapter_kind *kind, int *rank)
+ * weights (those are checked when the adapter is first used). */
+static int peek_config(const char *dir, enum ad_adapter_kind *kind, int *rank, struct ad_err *err)
 {
-    static const struct {
-        const char *peft_type;
-        enum ad_adapter_kind kind;
-    } types[] = {{"LORA", AD_ADAPTER_LORA},           {"IA3", AD_ADAPTER_IA3},
-                 {"PREFIX_TUNING", AD_ADAPTER_PREFIX}, {"PROMPT_TUNING", AD_ADAPTER_PROMPT},
-                 {"P_TUNING", AD_ADAPTER_PROMPT},      {"BITFIT", AD_ADAPTER_BIAS}};
     char path[4200];
+    *kind = AD_ADAPTER_KIND_COUNT;
+    *rank = 0;
+    json_error_t jerr;
     snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
-    json_t *cfg = json_load_file(path, 0, NULL);
+    json_t *cfg = json_load_file(path, 0, &jerr);
     if (!json_is_object(cfg)) {
         json_decref(cfg);
-        return -1;
+        return ad_err_set(err, -EINVAL, "%.200s: %s", path, cfg ? "not a JSON object" : jerr.text);
     }
     const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
-    *kind = AD_ADAPTER_BOTTLENECK; /* AdapterHub: {"config": {...}} */
-    for (size_t i = 0; pt && i < sizeof(types) / sizeof(types[0]); i++)
-        if (!strcmp(pt, types[i].peft_type))
-            *kind = types[i].kind;
+    *kind = ad_adapter_config_kind(pt);
     json_t *r = json_object_get(cfg, "r");
     *rank = json_is_integer(r) ? (int)json_integer_value(r) : 0;
+    int rc = *kind == AD_ADAPTER_KIND_COUNT
+                 ? ad_err_set(err, -ENOTSUP, "adapter_config.json: peft_type '%.40s' is not "
+                              "supported", pt)
+                 : 0;
     json_decref(cfg);
-    return 0;
+    return rc;
 }
 
 int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void *ud)
@@ -255,10 +253,14 @@ int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void 
          * it from its config alone, to be loaded and validated when first asked for, so a
          * store of thousands of adapters is served within a second of starting. */
         if (r->budget && loaded >= r->budget) {
-            enum ad_adapter_kind kind;
-            int rank;
-            if (peek_config(path, &kind, &rank) < 0)
-                continue; /* not an adapter directory (yet): a later scan may see it whole */
+            enum ad_adapter_kind kind = AD_ADAPTER_KIND_COUNT;
+            int rank = 0;
+            struct ad_err err;
+            if (peek_config(path, &kind, &rank, &err) < 0) {
+                if (on_error) /* as a failed load: a later scan may see it whole */
+                    on_error(ud, name, &err);
+                continue;
+            }
             pthread_mutex_lock(&r->lock);
             e = find(r, name) ? NULL : insert(r, name);
             if (e) {
