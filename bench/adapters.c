@@ -256,7 +256,7 @@ out:
 /* ==========================================================================================
  * Decode: base against LoRA, steps interleaved */
 
-enum { SC_B1_BASE, SC_B1_LORA, SC_B32_BASE, SC_B32_SAME, SC_B32_DIFF, N_SC };
+enum { SC_B1_BASE, SC_B1_LORA, SC_B32_BASE, SC_B32_SAME, SC_B32_DIFF, SC_B32_DIFF_BF16, N_SC };
 
 static const struct {
     int batch;
@@ -267,6 +267,7 @@ static const struct {
     [SC_B32_BASE] = {32, "base"},
     [SC_B32_SAME] = {32, "rank-16 LoRA, same adapter on every row"},
     [SC_B32_DIFF] = {32, "rank-16 LoRA, a different adapter per row"},
+    [SC_B32_DIFF_BF16] = {32, "rank-16 LoRA, BF16 files, different per row"},
 };
 
 struct ad_scenario {
@@ -440,18 +441,19 @@ static int ad_part_load(const struct ad_model *m, const struct ad_bench_opts *o,
     return 0;
 }
 
-/* Loads the rank-16 file r16 32 times (32 distinct adapters in memory), sets up the scenarios
- * and runs them: batch 1 (base, LoRA) in turns, then batch 32 (base, same, distinct). */
+/* Loads the rank-16 files r16 (F32) and r16_bf16 32 times each (64 distinct adapters in
+ * memory; BF16 factors stay BF16), sets up the scenarios and runs them: batch 1 (base, LoRA) in
+ * turns, then batch 32 (base, same, distinct F32, distinct BF16). */
 static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, const char *r16,
-                          struct ad_adapter **lora)
+                          const char *r16_bf16, struct ad_adapter **lora)
 {
     const struct ad_model_config *c = &d->m->cfg;
     struct ad_err err = {0};
 
-    for (int i = 0; i < AD_BENCH_MAX_B; i++) {
+    for (int i = 0; i < 2 * AD_BENCH_MAX_B; i++) {
         char name[32];
         snprintf(name, sizeof(name), "lora-%d", i);
-        if (ad_adapter_load(d->m, r16, name, &lora[i], &err) < 0) {
+        if (ad_adapter_load(d->m, i < AD_BENCH_MAX_B ? r16 : r16_bf16, name, &lora[i], &err) < 0) {
             fprintf(stderr, "bench-adapters: %s\n", err.msg);
             return -1;
         }
@@ -461,7 +463,7 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     d->logits = malloc((size_t)AD_BENCH_MAX_B * (size_t)c->n_vocab * sizeof(float));
     d->tokens = malloc((size_t)AD_BENCH_MAX_B * (size_t)o->prompt * sizeof(int32_t));
     if (!d->scratch || !d->logits || !d->tokens ||
-        ad_kv_init(&d->kv, c, 3 * AD_BENCH_MAX_B * per_seq, AD_BENCH_BLOCK) < 0) {
+        ad_kv_init(&d->kv, c, 4 * AD_BENCH_MAX_B * per_seq, AD_BENCH_BLOCK) < 0) {
         fprintf(stderr, "bench-adapters: out of memory\n");
         return -1;
     }
@@ -471,13 +473,16 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     memset(d->kv.v, 0, kv_bytes);
     for (int k = 0; k < N_SC; k++) {
         struct ad_scenario *sc = &d->sc[k];
-        bool on = k == SC_B1_LORA || k == SC_B32_SAME || k == SC_B32_DIFF;
-        bool distinct = k == SC_B32_DIFF;
+        bool on = k == SC_B1_LORA || k == SC_B32_SAME || k == SC_B32_DIFF ||
+                  k == SC_B32_DIFF_BF16;
+        bool distinct = k == SC_B32_DIFF || k == SC_B32_DIFF_BF16;
+        int first = k == SC_B32_DIFF_BF16 ? AD_BENCH_MAX_B : 0; /* the BF16 copies */
         sc->step = calloc((size_t)o->steps, sizeof(double));
         if (!sc->step)
             return -1;
         for (int i = 0; i < ad_scenarios[k].batch; i++) {
-            sc->mix[i] = (struct ad_mix){.n = 1, .a = {lora[distinct ? i : 0]}, .w = {1.0f}};
+            sc->mix[i] = (struct ad_mix){.n = 1, .a = {lora[first + (distinct ? i : 0)]},
+                                         .w = {1.0f}};
             /* one mix pointer for the whole batch makes one row group; one each, 32 groups */
             sc->chunks[i] = (struct ad_chunk){.seq = &sc->seqs[i],
                                               .mix = on ? &sc->mix[distinct ? i : 0] : NULL};
@@ -486,15 +491,16 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     if ((o->only_batch != 32 &&
          ad_bench_decode(d, SC_B1_BASE, SC_B1_LORA, o->prompt, o->steps) < 0) ||
         (o->only_batch != 1 &&
-         ad_bench_decode(d, SC_B32_BASE, SC_B32_DIFF, o->prompt, o->steps) < 0))
+         ad_bench_decode(d, SC_B32_BASE, SC_B32_DIFF_BF16, o->prompt, o->steps) < 0))
         return -1;
 
     printf("\n== decode: %d-token prompts, then %d steps of one token per sequence; the "
            "scenarios of a batch size take turns step by step\n",
            o->prompt, o->steps);
-    printf("LoRA weights read per step: %.1f MB per distinct adapter (f32), base weights %.1f "
-           "MB\n",
-           ad_mb((double)lora[0]->bytes), ad_mb((double)d->m->weight_bytes));
+    printf("LoRA weights read per step: %.1f MB per distinct adapter (F32 file), %.1f MB (BF16 "
+           "file), base weights %.1f MB\n",
+           ad_mb((double)lora[0]->bytes), ad_mb((double)lora[AD_BENCH_MAX_B]->bytes),
+           ad_mb((double)d->m->weight_bytes));
     printf("%5s  %-44s %9s %9s %11s %11s\n", "batch", "rows", "p50 ms", "mean ms", "ratio p50",
            "ratio mean");
     for (int k = 0; k < N_SC; k++) {
@@ -514,7 +520,7 @@ int main(int argc, char **argv)
     struct ad_bench_opts o;
     struct ad_model *m = NULL;
     struct ad_decode d = {0};
-    struct ad_adapter *lora[AD_BENCH_MAX_B] = {NULL};
+    struct ad_adapter *lora[2 * AD_BENCH_MAX_B] = {NULL};
     struct ad_load_result load[AD_N_RANKS * 2] = {{0}};
     struct ad_err err = {0};
     static char adir[AD_N_RANKS * 2][PATH_MAX];
@@ -565,7 +571,7 @@ int main(int argc, char **argv)
     int r16 = 0; /* the F32 files come first */
     while (ad_ranks[r16] != AD_BENCH_DECODE_RANK)
         r16++;
-    if (o.decode && ad_part_decode(&d, &o, adir[r16], lora) < 0)
+    if (o.decode && ad_part_decode(&d, &o, adir[r16], adir[r16 + AD_N_RANKS], lora) < 0)
         goto out;
 
     printf("\n");
@@ -593,7 +599,7 @@ out:
     ad_scratch_free(d.scratch);
     free(d.logits);
     free(d.tokens);
-    for (int i = 0; i < AD_BENCH_MAX_B; i++)
+    for (int i = 0; i < 2 * AD_BENCH_MAX_B; i++)
         ad_adapter_unref(lora[i]);
     ad_model_free(m);
     if (tmp[0])

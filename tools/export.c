@@ -360,14 +360,31 @@ static inline size_t at(const struct ad_site *s, int o, int i)
 }
 
 /* w (stored layout) += alpha * B A: [n_out, n_in], or its transpose for Conv1D. */
-static void add_lora(const struct ad_site *s, const struct ad_site_delta *d, float alpha, float *w)
+static int add_lora(const struct ad_site *s, const struct ad_site_delta *d, float alpha, float *w)
 {
+    const struct ad_lora_factors *f = &d->lora;
+    float *a = malloc((size_t)f->rank * (size_t)s->n_in * sizeof(float));
+    float *b = malloc((size_t)s->n_out * (size_t)f->rank * sizeof(float));
+    if (!a || !b) {
+        free(a);
+        free(b);
+        return -ENOMEM;
+    }
+    for (int r = 0; r < f->rank; r++) {
+        for (int i = 0; i < s->n_in; i++)
+            a[(size_t)r * s->n_in + i] = ad_lora_a_at(f, r, i);
+        for (int o = 0; o < s->n_out; o++)
+            b[(size_t)o * f->rank + r] = ad_lora_b_at(f, o, r);
+    }
     if (s->w_in_out)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, s->n_in, s->n_out, d->rank, alpha,
-                    d->lora_a, s->n_in, d->lora_b, d->rank, 1.0f, w, s->n_out);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, s->n_in, s->n_out, f->rank, alpha, a,
+                    s->n_in, b, f->rank, 1.0f, w, s->n_out);
     else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->n_out, s->n_in, d->rank, alpha,
-                    d->lora_b, d->rank, d->lora_a, s->n_in, 1.0f, w, s->n_in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->n_out, s->n_in, f->rank, alpha,
+                    b, f->rank, a, s->n_in, 1.0f, w, s->n_in);
+    free(a);
+    free(b);
+    return 0;
 }
 
 /* Folds every adapter's delta on site i into (W, b), in the order ad_mix_site_post applies them
@@ -406,8 +423,12 @@ static int merge_site(struct plan *p, int i, struct ad_err *err)
             memcpy(b, d->b_new, (size_t)s->n_out * sizeof(float));
             has_b = b_changed = true;
         }
-        if (d->lora_a) {
-            add_lora(s, d, wk * d->scale, w);
+        if (d->lora.a) {
+            if (add_lora(s, d, wk * d->scale, w) < 0) {
+                free(w);
+                free(b);
+                return ad_err_set(err, -ENOMEM, "out of memory merging '%s'", s->path);
+            }
             w_changed = true;
             if (d->dora_k) { /* y = k (W x + s B A x) + b: the rows of W + s B A, not b */
                 for (int o = 0; o < s->n_out; o++)

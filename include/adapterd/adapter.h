@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "adapterd/kernels.h"
 #include "adapterd/model.h"
 
 struct ad_err;
@@ -32,11 +33,10 @@ enum ad_adapter_kind {
 struct ad_site_delta {
     const struct ad_site *site;
     /* LoRA: y += scale * B (A x) (+ scale * b_B); DoRA: y = k (W x + scale B A x) + b, b the
-     * bias in effect (b_new, else the base's) */
-    int rank;
+     * bias in effect (b_new, else the base's). The factors stay BF16 when the file has them in
+     * BF16 (kernels.h); lora.a is NULL without LoRA. */
+    struct ad_lora_factors lora;
     float scale;
-    float *lora_a;    /* [rank, n_in] */
-    float *lora_b;    /* [n_out, rank] */
     float *lora_bias; /* [n_out] or NULL */
     float *dora_k;    /* [n_out] = m / |W + scale B A|_row, or NULL */
     /* IA3: y *= l_out (bias included), or y = W (l_in x) + b */
@@ -146,18 +146,15 @@ bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x
 void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
                       bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len);
 
-/* Groups of fewer rows than this compute their LoRA deltas with the adapters' own row kernel;
- * larger ones call OpenBLAS's sgemm (lora.c). */
-#define AD_MIX_ROW_KERNEL_ROWS 4
-/* The work space ad_mix_site_post needs when ad_mix_site_post_local says yes, in floats: one
- * row's A x at the largest rank a loader accepts. */
+/* The work space ad_mix_site_post needs when ad_mix_site_post_local says yes, in floats: the
+ * LoRA kernel's t for AD_LORA_ROWS rows at the largest rank a loader accepts. */
 #define AD_MIX_LOCAL_TMP 4096
-/* Whether ad_mix_site_post(mix, s, ..., x_scaled, ..., n, ...) runs on the adapters' own row
- * kernels only: no BLAS call, and no more than AD_MIX_LOCAL_TMP floats of tmp. Such calls may
- * run at the same time on several threads (one tmp each) for different sites or different rows,
- * including while another thread runs a BLAS call. Thread-safe. */
-bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled,
-                            int n);
+/* Whether ad_mix_site_post(mix, s, ..., x_scaled, ...) runs on the adapters' own kernels only
+ * (LoRA, DoRA, IA3 output scaling, bias swaps): no BLAS call, and no more than AD_MIX_LOCAL_TMP
+ * floats of tmp, for any number of rows. Such calls may run at the same time on several threads
+ * (one tmp each) for different sites or different rows, including while another thread runs a
+ * BLAS call. Thread-safe. */
+bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled);
 /* Norm parameters for the group (the base's unless an adapter replaces them). */
 void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
                  const float **b);

@@ -206,7 +206,7 @@ void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const f
             dora(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
         else if (d->b_new)
             swap_bias(d, y, ldy, n);
-        if (d->lora_a && !d->dora_k)
+        if (d->lora.a && !d->dora_k)
             ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
         if (d->ia3_in && !x_scaled)
             ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
@@ -216,15 +216,14 @@ void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const f
     }
 }
 
-bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled,
-                            int n)
+bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled)
 {
     for (int k = 0; k < mix->n; k++) {
         const struct ad_site_delta *d = delta_of(mix->a[k], s);
         if (!d)
             continue;
-        /* replaced() and ia3_in_delta() are sgemm calls, and so is LoRA on larger groups */
-        if (d->w_new || (d->ia3_in && !x_scaled) || (d->lora_a && n >= AD_MIX_ROW_KERNEL_ROWS))
+        /* replaced() and ia3_in_delta() are sgemm calls */
+        if (d->w_new || (d->ia3_in && !x_scaled))
             return false;
     }
     return true;

@@ -1,7 +1,9 @@
 /* LoRA, rsLoRA and DoRA (PEFT "LORA"): y += s * B (A x), s = alpha / r or alpha / sqrt(r);
  * DoRA rescales each output row by k = m / |W + s B A|_row (bias not scaled). */
-#include <cblas.h>
 #include <errno.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -79,14 +81,61 @@ static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const float *m
         for (int i = 0; i < s->n_in; i++) {
             double w = s->w_in_out ? s->w[(size_t)i * s->n_out + o] : s->w[(size_t)o * s->n_in + i];
             double ba = 0;
-            for (int r = 0; r < d->rank; r++)
-                ba += (double)d->lora_b[(size_t)o * d->rank + r] *
-                      (double)d->lora_a[(size_t)r * s->n_in + i];
+            for (int r = 0; r < d->lora.rank; r++)
+                ba += (double)ad_lora_b_at(&d->lora, o, r) *
+                      (double)ad_lora_a_at(&d->lora, r, i);
             row[i] = (float)(w + d->scale * ba);
             norm += (double)row[i] * row[i];
         }
         d->dora_k[o] = (float)(m[o] / sqrt(norm));
     }
+    return 0;
+}
+
+/* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h): BF16 when
+ * both tensors are BF16 (resident exactly as stored, half the bytes a batch of many adapters
+ * reads per step), else F32. */
+static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
+                        const struct ad_tensor *ta, const struct ad_tensor *tb)
+{
+    const struct ad_site *s = d->site;
+    struct ad_lora_factors *f = &d->lora;
+    int r;
+
+    if ((r = ctx_shape(c, ta, rank, s->n_in)) < 0 || (r = ctx_shape(c, tb, s->n_out, rank)) < 0)
+        return r;
+    *f = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
+                                  .bf16 = ta->dtype == AD_DTYPE_BF16 &&
+                                          tb->dtype == AD_DTYPE_BF16};
+    size_t es = f->bf16 ? sizeof(uint16_t) : sizeof(float);
+    size_t n_a = (size_t)rank * (size_t)s->n_in;
+    size_t n_bp = (size_t)(s->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * (size_t)rank *
+                  AD_LORA_PANEL;
+    void *a = ctx_alloc_bytes(c, n_a * es, false), *bp = ctx_alloc_bytes(c, n_bp * es, true);
+    float *b32 = f->bf16 ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
+    if (!a || !bp || (!f->bf16 && !b32)) {
+        free(b32);
+        return ad_err_set(c->err, -ENOMEM, "out of memory");
+    }
+    if (f->bf16)
+        memcpy(a, ta->data, n_a * es);
+    else
+        ad_tensor_to_f32(ta, a);
+    if (b32)
+        ad_tensor_to_f32(tb, b32);
+    for (int o = 0; o < s->n_out; o++)
+        for (int k = 0; k < rank; k++) {
+            size_t from = (size_t)o * (size_t)rank + (size_t)k;
+            size_t to = ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
+                        (size_t)(o % AD_LORA_PANEL);
+            if (f->bf16)
+                memcpy((uint16_t *)bp + to, (const uint16_t *)tb->data + from, es);
+            else
+                ((float *)bp)[to] = b32[from];
+        }
+    free(b32);
+    f->a = a;
+    f->bp = bp;
     return 0;
 }
 
@@ -118,23 +167,21 @@ static int load_module(struct load_ctx *c, const char *module, const struct ad_t
     if (ta->n_dims != 2 || ta->shape[0] != (int64_t)rank)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %lld, but the config says r = %g",
                           ta->name, (long long)(ta->n_dims == 2 ? ta->shape[0] : -1), rank);
-    if (rank < 1 || rank > AD_MIX_LOCAL_TMP) /* lora_row's A x fits a thread's work space */
-        return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %g out of range", ta->name, rank);
+    if (rank < 1 || rank > AD_MIX_LOCAL_TMP / AD_LORA_ROWS) /* t fits a thread's work space */
+        return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %g out of range (1 to %d)", ta->name,
+                          rank, AD_MIX_LOCAL_TMP / AD_LORA_ROWS);
 
     struct ad_site_delta *d = ctx_delta(c, s);
-    if (d->lora_a)
+    if (d->lora.a)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': module '%s' appears twice", ta->name,
                           module);
-    d->rank = (int)rank;
     bool rs = json_is_true(json_object_get(cfg, "use_rslora"));
     d->scale = (float)(rs ? alpha / sqrt(rank) : alpha / rank);
-    if ((r = ctx_f32(c, ta, d->rank, s->n_in, &d->lora_a)) < 0)
-        return r;
     snprintf(key, sizeof(key), "%.*s.lora_B.weight", (int)strlen(ta->name) - LEN_A, ta->name);
     const struct ad_tensor *tb = ctx_take(c, key);
     if (!tb)
         return ad_err_set(c->err, -EINVAL, "tensor '%s' has no matching '%s'", ta->name, key);
-    if ((r = ctx_f32(c, tb, s->n_out, d->rank, &d->lora_b)) < 0)
+    if ((r = load_factors(c, d, (int)rank, ta, tb)) < 0)
         return r;
     snprintf(key, sizeof(key), "%.*s.lora_B.bias", (int)strlen(ta->name) - LEN_A, ta->name);
     const struct ad_tensor *tbb = ctx_take(c, key);
@@ -202,63 +249,34 @@ int ad_lora_load(struct load_ctx *c)
     return 0;
 }
 
-/* Rows below this many go through lora_row; from it on, two sgemm calls per block of rows.
- * For one row, sgemm pays its setup per call (and 210 sites x 2 calls per decode step), and
- * OpenBLAS's sgemv runs a rank-16 A (16 x 576 = 9216 elements, its threshold) on two threads,
- * which costs more in wake-ups than the product itself. */
-#define GEMM_MIN_ROWS AD_MIX_ROW_KERNEL_ROWS
-
-/* Sum of a[i] * b[i], eight independent partial sums: the compiler vectorises it without
- * reassociating a single sum. */
-static float dot(const float *a, const float *b, int n)
+static const struct ad_kernels *kernels(void)
 {
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++)
-            acc[k] += a[i + k] * b[i + k];
-    for (; i < n; i++)
-        acc[0] += a[i] * b[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-/* One row: t = scale * A x, then y += B t. t holds rank floats. */
-static void lora_row(const struct ad_site_delta *d, float scale, const float *x, float *y,
-                     float *t)
-{
-    const struct ad_site *s = d->site;
-    for (int r = 0; r < d->rank; r++)
-        t[r] = scale * dot(d->lora_a + (size_t)r * s->n_in, x, s->n_in);
-    for (int o = 0; o < s->n_out; o++)
-        y[o] += dot(d->lora_b + (size_t)o * d->rank, t, d->rank);
+    static _Atomic(const struct ad_kernels *) k;
+    const struct ad_kernels *p = atomic_load_explicit(&k, memory_order_relaxed);
+    if (!p) {
+        p = ad_kernels_get();
+        atomic_store_explicit(&k, p, memory_order_relaxed);
+    }
+    return p;
 }
 
 void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
                    int ldy, int n, float *tmp, size_t tmp_len)
 {
-    const struct ad_site *s = d->site;
+    const struct ad_lora_factors *f = &d->lora;
+    const struct ad_kernels *k = kernels();
     float scale = weight * d->scale;
-    int block = (int)(tmp_len / (size_t)d->rank);
+    int block = (int)(tmp_len / (size_t)f->rank);
 
-    if (block < 1)
-        block = 1; /* the forward's scratch always holds one row of any rank it allows */
+    /* The caller's work space holds at least one row's t (the loader caps the rank). */
+    block = block < 1 ? 1 : block > AD_LORA_ROWS ? AD_LORA_ROWS : block;
     for (int r0 = 0; r0 < n; r0 += block) {
         int nb = n - r0 < block ? n - r0 : block;
-        const float *xb = x + (size_t)r0 * ldx;
         float *yb = y + (size_t)r0 * ldy;
-        if (nb < GEMM_MIN_ROWS) {
-            for (int i = 0; i < nb; i++)
-                lora_row(d, scale, xb + (size_t)i * ldx, yb + (size_t)i * ldy, tmp);
-        } else {
-            /* tmp = x A^T: [nb, rank]; y += scale * tmp B^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, d->rank, s->n_in, 1.0f, xb,
-                        ldx, d->lora_a, s->n_in, 0.0f, tmp, d->rank);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, d->rank, scale,
-                        tmp, d->rank, d->lora_b, d->rank, 1.0f, yb, ldy);
-        }
+        k->lora(f, scale, x + (size_t)r0 * ldx, ldx, nb, yb, ldy, tmp);
         if (d->lora_bias)
             for (int i = 0; i < nb; i++)
-                for (int j = 0; j < s->n_out; j++)
+                for (int j = 0; j < f->n_out; j++)
                     yb[(size_t)i * ldy + j] += scale * d->lora_bias[j];
     }
 }

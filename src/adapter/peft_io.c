@@ -30,11 +30,11 @@ const struct ad_tensor *ctx_take(struct load_ctx *c, const char *key)
     return t;
 }
 
-/* n floats owned by the adapter, zeroed or not (a tensor about to be converted into it). */
-static float *own_floats(struct load_ctx *c, size_t n, bool zero)
+/* n bytes owned by the adapter, zeroed or not (a tensor about to be converted into it). */
+static void *own(struct load_ctx *c, size_t n, bool zero)
 {
     struct ad_adapter *a = c->a;
-    float *p = zero ? calloc(n ? n : 1, sizeof(float)) : malloc((n ? n : 1) * sizeof(float));
+    void *p = zero ? calloc(n ? n : 1, 1) : malloc(n ? n : 1);
     void **o = p ? realloc(a->owned, sizeof(*o) * (size_t)(a->n_owned + 1)) : NULL;
     if (!o) {
         free(p);
@@ -42,16 +42,21 @@ static float *own_floats(struct load_ctx *c, size_t n, bool zero)
     }
     a->owned = o;
     a->owned[a->n_owned++] = p;
-    a->bytes += n * sizeof(float);
+    a->bytes += n;
     return p;
 }
 
 float *ctx_alloc(struct load_ctx *c, size_t n)
 {
-    return own_floats(c, n, true);
+    return own(c, n * sizeof(float), true);
 }
 
-int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret)
+void *ctx_alloc_bytes(struct load_ctx *c, size_t n, bool zero)
+{
+    return own(c, n, zero);
+}
+
+int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1)
 {
     bool ok;
     if (d1 == -1) /* a vector stored as [n], [n, 1] or [1, n] */
@@ -76,7 +81,15 @@ int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d
     if (!ad_dtype_is_float(t->dtype))
         return ad_err_set(c->err, -EINVAL, "tensor '%s': dtype %s is not supported (F32, F16, "
                           "BF16)", t->name, ad_dtype_name(t->dtype));
-    float *p = own_floats(c, (size_t)t->n_elems, false);
+    return 0;
+}
+
+int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret)
+{
+    int r = ctx_shape(c, t, d0, d1);
+    if (r < 0)
+        return r;
+    float *p = own(c, (size_t)t->n_elems * sizeof(float), false);
     if (!p)
         return ad_err_set(c->err, -ENOMEM, "out of memory");
     ad_tensor_to_f32(t, p);
@@ -184,10 +197,10 @@ static int check_replaced(struct load_ctx *c)
 {
     for (int i = 0; i < c->m->n_sites; i++) {
         const struct ad_site_delta *d = c->a->by_site[i];
-        if (d && d->w_new && (d->lora_a || d->ia3_in || d->ia3_out))
+        if (d && d->w_new && (d->lora.a || d->ia3_in || d->ia3_out))
             return ad_err_set(c->err, -EINVAL, "module '%s' is both saved whole "
                               "(modules_to_save) and adapted (%s)", d->site->path,
-                              d->lora_a ? "LoRA" : "IA3");
+                              d->lora.a ? "LoRA" : "IA3");
     }
     return 0;
 }

@@ -117,8 +117,8 @@ static void set_resident(struct ad_registry *r, struct entry *e, struct ad_adapt
     e->kind = a->kind;
     e->rank = 0;
     for (int i = 0; i < a->model->n_sites; i++)
-        if (a->by_site[i] && a->by_site[i]->rank > e->rank)
-            e->rank = a->by_site[i]->rank;
+        if (a->by_site[i] && a->by_site[i]->lora.rank > e->rank)
+            e->rank = a->by_site[i]->lora.rank;
     r->resident += a->bytes;
 }
 

@@ -67,7 +67,7 @@ struct ad_scratch {
     struct dec_chunk *dec; /* [n_chunks] the batch's one-token chunks */
     size_t dec_cap;
     int n_dec;
-    int *post; /* [3 n_chunks] (site, group) pairs of a post_item job */
+    struct post_item *post; /* the items of a post_item job */
     size_t post_cap;
 
     const struct ad_kernels *k;
@@ -251,17 +251,25 @@ static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, in
     }
 }
 
-/* The adapter deltas of one sites_groups call as one pool job: an item is a (site, group) pair
- * whose hook runs on the adapters' own row kernels (ad_mix_site_post_local: no BLAS call, so it
- * may run on a helper). Adapters are read-only, x is read-only once the input-side deltas are
- * applied, and each pair writes only its own group's rows of its own site's columns; each thread
- * has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. Items are claimed one by one, so groups of
- * different costs (sites of different shapes, mixes of several adapters) balance out. */
+/* The adapter deltas of one sites_groups call as one pool job: an item is a block of up to
+ * AD_POST_ROWS rows of one group at one site whose hook runs on the adapters' own kernels
+ * (ad_mix_site_post_local: no BLAS call, so it may run on a helper). Adapters are read-only, x
+ * is read-only once the input-side deltas are applied, and each item writes only its own rows
+ * of its own site's columns; each thread has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. Items
+ * are claimed one by one, so groups of different costs (sites of different shapes, mixes of
+ * several adapters, a prefill chunk beside decode rows) balance out. Each item reads the
+ * adapter's factors for its site again, from cache after the first. */
+#define AD_POST_ROWS 8
+
+struct post_item {
+    int site, r0, n; /* rows [r0, r0 + n) of the batch, all in group */
+    const struct group *group;
+};
+
 struct post_job {
     const struct ad_site *const *sites;
-    const struct group *groups;
-    const int *pairs; /* site * n_groups + group */
-    int n_groups, ldx, ldy;
+    const struct post_item *items;
+    int ldx, ldy;
     const float *x;
     float *const *ys;
     float *tmp; /* thread t's work space starts at tmp + t * AD_MIX_LOCAL_TMP */
@@ -270,19 +278,18 @@ struct post_job {
 static void post_item(void *ctx, int item, int thread)
 {
     const struct post_job *j = ctx;
-    int i = j->pairs[item] / j->n_groups;
-    const struct group *G = &j->groups[j->pairs[item] % j->n_groups];
-    ad_mix_site_post(G->mix, j->sites[i], j->x + (size_t)G->r0 * (size_t)j->ldx, j->ldx,
-                     G->x_scaled, j->ys[i] + (size_t)G->r0 * (size_t)j->ldy, j->ldy, G->n,
-                     j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP, AD_MIX_LOCAL_TMP);
+    const struct post_item *it = &j->items[item];
+    ad_mix_site_post(it->group->mix, j->sites[it->site], j->x + (size_t)it->r0 * (size_t)j->ldx,
+                     j->ldx, it->group->x_scaled, j->ys[it->site] + (size_t)it->r0 * (size_t)j->ldy,
+                     j->ldy, it->n, j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP, AD_MIX_LOCAL_TMP);
 }
 
 /* Sites over every row: one matrix product (or one pool job) for the whole batch, then each
  * group's adapter deltas on its own rows. Several sites (q, k, v; gate, up) read the same x and
  * write to ys[i] with one row stride. x_exclusive (one site only): no other site reads x, so
  * input-side deltas may scale it in place (on this thread, before the linear). The deltas that
- * call BLAS (large groups, replaced modules) run on this thread with the whole work space; the
- * others are one pool job (post_item). */
+ * call BLAS (replaced modules, IA3 on a shared input) run on this thread with the whole work
+ * space; the others are one pool job (post_item). */
 static void sites_groups(const struct ad_site *const *sites, int n_sites, struct ad_scratch *s,
                          float *x, int ldx, bool x_exclusive, int T, float *const *ys, int ldy)
 {
@@ -301,15 +308,17 @@ static void sites_groups(const struct ad_site *const *sites, int n_sites, struct
             const struct group *G = &s->groups[g];
             if (!G->mix)
                 continue;
-            if (ad_mix_site_post_local(G->mix, sites[i], G->x_scaled, G->n))
-                s->post[n_items++] = i * s->n_groups + g;
-            else
+            if (!ad_mix_site_post_local(G->mix, sites[i], G->x_scaled)) {
                 ad_mix_site_post(G->mix, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
                                  ys[i] + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
                                  s->cap[BUF_TMP]);
+                continue;
+            }
+            for (int r = 0; r < G->n; r += AD_POST_ROWS)
+                s->post[n_items++] = (struct post_item){
+                    i, G->r0 + r, G->n - r < AD_POST_ROWS ? G->n - r : AD_POST_ROWS, G};
         }
-    struct post_job job = {sites, s->groups, s->post, s->n_groups, ldx, ldy, x, ys,
-                           s->buf[BUF_TMP]};
+    struct post_job job = {sites, s->post, ldx, ldy, x, ys, s->buf[BUF_TMP]};
     ad_pool_run(s->pool, n_items, post_item, &job);
 }
 
@@ -567,7 +576,8 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
         reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0 ||
         reserve((float **)&s->dec, &s->dec_cap, (size_t)n_chunks, sizeof(struct dec_chunk)) < 0 ||
-        reserve((float **)&s->post, &s->post_cap, 3 * (size_t)n_chunks, sizeof(int)) < 0)
+        reserve((float **)&s->post, &s->post_cap, 3 * (T / AD_POST_ROWS + (size_t)n_chunks),
+                sizeof(struct post_item)) < 0)
         return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
 
     s->n_dec = 0;

@@ -3,6 +3,7 @@
 
 #include <stdbool.h>
 
+#include "adapterd/kernels.h"
 #include "adapterd/model.h"
 
 /* A family's module names, as data: the checkpoint and PEFT paths are built from these. */
@@ -26,27 +27,6 @@ struct ad_arch {
 
 const struct ad_arch *ad_arch_for(enum ad_family family);
 const char *ad_role_name(enum ad_role role);
-
-/* ==========================================================================================
- * Vector kernels (kernels.c): AVX-512, AVX2 + FMA or plain C, picked once at run time. */
-
-struct ad_kernels {
-    const char *name; /* "avx512", "avx2", "c" */
-    /* y[m * ldy + j] = w[j] . x[m * ldx] for rows j in [j0, j1) of w [n_out, n_in] (row-major)
-     * and m in [0, n_x): a matrix-vector product for a few vectors at once. */
-    void (*matvec)(const float *w, int n_in, const float *x, int ldx, int n_x, float *y, int ldy,
-                   int j0, int j1);
-    float (*dot)(const float *a, const float *b, int n);
-    void (*axpy)(float a, const float *x, float *y, int n); /* y += a x */
-    /* x[i] = exp(x[i] - sub) for i in [0, n); returns the sum. */
-    float (*exp_sum)(float *x, int n, float sub);
-    /* a[i] *= silu(g[i]), or a[i] = silu(a[i]) when g is NULL. */
-    void (*silu_mul)(float *a, const float *g, size_t n);
-};
-
-/* The best set the CPU runs (or the one ADAPTERD_KERNELS names: avx512, avx2, c). Static;
- * thread-safe. */
-const struct ad_kernels *ad_kernels_get(void);
 
 /* ==========================================================================================
  * Helper threads of the forward pass (pool.c) */

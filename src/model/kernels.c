@@ -1,5 +1,6 @@
 /* Vector kernels of the forward pass: matrix-vector products for small batches, the dot
- * products and sums of decode attention, and exp for softmax and SiLU.
+ * products and sums of decode attention, exp for softmax and SiLU, and the LoRA deltas of a
+ * few rows (include/adapterd/kernels.h).
  *
  * The project is built for baseline x86-64 (SSE2), so each kernel exists in three builds,
  * picked once at run time: AVX-512, AVX2 with FMA, and plain C for any other CPU (or another
@@ -10,6 +11,7 @@
  * error about 2e-7 over the clamped range [-87.3, 88.4]. Outside it the result saturates (about
  * 1e-38 and 2e38), which SiLU and softmax do not notice; NaN stays NaN. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -92,8 +94,31 @@ static void silu_mul_c(float *a, const float *g, size_t n)
     }
 }
 
+static void lora_c(const struct ad_lora_factors *f, float scale, const float *x, int ldx,
+                   int n_x, float *y, int ldy, float *t)
+{
+    for (int m = 0; m < n_x; m++) {
+        const float *xm = x + (size_t)m * (size_t)ldx;
+        float *ym = y + (size_t)m * (size_t)ldy;
+        for (int r = 0; r < f->rank; r++) {
+            float s = 0;
+            for (int i = 0; i < f->n_in; i++)
+                s += ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->bf16) * xm[i];
+            t[r] = scale * s;
+        }
+        for (int o = 0; o < f->n_out; o++) {
+            size_t p = (size_t)(o / AD_LORA_PANEL) * (size_t)f->rank * AD_LORA_PANEL +
+                       (size_t)(o % AD_LORA_PANEL);
+            float s = 0;
+            for (int r = 0; r < f->rank; r++)
+                s += t[r] * ad_lora_elem(f->bp, p + (size_t)r * AD_LORA_PANEL, f->bf16);
+            ym[o] += s;
+        }
+    }
+}
+
 static const struct ad_kernels kernels_c = {
-    "c", matvec_c, dot_c, axpy_c, exp_sum_c, silu_mul_c,
+    "c", matvec_c, dot_c, axpy_c, exp_sum_c, silu_mul_c, lora_c,
 };
 
 #ifdef AD_X86
@@ -219,8 +244,114 @@ AD_AVX2 static void silu_mul_avx2(float *a, const float *g, size_t n)
         silu_mul_c(a + i, g ? g + i : NULL, n - i);
 }
 
+/* LoRA, in two passes over the factors. A x: four rows of A at a time against every row of x
+ * (16 independent sums at most), so each x chunk is loaded once per four rows of A. B t: B's
+ * panels are one sequential stream; per panel, each row of y accumulates in two registers (one
+ * per half of the panel), rank FMAs deep. NX (rows) and BF16 are constants in every expansion
+ * of the inline functions, so the accumulators stay in registers. */
+AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, bool bf16)
+{
+    if (!bf16)
+        return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AD_AVX2 static inline __attribute__((always_inline)) void
+lora_ax_avx2(const struct ad_lora_factors *f, int r0, const int RB, const int NX, const bool bf16,
+             float scale, const float *x, int ldx, float *t)
+{
+    int n_in = f->n_in, n8 = n_in & ~7;
+    __m256 acc[4][AD_LORA_ROWS];
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < NX; m++)
+            acc[r][m] = _mm256_setzero_ps();
+    for (int i = 0; i < n8; i += 8) {
+        __m256 xv[AD_LORA_ROWS];
+        for (int m = 0; m < NX; m++)
+            xv[m] = _mm256_loadu_ps(x + (size_t)m * (size_t)ldx + (size_t)i);
+        for (int r = 0; r < RB; r++) {
+            __m256 w = lora_ld8(f->a, (size_t)(r0 + r) * (size_t)n_in + (size_t)i, bf16);
+            for (int m = 0; m < NX; m++)
+                acc[r][m] = _mm256_fmadd_ps(w, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < NX; m++) {
+            float s = hsum256(acc[r][m]);
+            for (int i = n8; i < n_in; i++)
+                s += ad_lora_elem(f->a, (size_t)(r0 + r) * (size_t)n_in + (size_t)i, bf16) *
+                     x[(size_t)m * (size_t)ldx + (size_t)i];
+            t[m * f->rank + r0 + r] = scale * s;
+        }
+}
+
+AD_AVX2 static inline __attribute__((always_inline)) void
+lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, const float *t,
+             float *y, int ldy)
+{
+    int rank = f->rank;
+    for (int o0 = 0; o0 < f->n_out; o0 += AD_LORA_PANEL) {
+        size_t p = (size_t)(o0 / AD_LORA_PANEL) * (size_t)rank * AD_LORA_PANEL;
+        __m256 lo[AD_LORA_ROWS], hi[AD_LORA_ROWS];
+        for (int m = 0; m < NX; m++)
+            lo[m] = hi[m] = _mm256_setzero_ps();
+        for (int r = 0; r < rank; r++) {
+            __m256 w0 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL, bf16);
+            __m256 w1 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL + 8, bf16);
+            for (int m = 0; m < NX; m++) {
+                __m256 tv = _mm256_set1_ps(t[m * rank + r]);
+                lo[m] = _mm256_fmadd_ps(tv, w0, lo[m]);
+                hi[m] = _mm256_fmadd_ps(tv, w1, hi[m]);
+            }
+        }
+        int n = f->n_out - o0 < AD_LORA_PANEL ? f->n_out - o0 : AD_LORA_PANEL;
+        for (int m = 0; m < NX; m++) {
+            float *ym = y + (size_t)m * (size_t)ldy + (size_t)o0;
+            if (n == AD_LORA_PANEL) {
+                _mm256_storeu_ps(ym, _mm256_add_ps(_mm256_loadu_ps(ym), lo[m]));
+                _mm256_storeu_ps(ym + 8, _mm256_add_ps(_mm256_loadu_ps(ym + 8), hi[m]));
+            } else {
+                float v[AD_LORA_PANEL];
+                _mm256_storeu_ps(v, lo[m]);
+                _mm256_storeu_ps(v + 8, hi[m]);
+                for (int j = 0; j < n; j++)
+                    ym[j] += v[j];
+            }
+        }
+    }
+}
+
+AD_AVX2 static inline __attribute__((always_inline)) void
+lora_rows_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+               const float *x, int ldx, float *y, int ldy, float *t)
+{
+    int r0 = 0;
+    for (; r0 + 4 <= f->rank; r0 += 4)
+        lora_ax_avx2(f, r0, 4, NX, bf16, scale, x, ldx, t);
+    for (; r0 < f->rank; r0++)
+        lora_ax_avx2(f, r0, 1, NX, bf16, scale, x, ldx, t);
+    lora_bt_avx2(f, NX, bf16, t, y, ldy);
+}
+
+AD_AVX2 static void lora_avx2(const struct ad_lora_factors *f, float scale, const float *x,
+                              int ldx, int n_x, float *y, int ldy, float *t)
+{
+    switch (n_x * 2 + f->bf16) {
+    case 2: lora_rows_avx2(f, 1, false, scale, x, ldx, y, ldy, t); break;
+    case 3: lora_rows_avx2(f, 1, true, scale, x, ldx, y, ldy, t); break;
+    case 4: lora_rows_avx2(f, 2, false, scale, x, ldx, y, ldy, t); break;
+    case 5: lora_rows_avx2(f, 2, true, scale, x, ldx, y, ldy, t); break;
+    case 6: lora_rows_avx2(f, 3, false, scale, x, ldx, y, ldy, t); break;
+    case 7: lora_rows_avx2(f, 3, true, scale, x, ldx, y, ldy, t); break;
+    case 8: lora_rows_avx2(f, 4, false, scale, x, ldx, y, ldy, t); break;
+    case 9: lora_rows_avx2(f, 4, true, scale, x, ldx, y, ldy, t); break;
+    default: break; /* n_x outside [1, AD_LORA_ROWS] */
+    }
+}
+
 static const struct ad_kernels kernels_avx2 = {
-    "avx2", matvec_avx2, dot_avx2, axpy_avx2, exp_sum_avx2, silu_mul_avx2,
+    "avx2", matvec_avx2, dot_avx2, axpy_avx2, exp_sum_avx2, silu_mul_avx2, lora_avx2,
 };
 
 /* ==========================================================================================
@@ -329,26 +460,136 @@ AD_AVX512 static void silu_mul_avx512(float *a, const float *g, size_t n)
     }
 }
 
+/* LoRA as in the AVX2 build, 16 lanes wide: a panel of B is one register per row of y, with
+ * two partial sums (even and odd r) to halve the FMA chain. */
+AD_AVX512 static inline __m512 lora_ld16(const void *w, size_t i, bool bf16)
+{
+    if (!bf16)
+        return _mm512_loadu_ps((const float *)w + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AD_AVX512 static inline __attribute__((always_inline)) void
+lora_ax_avx512(const struct ad_lora_factors *f, int r0, const int RB, const int NX,
+               const bool bf16, float scale, const float *x, int ldx, float *t)
+{
+    int n_in = f->n_in, n16 = n_in & ~15;
+    __m512 acc[4][AD_LORA_ROWS];
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < NX; m++)
+            acc[r][m] = _mm512_setzero_ps();
+    for (int i = 0; i < n16; i += 16) {
+        __m512 xv[AD_LORA_ROWS];
+        for (int m = 0; m < NX; m++)
+            xv[m] = _mm512_loadu_ps(x + (size_t)m * (size_t)ldx + (size_t)i);
+        for (int r = 0; r < RB; r++) {
+            __m512 w = lora_ld16(f->a, (size_t)(r0 + r) * (size_t)n_in + (size_t)i, bf16);
+            for (int m = 0; m < NX; m++)
+                acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < NX; m++) {
+            float s = _mm512_reduce_add_ps(acc[r][m]);
+            for (int i = n16; i < n_in; i++)
+                s += ad_lora_elem(f->a, (size_t)(r0 + r) * (size_t)n_in + (size_t)i, bf16) *
+                     x[(size_t)m * (size_t)ldx + (size_t)i];
+            t[m * f->rank + r0 + r] = scale * s;
+        }
+}
+
+AD_AVX512 static inline __attribute__((always_inline)) void
+lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, const float *t,
+               float *y, int ldy)
+{
+    int rank = f->rank;
+    for (int o0 = 0; o0 < f->n_out; o0 += AD_LORA_PANEL) {
+        size_t p = (size_t)(o0 / AD_LORA_PANEL) * (size_t)rank * AD_LORA_PANEL;
+        __m512 ev[AD_LORA_ROWS], od[AD_LORA_ROWS];
+        for (int m = 0; m < NX; m++)
+            ev[m] = od[m] = _mm512_setzero_ps();
+        int r = 0;
+        for (; r + 2 <= rank; r += 2) {
+            __m512 w0 = lora_ld16(f->bp, p + (size_t)r * AD_LORA_PANEL, bf16);
+            __m512 w1 = lora_ld16(f->bp, p + (size_t)(r + 1) * AD_LORA_PANEL, bf16);
+            for (int m = 0; m < NX; m++) {
+                ev[m] = _mm512_fmadd_ps(_mm512_set1_ps(t[m * rank + r]), w0, ev[m]);
+                od[m] = _mm512_fmadd_ps(_mm512_set1_ps(t[m * rank + r + 1]), w1, od[m]);
+            }
+        }
+        if (r < rank) {
+            __m512 w0 = lora_ld16(f->bp, p + (size_t)r * AD_LORA_PANEL, bf16);
+            for (int m = 0; m < NX; m++)
+                ev[m] = _mm512_fmadd_ps(_mm512_set1_ps(t[m * rank + r]), w0, ev[m]);
+        }
+        __mmask16 k = mask16(f->n_out - o0 < AD_LORA_PANEL ? f->n_out - o0 : AD_LORA_PANEL);
+        for (int m = 0; m < NX; m++) {
+            float *ym = y + (size_t)m * (size_t)ldy + (size_t)o0;
+            _mm512_mask_storeu_ps(ym, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, ym),
+                                                       _mm512_add_ps(ev[m], od[m])));
+        }
+    }
+}
+
+AD_AVX512 static inline __attribute__((always_inline)) void
+lora_rows_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+                 const float *x, int ldx, float *y, int ldy, float *t)
+{
+    int r0 = 0;
+    for (; r0 + 4 <= f->rank; r0 += 4)
+        lora_ax_avx512(f, r0, 4, NX, bf16, scale, x, ldx, t);
+    for (; r0 < f->rank; r0++)
+        lora_ax_avx512(f, r0, 1, NX, bf16, scale, x, ldx, t);
+    lora_bt_avx512(f, NX, bf16, t, y, ldy);
+}
+
+AD_AVX512 static void lora_avx512(const struct ad_lora_factors *f, float scale, const float *x,
+                                  int ldx, int n_x, float *y, int ldy, float *t)
+{
+    switch (n_x * 2 + f->bf16) {
+    case 2: lora_rows_avx512(f, 1, false, scale, x, ldx, y, ldy, t); break;
+    case 3: lora_rows_avx512(f, 1, true, scale, x, ldx, y, ldy, t); break;
+    case 4: lora_rows_avx512(f, 2, false, scale, x, ldx, y, ldy, t); break;
+    case 5: lora_rows_avx512(f, 2, true, scale, x, ldx, y, ldy, t); break;
+    case 6: lora_rows_avx512(f, 3, false, scale, x, ldx, y, ldy, t); break;
+    case 7: lora_rows_avx512(f, 3, true, scale, x, ldx, y, ldy, t); break;
+    case 8: lora_rows_avx512(f, 4, false, scale, x, ldx, y, ldy, t); break;
+    case 9: lora_rows_avx512(f, 4, true, scale, x, ldx, y, ldy, t); break;
+    default: break; /* n_x outside [1, AD_LORA_ROWS] */
+    }
+}
+
 static const struct ad_kernels kernels_avx512 = {
     "avx512", matvec_avx512, dot_avx512, axpy_avx512, exp_sum_avx512, silu_mul_avx512,
+    lora_avx512,
 };
 #endif /* AD_X86 */
 
 /* ==========================================================================================
  * Dispatch */
 
+const struct ad_kernels *ad_kernels_named(const char *name)
+{
+#ifdef AD_X86
+    __builtin_cpu_init();
+    if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f"))
+        return &kernels_avx512;
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return &kernels_avx2;
+#endif
+    return strcmp(name, "c") ? NULL : &kernels_c;
+}
+
 const struct ad_kernels *ad_kernels_get(void)
 {
     const char *want = getenv("ADAPTERD_KERNELS");
-#ifdef AD_X86
-    __builtin_cpu_init();
-    bool has512 = __builtin_cpu_supports("avx512f");
-    bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (has512 && (!want || !strcmp(want, "avx512")))
-        return &kernels_avx512;
-    if (has2 && (!want || strcmp(want, "c")))
-        return &kernels_avx2;
-#endif
-    (void)want;
+    const struct ad_kernels *k = want ? ad_kernels_named(want) : NULL;
+    if (k)
+        return k;
+    if (want && !strcmp(want, "avx2")) /* a CPU without AVX2 runs the C build */
+        return &kernels_c;
+    if ((k = ad_kernels_named("avx512")) || (k = ad_kernels_named("avx2")))
+        return k;
     return &kernels_c;
 }

@@ -380,15 +380,15 @@ def gpt2_forward(base, w, fx, tokens, capture):
 # ------------------------------------------------------------- file writing
 
 
-def write_safetensors(path, tensors, metadata=None):
-    """tensors: {name: float32 tensor}. Sorted by name, __metadata__ first, as the
-    safetensors library writes them."""
+def write_safetensors(path, tensors, metadata=None, dtype="F32"):
+    """tensors: {name: float32 tensor}, stored as dtype (F32 or BF16). Sorted by name,
+    __metadata__ first, as the safetensors library writes them."""
     header, blobs, off = {}, [], 0
     if metadata is not None:
         header["__metadata__"] = metadata
     for name in sorted(tensors):
-        b = parity.tensor_bytes(tensors[name], "F32")
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+        b = parity.tensor_bytes(tensors[name], dtype)
+        header[name] = {"dtype": dtype, "shape": list(tensors[name].shape),
                         "data_offsets": [off, off + len(b)]}
         blobs.append(b)
         off += len(b)
@@ -412,8 +412,11 @@ def write_config_json(path, obj):
 class Adapter:
     """One adapter as written to disk: config dict, tensors {key: float32}, layout."""
 
-    def __init__(self, name, kind, config, tensors):
+    def __init__(self, name, kind, config, tensors, dtype="F32"):
         self.name, self.kind, self.config, self.tensors = name, kind, config, tensors
+        self.dtype = dtype
+        if dtype == "BF16":  # the values the file holds are what the reference computes with
+            self.tensors = {k: v.to(torch.bfloat16).to(torch.float32) for k, v in tensors.items()}
 
     def write(self, d):
         os.makedirs(d, exist_ok=True)
@@ -422,7 +425,7 @@ class Adapter:
             write_safetensors(os.path.join(d, "adapter.safetensors"), self.tensors)
         else:
             write_safetensors(os.path.join(d, "adapter_model.safetensors"), self.tensors,
-                              {"format": "pt"})
+                              {"format": "pt"}, self.dtype)
 
 
 class Rng:
@@ -523,7 +526,8 @@ def lora_scale(config, module, r):
     return alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
 
 
-def make_lora(base, name, a_std=0.15, b_std=0.15, bias_std=0.1, mts_std=0.05, **fields):
+def make_lora(base, name, a_std=0.15, b_std=0.15, bias_std=0.1, mts_std=0.05, dtype="F32",
+              **fields):
     config = peft_config(base, "LORA", LORA_DEFAULTS, fields)
     rng, w, tensors = Rng(f"{base.name}/{name}"), base.w, {}
     targets = [m for m in base.modules if is_target(config, m)]
@@ -549,7 +553,7 @@ def make_lora(base, name, a_std=0.15, b_std=0.15, bias_std=0.1, mts_std=0.05, **
             if f"{module}.{leaf}" in w:
                 t = w[f"{module}.{leaf}"]
                 tensors[peft_key(module, leaf)] = f32(t) + rng.normal(t.shape, mts_std)
-    return Adapter(name, "lora", config, tensors)
+    return Adapter(name, "lora", config, tensors, dtype)
 
 
 def lora_effects(base, adapter, weight):
@@ -773,6 +777,11 @@ ADAPTERS = {
                          layers_to_transform=[1]),
         "dora": spec(make_lora, target_modules=["q_proj", "v_proj", "down_proj"], r=4,
                   lora_alpha=8, use_dora=True),
+        # BF16 files: the factors stay BF16 in memory (odd rank, every projection)
+        "lora_bf16": spec(make_lora, target_modules=LLAMA_PROJ, r=5, lora_alpha=10,
+                          dtype="BF16"),
+        "dora_bf16": spec(make_lora, target_modules=["q_proj", "up_proj"], r=4, lora_alpha=8,
+                          use_dora=True, dtype="BF16"),
         "ia3": spec(make_ia3, target_modules=["k_proj", "v_proj", "down_proj"],
                  feedforward_modules=["down_proj"]),
         "prefix": spec(make_prefix, num_virtual_tokens=3),
@@ -825,7 +834,8 @@ ADAPTERS = {
 }
 
 COMPOSITIONS = {
-    "llama": {"mix_lora": [("lora_list", 0.7), ("lora_rslora_all", -0.4)]},
+    "llama": {"mix_lora": [("lora_list", 0.7), ("lora_rslora_all", -0.4)],
+              "mix_bf16": [("lora_bf16", 0.8), ("lora_list", 0.5)]},
     "gpt2": {"mix_lora": [("lora_c_attn", 1.0), ("lora_all", 0.5)]},
     "qwen2": {"mix_lora": [("lora_list", 0.7), ("lora_all", -0.5)]},
 }

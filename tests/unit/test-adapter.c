@@ -20,11 +20,15 @@ struct tensor {
     float value;    /* every element; < 0 for a ramp 0.01 * i */
 };
 
+/* The dtype load() writes tensors in (F32 or BF16). */
+static enum ad_dtype load_dtype = AD_DTYPE_F32;
+
 /* Writes an adapter directory under the model's and loads it. Returns the load's result. */
 static int load(const char *name, const char *config, const struct tensor *t, size_t n,
                 struct ad_adapter **ret, struct ad_err *err)
 {
     static float data[8][24 * 24];
+    static uint16_t half[8][24 * 24];
     struct ad_st_entry e[8];
     char dir[256], path[320];
 
@@ -35,8 +39,10 @@ static int load(const char *name, const char *config, const struct tensor *t, si
         CHECK(t[i].d0 * (t[i].d1 ? t[i].d1 : 1) <= 24 * 24);
         for (int j = 0; j < 24 * 24; j++)
             data[i][j] = t[i].value < 0 ? 0.01f * (float)(j % 97) - 0.4f : t[i].value;
-        e[i] = (struct ad_st_entry){
-            t[i].name, AD_DTYPE_F32, t[i].d1 ? 2 : 1, {t[i].d0, t[i].d1}, data[i]};
+        for (int j = 0; j < 24 * 24; j++)
+            half[i][j] = ad_f32_to_bf16(data[i][j]);
+        e[i] = (struct ad_st_entry){t[i].name, load_dtype, t[i].d1 ? 2 : 1, {t[i].d0, t[i].d1},
+                                    load_dtype == AD_DTYPE_BF16 ? (void *)half[i] : data[i]};
     }
     snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
     CHECK_INT(ad_st_write(path, e, n, NULL, err), ==, 0);
@@ -65,7 +71,7 @@ static void test_bias_replacement(void)
     struct ad_err err;
     CHECK_INT(load("bitfit", "{\"peft_type\": \"BITFIT\"}", t, 1, &a, &err), ==, 0);
     const struct ad_site_delta *d = delta(a, "model.layers.0.self_attn.q_proj");
-    CHECK(d && d->b_new && !d->w_new && !d->lora_a);
+    CHECK(d && d->b_new && !d->w_new && !d->lora.a);
     CHECK_NEAR(d->b_new[3], 0.25, 0);
 
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {1}};
@@ -127,12 +133,14 @@ static void test_replaced_and_adapted(void)
                    &a, &err),
               ==, 0);
     const struct ad_site_delta *d = delta(a, "model.layers.1.self_attn.v_proj");
-    CHECK(d && d->w_new && d->b_new && !d->lora_a);
+    CHECK(d && d->w_new && d->b_new && !d->lora.a);
     ad_adapter_unref(a);
 }
 
-/* One row (the decode kernel) and the sgemm path for many rows give the same deltas. */
-static void test_lora_rows(void)
+/* One row at a time and eight rows at once give the deltas B A x computed here, for F32 and
+ * BF16 files; BF16 factors stay BF16 (half the resident bytes: A [8, 24] and B packed in one
+ * panel of 16 outputs x rank 8). */
+static void test_lora_rows(enum ad_dtype dtype)
 {
     static const struct tensor t[] = {
         {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", 8, 24, -1},
@@ -140,10 +148,14 @@ static void test_lora_rows(void)
     };
     struct ad_adapter *a;
     struct ad_err err;
-    CHECK_INT(
-        load("lora-rows", "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a, &err),
-        ==, 0);
+    load_dtype = dtype;
+    CHECK_INT(load(dtype == AD_DTYPE_BF16 ? "lora-rows-bf16" : "lora-rows",
+                   "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a, &err),
+              ==, 0);
+    load_dtype = AD_DTYPE_F32;
     const struct ad_site_delta *d = delta(a, "model.layers.0.mlp.down_proj");
+    CHECK(d->lora.bf16 == (dtype == AD_DTYPE_BF16));
+    CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_BF16 ? 2 : 4));
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {0.75f}};
     float x[8][24], one[8][16] = {{0}}, many[8][16] = {{0}}, tmp[256];
     for (int i = 0; i < 8; i++)
@@ -158,8 +170,8 @@ static void test_lora_rows(void)
             for (int r = 0; r < 8; r++) {
                 double ax = 0;
                 for (int j = 0; j < 24; j++)
-                    ax += (double)d->lora_a[r * 24 + j] * x[i][j];
-                want += (double)d->lora_b[o * 8 + r] * ax;
+                    ax += (double)ad_lora_a_at(&d->lora, r, j) * x[i][j];
+                want += (double)ad_lora_b_at(&d->lora, o, r) * ax;
             }
             want *= 0.75 * 0.5; /* weight * alpha / r */
             CHECK_NEAR(one[i][o], want, 1e-5);
@@ -173,7 +185,8 @@ int main(void)
     model = tiny_model(model_dir);
     test_bias_replacement();
     test_replaced_and_adapted();
-    test_lora_rows();
+    test_lora_rows(AD_DTYPE_F32);
+    test_lora_rows(AD_DTYPE_BF16);
     ad_model_free(model);
     CHECK_INT(ad_rm_rf(model_dir), ==, 0);
     printf("adapter: ok\n");

@@ -66,9 +66,9 @@ static void *reader(void *arg)
         if (ad_registry_get(rc->r, "hot", &a, &err) == 0) {
             /* every version is whole: A's values are all the same */
             const struct ad_site_delta *d = a->by_site[0];
-            CHECK(d && d->lora_a);
-            for (int j = 0; j < d->rank * 16; j++)
-                CHECK_NEAR(d->lora_a[j], d->lora_a[0], 0);
+            CHECK(d && d->lora.a);
+            for (int j = 0; j < d->lora.rank * 16; j++)
+                CHECK_NEAR(ad_lora_a_at(&d->lora, 0, j), ad_lora_a_at(&d->lora, 0, 0), 0);
             rc->n_gets++;
             ad_adapter_unref(a);
         }
@@ -105,7 +105,7 @@ int main(void)
     CHECK_CONTAINS(err.msg, "'nope'");
     CHECK_INT(ad_registry_get(r, "a", &a, &err), ==, 0);
     CHECK_INT(a->kind, ==, AD_ADAPTER_LORA);
-    CHECK_NEAR(a->by_site[0]->lora_a[0], 0.5, 0);
+    CHECK_NEAR(ad_lora_a_at(&a->by_site[0]->lora, 0, 0), 0.5, 0);
 
     /* put: create, then replace while the old version is held */
     char *config, *weights;
@@ -126,8 +126,8 @@ int main(void)
     CHECK(!created);
     CHECK_INT(ad_registry_get(r, "b", &a2, &err), ==, 0);
     CHECK(a2 != held);
-    CHECK_NEAR(a2->by_site[0]->lora_a[0], 0.25, 0);
-    CHECK_NEAR(held->by_site[0]->lora_a[0], 0.5, 0); /* the holder keeps its version */
+    CHECK_NEAR(ad_lora_a_at(&a2->by_site[0]->lora, 0, 0), 0.25, 0);
+    CHECK_NEAR(ad_lora_a_at(&held->by_site[0]->lora, 0, 0), 0.5, 0); /* the holder keeps its version */
     ad_adapter_unref(a2);
 
     /* an invalid replacement changes nothing and leaves nothing behind */
@@ -137,7 +137,7 @@ int main(void)
                               &err), ==, -EINVAL);
     CHECK_CONTAINS(err.msg, "rank 2");
     CHECK_INT(ad_registry_get(r, "b", &a2, &err), ==, 0);
-    CHECK_NEAR(a2->by_site[0]->lora_a[0], 0.25, 0);
+    CHECK_NEAR(ad_lora_a_at(&a2->by_site[0]->lora, 0, 0), 0.25, 0);
     ad_adapter_unref(a2);
     CHECK_INT(count_hidden(), ==, 0);
     CHECK_INT(ad_registry_put(r, "../x", config, weights, wlen, &created, &err), ==, -EINVAL);
@@ -147,7 +147,7 @@ int main(void)
     CHECK_INT(ad_registry_delete(r, "b", &err), ==, 0);
     CHECK_INT(ad_registry_get(r, "b", &a2, &err), ==, -ENOENT);
     CHECK(!exists("b"));
-    CHECK_NEAR(held->by_site[0]->lora_a[0], 0.5, 0);
+    CHECK_NEAR(ad_lora_a_at(&held->by_site[0]->lora, 0, 0), 0.5, 0);
     ad_adapter_unref(held);
     CHECK_INT(ad_registry_delete(r, "b", &err), ==, -ENOENT);
 
@@ -171,7 +171,7 @@ int main(void)
     CHECK(ad_registry_resident_bytes(r) <= one + one / 2);
     for (int i = 0; i < 6; i++) {
         CHECK_INT(ad_registry_get(r, i % 2 ? "a" : "c", &a, &err), ==, 0);
-        CHECK_NEAR(a->by_site[0]->lora_a[0], 0.5, 0);
+        CHECK_NEAR(ad_lora_a_at(&a->by_site[0]->lora, 0, 0), 0.5, 0);
         ad_adapter_unref(a);
         CHECK(ad_registry_resident_bytes(r) <= one + one / 2);
     }

@@ -1,0 +1,72 @@
+/* adapterd: the vector kernels of the forward pass and of the adapters' deltas (kernels.c in
+ * src/model): matrix-vector products for small batches, the dot products and sums of decode
+ * attention, exp for softmax and SiLU, and LoRA on a few rows. Each exists as AVX-512, AVX2 with
+ * FMA and plain C, picked once at run time. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Outputs per panel of a packed LoRA B. */
+#define AD_LORA_PANEL 16
+/* Rows one call of the LoRA kernel takes at most. */
+#define AD_LORA_ROWS 4
+
+/* LoRA factors as the kernel reads them. Elements are BF16 (uint16_t: the upper half of a
+ * float, exactly as a BF16 file stores them) or float. B is packed in panels of AD_LORA_PANEL
+ * outputs, so that the kernel reads it as one sequential stream: element (o, r) of B [n_out,
+ * rank] is at ((o / PANEL) * rank + r) * PANEL + o % PANEL, and the last panel is zero-padded. */
+struct ad_lora_factors {
+    int rank, n_in, n_out;
+    bool bf16;
+    const void *a;  /* [rank, n_in], row-major */
+    const void *bp; /* [ceil(n_out / PANEL), rank, PANEL] */
+};
+
+/* Element (r, i) of A and (o, r) of B as floats (loading, export, tests; not for hot loops). */
+static inline float ad_lora_elem(const void *w, size_t i, bool bf16)
+{
+    if (!bf16)
+        return ((const float *)w)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float v;
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
+
+static inline float ad_lora_a_at(const struct ad_lora_factors *f, int r, int i)
+{
+    return ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->bf16);
+}
+
+static inline float ad_lora_b_at(const struct ad_lora_factors *f, int o, int r)
+{
+    return ad_lora_elem(f->bp, ((size_t)(o / AD_LORA_PANEL) * (size_t)f->rank + (size_t)r) *
+                                       AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->bf16);
+}
+
+struct ad_kernels {
+    const char *name; /* "avx512", "avx2", "c" */
+    /* y[m * ldy + j] = w[j] . x[m * ldx] for rows j in [j0, j1) of w [n_out, n_in] (row-major)
+     * and m in [0, n_x): a matrix-vector product for a few vectors at once. */
+    void (*matvec)(const float *w, int n_in, const float *x, int ldx, int n_x, float *y, int ldy,
+                   int j0, int j1);
+    float (*dot)(const float *a, const float *b, int n);
+    void (*axpy)(float a, const float *x, float *y, int n); /* y += a x */
+    /* x[i] = exp(x[i] - sub) for i in [0, n); returns the sum. */
+    float (*exp_sum)(float *x, int n, float sub);
+    /* a[i] *= silu(g[i]), or a[i] = silu(a[i]) when g is NULL. */
+    void (*silu_mul)(float *a, const float *g, size_t n);
+    /* LoRA on n_x <= AD_LORA_ROWS rows: y_m += B (scale A x_m) for m in [0, n_x), x_m at
+     * x + m ldx [n_in], y_m at y + m ldy [n_out]. t is work space of n_x * rank floats. */
+    void (*lora)(const struct ad_lora_factors *f, float scale, const float *x, int ldx, int n_x,
+                 float *y, int ldy, float *t);
+};
+
+/* The best set the CPU runs (or the one the environment variable ADAPTERD_KERNELS names: avx512,
+ * avx2, c). Static; thread-safe. */
+const struct ad_kernels *ad_kernels_get(void);
+/* The set of that name, or NULL if this CPU (or build) cannot run it. Static; thread-safe. */
+const struct ad_kernels *ad_kernels_named(const char *name);
