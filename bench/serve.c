@@ -15,8 +15,9 @@
  *     token is 5 bytes of text, so each SSE chunk says how many tokens it carries;
  *   - 32 distinct rank-16 LoRA weight files (q, k, v, o, gate, up, down of every layer, BF16),
  *     and adapter stores: "store-a" (lora-00..31, and 8 each of IA3, prefix tuning, prompt
- *     tuning and bias sets) and "store-z" (z0000..z1999: 2,000 adapter directories whose files
- *     are hard links to 20 of the weight files; the daemon loads each directory on its own).
+ *     tuning, bias sets and Houlsby bottleneck adapters) and "store-z" (z0000..z1999: 2,000
+ *     adapter directories whose files are hard links to 20 of the weight files; the daemon
+ *     loads each directory on its own).
  * Then it starts the daemon (fork + exec, 127.0.0.1, a free port) on store-a, measures, stops
  * it, starts it again on store-z with adapter_budget_mb set to hold 10% of the 2,000, measures,
  * and stops it. Every request is a /v1/completions stream ("stream": true) of --prompt random
@@ -49,7 +50,8 @@
 #include "adapterd/util.h"
 #include "bench.h"
 
-#define BS_PREPARED "prepared-v1" /* stamp written when the work directory is complete */
+/* stamp written when the work directory is complete (v2: store-a has bottleneck adapters) */
+#define BS_PREPARED "prepared-v2"
 #define BS_MODEL_NAME "smollm2-135m-random"
 #define BS_TOKEN_WIDTH 5          /* bytes of text per token ("%05d") */
 #define BS_RANK 16
@@ -58,6 +60,7 @@
 #define BS_N_ZIPF_FILES 20        /* distinct weight files behind them */
 #define BS_N_KIND 8               /* adapters of each small kind in store-a */
 #define BS_N_VIRTUAL 16           /* virtual tokens of the prefix and prompt adapters */
+#define BS_BN_REDUCTION 16        /* bottleneck width = hidden / this (36 for 576) */
 #define BS_ZIPF_S 1.0
 #define BS_RESIDENT_SHARE 0.10    /* of the 2,000 adapters */
 #define BS_MAX_STREAMS 64
@@ -72,7 +75,7 @@ static const enum ad_role bs_roles[] = {AD_ROLE_Q,    AD_ROLE_K,  AD_ROLE_V,   A
 #define BS_N_ROLES ((int)(sizeof(bs_roles) / sizeof(bs_roles[0])))
 static const char *const bs_role_names[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                             "gate_proj", "up_proj", "down_proj"};
-static const char *const bs_kinds[] = {"lora", "ia3", "prefix", "prompt", "bitfit"};
+static const char *const bs_kinds[] = {"lora", "ia3", "prefix", "prompt", "bitfit", "bottleneck"};
 #define BS_N_KINDS ((int)(sizeof(bs_kinds) / sizeof(bs_kinds[0])))
 
 struct bs_opts {
@@ -279,11 +282,12 @@ static int bs_tensor_add(struct bs_tensors *t, const char *name, enum ad_dtype d
     return 0;
 }
 
-static int bs_tensors_write(struct bs_tensors *t, const char *path)
+/* pt_meta: the {"format": "pt"} metadata PEFT writes (AdapterHub writes none). */
+static int bs_tensors_write(struct bs_tensors *t, const char *path, bool pt_meta)
 {
     static const char *const meta[] = {"format", "pt", NULL};
     struct ad_err err = {0};
-    int r = ad_st_write(path, t->e, t->n, meta, &err);
+    int r = ad_st_write(path, t->e, t->n, pt_meta ? meta : NULL, &err);
     if (r < 0)
         fprintf(stderr, "bench-serve: %s\n", err.msg);
     for (size_t i = 0; i < t->n; i++) {
@@ -319,7 +323,7 @@ static int bs_write_lora_weights(const struct ad_model *m, const char *path)
             r = bs_tensor_add(t, name, AD_DTYPE_BF16, 2, s->n_out, BS_RANK, 0.01f, 0);
     }
     if (r == 0)
-        r = bs_tensors_write(t, path);
+        r = bs_tensors_write(t, path, true);
     if (t)
         for (size_t i = 0; i < t->n; i++) {
             free(t->names[i]);
@@ -340,19 +344,69 @@ static json_t *bs_lora_config(const struct ad_model *m)
                      "base_model_name_or_path", m->id);
 }
 
-/* One adapter of a small kind (ia3, prefix, prompt, bitfit) into dir, F32, as
- * tests/integration/lib.js writes them. */
+/* A Houlsby bottleneck adapter (AdapterHub "double_seq_bn": after attention and after the MLP of
+ * every layer, swish, reduction factor 16) as adapters 1.2 save_adapter(use_safetensors=True)
+ * writes it and tests/adapters/reference.py copies: the full BnConfig under "config", no
+ * peft_type, the adapter's name (aname) in the keys. Its tensors go into t; returns the config. */
+static json_t *bs_bottleneck(const struct ad_model *m, const char *aname, struct bs_tensors *t,
+                             int *ret)
+{
+    static const char *const places[] = {"attention_adapters", "output_adapters"};
+    const struct ad_model_config *c = &m->cfg;
+    int E = c->n_embd, d = E / BS_BN_REDUCTION, r = 0;
+    char name[256];
+
+    for (int l = 0; r == 0 && l < c->n_layer; l++)
+        for (int k = 0; r == 0 && k < 2; k++) {
+            /* down [d, E], down bias [d], up [E, d], up bias [E], small random */
+            static const char *const params[] = {"adapter_down.0.weight", "adapter_down.0.bias",
+                                                 "adapter_up.weight", "adapter_up.bias"};
+            const int shape[4][3] = {{2, d, E}, {1, d, 0}, {2, E, d}, {1, E, 0}};
+            const float scale[4] = {0.05f, 0.02f, 0.02f, 0.02f};
+            for (int q = 0; r == 0 && q < 4; q++) {
+                snprintf(name, sizeof(name), "model.layers.%d.%s.adapters.%.32s.%s", l, places[k],
+                         aname, params[q]);
+                r = bs_tensor_add(t, name, AD_DTYPE_F32, shape[q][0], shape[q][1], shape[q][2],
+                                  scale[q], 0);
+            }
+        }
+    *ret = r;
+    json_t *bn = json_pack(
+        "{s:b, s:b, s:f, s:b, s:b, s:s, s:s, s:n, s:n, s:n, s:b, s:b, s:[], s:b, s:b, s:b, s:s, "
+        "s:b, s:b, s:b, s:b, s:s, s:i, s:f, s:b, s:i, s:i, s:b, s:f, s:b, s:b, s:f, s:b}",
+        "adapter_residual_before_ln", 0, "cross_adapter", 0, "dropout", 0.0, "factorized_phm_W",
+        1, "factorized_phm_rule", 0, "hypercomplex_nonlinearity", "glorot-uniform",
+        "init_weights", "bert", "init_weights_seed", "inv_adapter",
+        "inv_adapter_reduction_factor", "is_parallel", 0, "learn_phm", 1, "leave_out",
+        "ln_after", 0, "ln_before", 0, "mh_adapter", 1, "non_linearity", "swish",
+        "original_ln_after", 1, "original_ln_before", 0, "output_adapter", 1, "phm_bias", 1,
+        "phm_c_init", "normal", "phm_dim", 4, "phm_init_range", 0.0001, "phm_layer", 0,
+        "phm_rank", 1, "reduction_factor", BS_BN_REDUCTION, "residual_before_ln", 1, "scaling", 1.0,
+        "shared_W_phm", 0, "shared_phm_rule", 1, "stochastic_depth", 0.0, "use_gating", 0);
+    return bn ? json_pack("{s:o, s:i, s:s, s:s, s:s, s:s, s:s}", "config", bn, "hidden_size", E,
+                          "model_class", c->architecture, "model_name", m->id, "model_type",
+                          c->model_type, "name", aname, "version", "adapters.1.2.0")
+              : NULL;
+}
+
+/* One adapter of a small kind (ia3, prefix, prompt, bitfit, bottleneck) into dir, F32, as
+ * tests/integration/lib.js (bottleneck: tests/adapters/reference.py) writes them. */
 static int bs_write_small(const struct ad_model *m, const char *kind, const char *dir)
 {
     const struct ad_model_config *c = &m->cfg;
     int L = c->n_layer, kvd = c->n_kv_head * c->head_dim, r = 0;
     struct bs_tensors *t = calloc(1, sizeof(*t));
     char name[256], path[PATH_MAX];
+    const char *wfile = "adapter_model.safetensors";
     json_t *cfg = NULL;
 
     if (!t)
         return -ENOMEM;
-    if (!strcmp(kind, "ia3")) {
+    if (!strcmp(kind, "bottleneck")) {
+        const char *base = strrchr(dir, '/');
+        cfg = bs_bottleneck(m, base ? base + 1 : dir, t, &r);
+        wfile = "adapter.safetensors"; /* AdapterHub's name */
+    } else if (!strcmp(kind, "ia3")) {
         for (int l = 0; r == 0 && l < L; l++) {
             snprintf(name, sizeof(name), "base_model.model.model.layers.%d.self_attn.k_proj.ia3_l",
                      l);
@@ -401,9 +455,9 @@ static int bs_write_small(const struct ad_model *m, const char *kind, const char
     if (r == 0)
         r = bs_mkdir(dir);
     if (r == 0)
-        r = bs_join(path, sizeof(path), dir, "adapter_model.safetensors");
+        r = bs_join(path, sizeof(path), dir, wfile);
     if (r == 0)
-        r = bs_tensors_write(t, path);
+        r = bs_tensors_write(t, path, strcmp(kind, "bottleneck") != 0);
     else
         json_decref(cfg);
     if (r == 0)
@@ -1359,9 +1413,9 @@ static int bs_part_kinds(const struct bs_opts *o, struct bs_client *c, double *r
     }
     printf("\n== 2. adapters of every kind in one batch\n");
     printf("%d streams cycling LoRA (rank 16, 7 projections), IA3 (k, v, down), prefix tuning "
-           "(%d virtual tokens), prompt tuning (%d virtual tokens), bias set (q, down); best of "
-           "%d rounds (+%d repeated); TTFT in ms\n", n, BS_N_VIRTUAL, BS_N_VIRTUAL, o->rounds,
-           extra);
+           "(%d virtual tokens), prompt tuning (%d virtual tokens), bias set (q, down), "
+           "bottleneck (Houlsby, reduction factor %d); best of %d rounds (+%d repeated); TTFT in "
+           "ms\n", n, BS_N_VIRTUAL, BS_N_VIRTUAL, BS_BN_REDUCTION, o->rounds, extra);
     printf("streams | base tok/s | kinds tok/s | kinds/base | base TTFT p50/max | kinds TTFT "
            "p50/max | others b/k\n");
     bs_print_burst_row(n, &base, &kinds);
@@ -1581,8 +1635,8 @@ int main(int argc, char **argv)
         if ((r = bs_daemon_start(&o, &p, p.store_a, 2048, &d)) < 0)
             goto out;
         snprintf(c.url, sizeof(c.url), "%s/v1/completions", d.base);
-        printf("daemon on store-a (%d LoRA + %d x 4 other kinds, adapter_budget_mb 2048) healthy "
-               "after %.1f s\n", BS_N_LORA, BS_N_KIND, d.startup_s);
+        printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb 2048) healthy "
+               "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, d.startup_s);
         if (o.streams && (r = bs_part_streams(&o, &c, ratio)) < 0)
             goto out;
         fflush(stdout);
