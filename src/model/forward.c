@@ -465,9 +465,9 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
 }
 
 /* The one-token chunks of a layer: one pool job whose items are (chunk, head) pairs. Each reads
- * its keys and values in place from the shared prefix and the cache blocks, in runs of up to AD_DEC_RUN positions with
- * an online softmax (the output is rescaled when a run raises the maximum), so it needs no
- * gather and no score buffer. */
+ * its keys and values in place from the shared prefix and the cache blocks, in runs of up to
+ * AD_DEC_RUN positions with an online softmax (the output is rescaled when a run raises the
+ * maximum), so it needs no gather and no score buffer. */
 #define AD_DEC_RUN 64
 
 struct dec_job {
@@ -569,6 +569,8 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         for (int k = 0; k < i; k++)
             if (chunks[k].seq == ch->seq)
                 return ad_err_set(err, -EINVAL, "a sequence appears twice in one batch");
+        /* the shared prefix is read from the chunk's mix: every chunk must carry it */
+        assert(!ch->seq->n_shared || (ch->mix && ad_mix_n_prefix(ch->mix) == ch->seq->n_shared));
         blocks += ad_kv_blocks_for(kv, end - shared_of(ch)) - ch->seq->n_blocks;
         T += (size_t)ch->n_tokens;
         max_n = (size_t)ch->n_tokens > max_n ? (size_t)ch->n_tokens : max_n;

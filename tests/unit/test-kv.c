@@ -9,8 +9,8 @@
 #include "adapterd/adapter.h"
 #include "adapterd/model.h"
 
-#define P 16 /* virtual tokens of the prefix adapter */
-#define N_OWN 9 /* a sequence's own tokens */
+#define N_PREFIX 16 /* virtual tokens of the prefix adapter */
+#define N_OWN 9     /* a sequence's own tokens */
 
 /* Two sequences of one prefix adapter in shared batches, one prefilled whole and the other in
  * two chunks, then decoding: their logits equal the base's for the prefix's real tokens followed
@@ -24,7 +24,7 @@ static void test_shared_prefix(void)
     char dir[64], path[128];
     struct ad_model *m = tiny_model(dir);
     int V = m->cfg.n_vocab;
-    int32_t pre[P], full[P + N_OWN];
+    int32_t pre[N_PREFIX], full[N_PREFIX + N_OWN];
     struct ad_adapter *a;
     struct ad_err err;
     struct ad_kv kv;
@@ -34,25 +34,25 @@ static void test_shared_prefix(void)
 
     CHECK(s);
     CHECK_INT(V, ==, 40);
-    for (int i = 0; i < P; i++)
+    for (int i = 0; i < N_PREFIX; i++)
         pre[i] = (i * 7 + 3) % V;
     snprintf(path, sizeof(path), "%s/prefix", dir);
-    tiny_prefix(m, path, pre, P);
+    tiny_prefix(m, path, pre, N_PREFIX);
     CHECK_INT(ad_adapter_load(m, path, "prefix", &a, &err), ==, 0);
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {1.0f}};
-    CHECK_INT(ad_mix_n_prefix(&mix), ==, P);
+    CHECK_INT(ad_mix_n_prefix(&mix), ==, N_PREFIX);
 
     /* the reference: the base model over the prefix's tokens, then the sequence's own */
     CHECK_INT(ad_kv_init(&kv, &m->cfg, 64, 4), ==, 0);
     for (int q = 0; q < 2; q++) {
-        float *lg = malloc((size_t)(P + N_OWN) * (size_t)V * sizeof(float));
+        float *lg = malloc((size_t)(N_PREFIX + N_OWN) * (size_t)V * sizeof(float));
         CHECK(lg);
         memcpy(full, pre, sizeof(pre));
-        memcpy(full + P, own[q], sizeof(own[q]));
-        struct ad_chunk ch = {.seq = &seq[q], .tokens = full, .n_tokens = P + N_OWN,
+        memcpy(full + N_PREFIX, own[q], sizeof(own[q]));
+        struct ad_chunk ch = {.seq = &seq[q], .tokens = full, .n_tokens = N_PREFIX + N_OWN,
                               .all_logits = true};
         CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, lg, &err), ==, 0);
-        memcpy(want[q], lg + (size_t)P * V, sizeof(want[q]));
+        memcpy(want[q], lg + (size_t)N_PREFIX * V, sizeof(want[q]));
         ad_kv_seq_release(&kv, &seq[q]);
         free(lg);
     }
@@ -71,8 +71,8 @@ static void test_shared_prefix(void)
         const float *row = got;
         for (int i = 0; i < n; i++) {
             int q = ch[i].seq == &seq[1];
-            CHECK_INT(seq[q].n_shared, ==, P);
-            CHECK_INT(seq[q].n_tokens, ==, P + done[q] + ch[i].n_tokens);
+            CHECK_INT(seq[q].n_shared, ==, N_PREFIX);
+            CHECK_INT(seq[q].n_tokens, ==, N_PREFIX + done[q] + ch[i].n_tokens);
             for (int t = 0; t < ch[i].n_tokens; t++, row += V)
                 CHECK_NEAR(max_diff(row, want[q][done[q] + t], (size_t)V), 0, 1e-4);
             done[q] += ch[i].n_tokens;
