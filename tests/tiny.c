@@ -101,3 +101,51 @@ void tiny_lora(const char *path, int r, float value)
                "\"target_modules\": [\"q_proj\"]}", r, 2 * r);
     fclose(f);
 }
+
+void tiny_prefix(const struct ad_model *m, const char *path, const int32_t *tokens, int n)
+{
+    const struct ad_model_config *c = &m->cfg;
+    int L = c->n_layer, kvd = c->n_kv_head * c->head_dim, B = 4;
+    struct ad_kv kv;
+    struct ad_kv_seq seq = {0};
+    struct ad_chunk ch = {.seq = &seq, .tokens = tokens, .n_tokens = n};
+    struct ad_scratch *s = ad_scratch_new();
+    float *logits = malloc((size_t)c->n_vocab * sizeof(float));
+    float *emb = malloc((size_t)n * (size_t)L * 2 * (size_t)kvd * sizeof(float));
+    char file[512];
+    struct ad_err err;
+
+    if (!s || !logits || !emb || ad_kv_init(&kv, c, (n + B - 1) / B, B) < 0 ||
+        ad_model_forward(m, &kv, &ch, 1, s, logits, &err) < 0)
+        abort();
+    /* PEFT's prompt_embeddings [n, L * 2 * kvd]: per token [layer 0 K | V | layer 1 K | V] */
+    size_t per_layer = (size_t)kv.n_blocks * (size_t)B * (size_t)kvd;
+    for (int p = 0; p < n; p++)
+        for (int l = 0; l < L; l++)
+            for (int which = 0; which < 2; which++) {
+                const float *src = (which ? kv.v : kv.k) + (size_t)l * per_layer +
+                                   ((size_t)seq.blocks[p / B] * B + (size_t)(p % B)) * kvd;
+                memcpy(emb + (((size_t)p * L + l) * 2 + which) * kvd, src,
+                       (size_t)kvd * sizeof(float));
+            }
+    ad_kv_seq_release(&kv, &seq);
+    ad_kv_fini(&kv);
+    ad_scratch_free(s);
+    free(logits);
+
+    struct ad_st_entry e = {"prompt_embeddings", AD_DTYPE_F32, 2, {n, (int64_t)L * 2 * kvd}, emb};
+    if (mkdir(path, 0755) < 0 && errno != EEXIST)
+        abort();
+    snprintf(file, sizeof(file), "%s/adapter_model.safetensors", path);
+    if (ad_st_write(file, &e, 1, NULL, &err) < 0)
+        abort();
+    free(emb);
+    snprintf(file, sizeof(file), "%s/adapter_config.json", path);
+    FILE *f = fopen(file, "w");
+    if (!f)
+        abort();
+    fprintf(f, "{\"peft_type\": \"PREFIX_TUNING\", \"task_type\": \"CAUSAL_LM\", "
+               "\"num_virtual_tokens\": %d, \"token_dim\": %d, \"num_attention_heads\": %d, "
+               "\"num_layers\": %d}", n, kvd, c->n_kv_head, L);
+    fclose(f);
+}

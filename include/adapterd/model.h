@@ -153,7 +153,10 @@ const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *p
  * Paged KV cache
  *
  * A pool of fixed-size blocks; each sequence has a block table. Owned by one thread (the engine);
- * not thread-safe. Layout: for each layer, K and V as [block][slot][n_kv_head * head_dim]. */
+ * not thread-safe. Layout: for each layer, K and V as [block][slot][n_kv_head * head_dim].
+ * A sequence's first n_shared positions (a prefix-tuning adapter's virtual K/V) are not cached:
+ * they are read from the adapter, which all its sequences share. Position p >= n_shared is at
+ * slot p - n_shared of the block table. */
 
 struct ad_kv {
     int n_layer, kv_dim, block_size, n_blocks;
@@ -163,7 +166,8 @@ struct ad_kv {
 };
 
 struct ad_kv_seq {
-    int n_tokens; /* tokens whose K/V are in the cache */
+    int n_tokens; /* positions whose K/V are known: n_shared, then the cached ones */
+    int n_shared; /* leading positions read from the mix's prefix (ad_mix_prefix), not cached */
     int n_blocks, cap;
     int32_t *blocks;
 };
@@ -171,21 +175,24 @@ struct ad_kv_seq {
 /* Allocates a pool of n_blocks blocks of block_size tokens for m. Returns 0 or -ENOMEM. */
 int ad_kv_init(struct ad_kv *kv, const struct ad_model_config *cfg, int n_blocks, int block_size);
 void ad_kv_fini(struct ad_kv *kv);
-/* Makes room for n_tokens in total; returns 0 or -ENOSPC (nothing changed) / -ENOMEM. */
+/* Makes room for n_tokens positions in total, the first s->n_shared of them not cached (blocks
+ * for n_tokens - n_shared); returns 0 or -ENOSPC (nothing changed) / -ENOMEM. */
 int ad_kv_seq_reserve(struct ad_kv *kv, struct ad_kv_seq *s, int n_tokens);
-/* Returns the sequence's blocks to the pool and empties it. */
+/* Returns the sequence's blocks to the pool and empties it (n_tokens = n_shared = 0). */
 void ad_kv_seq_release(struct ad_kv *kv, struct ad_kv_seq *s);
-/* Blocks needed for n tokens. */
+/* Blocks needed for n cached tokens. */
 int ad_kv_blocks_for(const struct ad_kv *kv, int n_tokens);
 
 /* ==========================================================================================
  * Forward pass over a batch */
 
 /* One sequence's part of a batch: n_tokens new tokens appended after the seq->n_tokens already
- * cached. Token ids below zero are the mix's virtual tokens (prompt tuning): -1 is the first.
- * A sequence whose mix has prefix tuning gets the prefix K/V as its first positions when its
- * first chunk runs (seq->n_tokens counts them). Chunks with the same mix pointer should be
- * adjacent: each run of them is one row group for the adapter deltas. */
+ * known. Token ids below zero are the mix's virtual tokens (prompt tuning): -1 is the first.
+ * A sequence whose mix has prefix tuning has the prefix K/V as its first positions from its
+ * first chunk on (seq->n_tokens and seq->n_shared count them): they are read in place from the
+ * adapter, not copied into the cache, so every chunk of the sequence must carry the same mix
+ * (or one with the same adapters). Chunks with the same mix pointer should be adjacent: each
+ * run of them is one row group for the adapter deltas. */
 struct ad_chunk {
     struct ad_kv_seq *seq;
     const int32_t *tokens;

@@ -1,7 +1,8 @@
 /* Prefix tuning (PEFT "PREFIX_TUNING"): prompt_embeddings [P, L * 2 * D] holds, per virtual
  * token, [layer 0 K | layer 0 V | layer 1 K | ...], each D = n_heads_stored * head_dim, head-major.
- * On GQA models PEFT stores per KV head (D = n_kv_head * head_dim). The keys are placed in the KV
- * cache as they are (never rotated); real tokens start at position P. */
+ * On GQA models PEFT stores per KV head (D = n_kv_head * head_dim). The forward pass reads the
+ * keys and values in place as every sequence's first P positions (keys never rotated; not copied
+ * into the KV cache); real tokens start at position P. */
 #include <errno.h>
 #include <string.h>
 

@@ -136,9 +136,10 @@ int ad_engine_submit(struct ad_engine *e, const struct ad_request_params *p, ad_
                         n_prefix + n_virtual ? " + the adapter's virtual tokens" : "");
         goto fail;
     }
-    if (ad_kv_blocks_for(&e->kv, (int)need) > e->kv.n_blocks) {
+    /* a prefix-tuning adapter's virtual K/V is read from the adapter, not cached */
+    if (ad_kv_blocks_for(&e->kv, (int)(need - n_prefix)) > e->kv.n_blocks) {
         rc = ad_err_set(err, -E2BIG, "the request needs %ld tokens of KV cache; the pool holds %d",
-                        need, e->kv.n_blocks * e->kv.block_size);
+                        need - n_prefix, e->kv.n_blocks * e->kv.block_size);
         goto fail;
     }
 
@@ -326,8 +327,7 @@ static bool admit(struct ad_engine *e)
             if (!pp)
                 break; /* every waiting adapter is at max_per_adapter */
             struct ad_request *r = *pp;
-            int prefix = r->mix.n ? ad_mix_n_prefix(&r->mix) : 0;
-            int need = ad_kv_blocks_for(&e->kv, prefix + r->n_tokens + 1);
+            int need = ad_kv_blocks_for(&e->kv, r->n_tokens + 1); /* a prefix takes no block */
             /* keep a block of headroom per running sequence for its next decode */
             if (need > e->kv.n_free - e->n_running)
                 break;

@@ -384,49 +384,81 @@ static void softmax_range(const struct ad_kernels *k, float *row, int n, int lo,
 /* ==========================================================================================
  * Attention of one chunk in one layer */
 
+/* The cache slot of position pos (>= s->n_shared) of a sequence's keys (base kv->k) or values
+ * (kv->v) in a layer: slot pos - n_shared of its block table. */
 static float *kv_slot(const struct ad_kv *kv, float *base, int layer, const struct ad_kv_seq *s,
                       int pos)
 {
-    size_t block = (size_t)s->blocks[pos / kv->block_size];
-    size_t slot = (size_t)(pos % kv->block_size);
+    int i = pos - s->n_shared;
+    size_t block = (size_t)s->blocks[i / kv->block_size];
+    size_t slot = (size_t)(i % kv->block_size);
     size_t per_layer = (size_t)kv->n_blocks * (size_t)kv->block_size * (size_t)kv->kv_dim;
     return base + (size_t)layer * per_layer +
            (block * (size_t)kv->block_size + slot) * (size_t)kv->kv_dim;
 }
 
-/* Gathers positions [lo, hi) of a sequence's K (or V) into dst [hi - lo, KVd]. */
-static void kv_gather(const struct ad_kv *kv, float *base, int layer, const struct ad_kv_seq *s,
-                      int lo, int hi, float *dst)
+/* The shared prefix of a chunk's sequence in a layer: its keys (kv = 0) or values (kv = 1) as
+ * [seq->n_shared, KVd], borrowed from the mix's adapter (the request holds a reference); NULL
+ * if the sequence has none. */
+static const float *shared_prefix(const struct ad_chunk *ch, int layer, int kv)
+{
+    return ch->seq->n_shared > 0 ? ad_mix_prefix(ch->mix, layer, kv) : NULL;
+}
+
+/* Position pos of a sequence's keys (base kv->k, prefix its shared keys) or values in a layer:
+ * the shared prefix for the first s->n_shared positions, else the cache. */
+static const float *kv_at(const struct ad_kv *kv, float *base, const float *prefix, int layer,
+                          const struct ad_kv_seq *s, int pos)
+{
+    if (pos < s->n_shared)
+        return prefix + (size_t)pos * (size_t)kv->kv_dim;
+    return kv_slot(kv, base, layer, s, pos);
+}
+
+/* Gathers positions [lo, hi) of a sequence's K (or V) into dst [hi - lo, KVd]: the shared
+ * prefix's, then runs of cache slots block by block. */
+static void kv_gather(const struct ad_kv *kv, float *base, const float *prefix, int layer,
+                      const struct ad_kv_seq *s, int lo, int hi, float *dst)
 {
     int B = kv->block_size;
-    for (int p = lo; p < hi;) {
-        int n = B - p % B;
+    size_t KVd = (size_t)kv->kv_dim;
+    int p = lo;
+    if (p < s->n_shared) {
+        int n = (hi < s->n_shared ? hi : s->n_shared) - p;
+        memcpy(dst, prefix + (size_t)p * KVd, (size_t)n * KVd * sizeof(float));
+        dst += (size_t)n * KVd;
+        p += n;
+    }
+    while (p < hi) {
+        int n = B - (p - s->n_shared) % B;
         if (n > hi - p)
             n = hi - p;
-        memcpy(dst, kv_slot(kv, base, layer, s, p), (size_t)n * (size_t)kv->kv_dim * sizeof(float));
-        dst += (size_t)n * (size_t)kv->kv_dim;
+        memcpy(dst, kv_slot(kv, base, layer, s, p), (size_t)n * KVd * sizeof(float));
+        dst += (size_t)n * KVd;
         p += n;
     }
 }
 
-/* Rows [r0, r0 + n) of qkv hold the chunk's queries (already rotated); their keys and values are
- * already in the cache at positions [pos0, pos0 + n). Writes att rows [r0, r0 + n). For chunks
- * of more than one token (prefill): the keys and values are gathered, then OpenBLAS's sgemm. */
+/* q holds the chunk's n queries (already rotated), one row each; their keys and values are
+ * already in the cache at positions [pos0, pos0 + n), pos0 = ch->seq->n_tokens. Writes n att
+ * rows. For chunks of more than one token (prefill): the keys and values are gathered, then
+ * OpenBLAS's sgemm. */
 static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struct ad_scratch *s,
-                         int layer, const struct ad_kv_seq *seq, int pos0, int n, const float *q,
-                         int ld_q, float *att, int ld_att)
+                         int layer, const struct ad_chunk *ch, const float *q, int ld_q,
+                         float *att, int ld_att)
 {
     const struct ad_model_config *c = &m->cfg;
+    const struct ad_kv_seq *seq = ch->seq;
     int hd = c->head_dim, kvd = kv->kv_dim, group = c->n_head / c->n_kv_head;
     int W = c->sliding_window;
-    int hi = pos0 + n;
+    int pos0 = seq->n_tokens, n = ch->n_tokens, hi = pos0 + n;
     int lo = W > 0 && pos0 - W + 1 > 0 ? pos0 - W + 1 : 0;
     int nk = hi - lo;
     float *kg = s->buf[BUF_KG], *vg = s->buf[BUF_VG], *S = s->buf[BUF_S];
     float scale = 1.0f / sqrtf((float)hd);
 
-    kv_gather(kv, kv->k, layer, seq, lo, hi, kg);
-    kv_gather(kv, kv->v, layer, seq, lo, hi, vg);
+    kv_gather(kv, kv->k, shared_prefix(ch, layer, 0), layer, seq, lo, hi, kg);
+    kv_gather(kv, kv->v, shared_prefix(ch, layer, 1), layer, seq, lo, hi, vg);
     for (int h = 0; h < c->n_head; h++) {
         const float *qh = q + h * hd, *kh = kg + (h / group) * hd, *vh = vg + (h / group) * hd;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, scale, qh, ld_q, kh, kvd,
@@ -442,9 +474,9 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
 }
 
 /* The one-token chunks of a layer: one pool job whose items are (chunk, head) pairs. Each reads
- * its keys and values in place from the cache blocks, in runs of up to AD_DEC_RUN positions with
- * an online softmax (the output is rescaled when a run raises the maximum), so it needs no
- * gather and no score buffer. */
+ * its keys and values in place from the shared prefix and the cache blocks, in runs of up to
+ * AD_DEC_RUN positions with an online softmax (the output is rescaled when a run raises the
+ * maximum), so it needs no gather and no score buffer. */
 #define AD_DEC_RUN 64
 
 struct dec_job {
@@ -465,7 +497,9 @@ static void attend_one(void *ctx, int item, int thread)
     const struct ad_kernels *k = j->k;
     int hd = c->head_dim, h = item % c->n_head, kvh = h / (c->n_head / c->n_kv_head);
     const struct dec_chunk *d = &j->dec[item / c->n_head];
-    const struct ad_kv_seq *seq = j->chunks[d->chunk].seq;
+    const struct ad_chunk *ch = &j->chunks[d->chunk];
+    const struct ad_kv_seq *seq = ch->seq;
+    const float *pk = shared_prefix(ch, j->layer, 0), *pv = shared_prefix(ch, j->layer, 1);
     int hi = seq->n_tokens + 1, W = c->sliding_window; /* the token's own K/V is at hi - 1 */
     int lo = W > 0 && hi - W > 0 ? hi - W : 0;
     const float *q = j->qkv + (size_t)d->row * (size_t)j->ld_qkv + (size_t)h * (size_t)hd;
@@ -478,7 +512,7 @@ static void attend_one(void *ctx, int item, int thread)
         int nb = hi - p0 < AD_DEC_RUN ? hi - p0 : AD_DEC_RUN;
         float run_mx = -INFINITY;
         for (int b = 0; b < nb; b++) {
-            const float *kp = kv_slot(j->kv, j->kv->k, j->layer, seq, p0 + b) + kvh * hd;
+            const float *kp = kv_at(j->kv, j->kv->k, pk, j->layer, seq, p0 + b) + kvh * hd;
             sc[b] = k->dot(q, kp, hd) * scale;
             run_mx = sc[b] > run_mx ? sc[b] : run_mx;
         }
@@ -491,7 +525,7 @@ static void attend_one(void *ctx, int item, int thread)
         }
         sum += k->exp_sum(sc, nb, mx);
         for (int b = 0; b < nb; b++)
-            k->axpy(sc[b], kv_slot(j->kv, j->kv->v, j->layer, seq, p0 + b) + kvh * hd, out, hd);
+            k->axpy(sc[b], kv_at(j->kv, j->kv->v, pv, j->layer, seq, p0 + b) + kvh * hd, out, hd);
     }
     float inv = 1.0f / sum;
     for (int i = 0; i < hd; i++)
@@ -509,10 +543,16 @@ int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks)
     return n;
 }
 
-/* Tokens already cached for a chunk's sequence, counting a prefix that its first pass adds. */
+/* Positions of a chunk's sequence before the chunk, and how many of them are its shared prefix
+ * (not cached): a new sequence starts with its mix's prefix, if any. */
 static int past_of(const struct ad_chunk *ch)
 {
     return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_tokens;
+}
+
+static int shared_of(const struct ad_chunk *ch)
+{
+    return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_shared;
 }
 
 static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_chunk *chunks,
@@ -538,7 +578,9 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         for (int k = 0; k < i; k++)
             if (chunks[k].seq == ch->seq)
                 return ad_err_set(err, -EINVAL, "a sequence appears twice in one batch");
-        blocks += ad_kv_blocks_for(kv, end) - ch->seq->n_blocks;
+        /* the shared prefix is read from the chunk's mix: every chunk must carry it */
+        assert(!ch->seq->n_shared || (ch->mix && ad_mix_n_prefix(ch->mix) == ch->seq->n_shared));
+        blocks += ad_kv_blocks_for(kv, end - shared_of(ch)) - ch->seq->n_blocks;
         T += (size_t)ch->n_tokens;
         max_n = (size_t)ch->n_tokens > max_n ? (size_t)ch->n_tokens : max_n;
         max_ctx = (size_t)end > max_ctx ? (size_t)end : max_ctx;
@@ -596,26 +638,14 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     }
 
     for (int i = 0; i < n_chunks; i++) {
-        int r = ad_kv_seq_reserve(kv, chunks[i].seq, past_of(&chunks[i]) + chunks[i].n_tokens);
+        struct ad_kv_seq *seq = chunks[i].seq;
+        if (seq->n_tokens == 0) /* a new sequence: its prefix is read from the adapter */
+            seq->n_tokens = seq->n_shared = shared_of(&chunks[i]);
+        int r = ad_kv_seq_reserve(kv, seq, seq->n_tokens + chunks[i].n_tokens);
         if (r < 0)
             return ad_err_set(err, r, "KV cache: cannot reserve blocks");
     }
     return (int)T;
-}
-
-/* Writes a new sequence's prefix-tuning keys and values as its first cache positions. */
-static void place_prefix(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *ch)
-{
-    int P = ad_mix_n_prefix(ch->mix);
-    size_t KVd = (size_t)kv->kv_dim;
-    for (int l = 0; l < m->cfg.n_layer; l++) {
-        const float *k = ad_mix_prefix(ch->mix, l, 0), *v = ad_mix_prefix(ch->mix, l, 1);
-        for (int p = 0; p < P; p++) {
-            memcpy(kv_slot(kv, kv->k, l, ch->seq, p), k + (size_t)p * KVd, KVd * sizeof(float));
-            memcpy(kv_slot(kv, kv->v, l, ch->seq, p), v + (size_t)p * KVd, KVd * sizeof(float));
-        }
-    }
-    ch->seq->n_tokens = P;
 }
 
 int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
@@ -633,10 +663,6 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     float *x = s->buf[BUF_X], *xn = s->buf[BUF_XN], *qkv = s->buf[BUF_QKV];
     float *att = s->buf[BUF_ATT], *y = s->buf[BUF_Y], *fa = s->buf[BUF_FA], *fb = s->buf[BUF_FB];
     int32_t *pos = s->pos;
-
-    for (int i = 0; i < n_chunks; i++)
-        if (chunks[i].seq->n_tokens == 0 && chunks[i].mix && ad_mix_n_prefix(chunks[i].mix) > 0)
-            place_prefix(m, kv, &chunks[i]);
 
     /* Embeddings (virtual tokens from the prompt adapter) and per-row positions (+ RoPE). */
     for (int i = 0, r = 0; i < n_chunks; i++)
@@ -686,8 +712,7 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
             }
         for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++)
             if (chunks[i].n_tokens > 1)
-                attend_chunk(m, kv, s, l, chunks[i].seq, chunks[i].seq->n_tokens,
-                             chunks[i].n_tokens, qkv + (size_t)r * ld_qkv, ld_qkv,
+                attend_chunk(m, kv, s, l, &chunks[i], qkv + (size_t)r * ld_qkv, ld_qkv,
                              att + (size_t)r * Hq, Hq);
         struct dec_job dj = {s->k, m, kv, chunks, s->dec, l, ld_qkv, Hq, qkv, att};
         ad_pool_run(s->pool, s->n_dec * c->n_head, attend_one, &dj);

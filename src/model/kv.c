@@ -1,4 +1,5 @@
-/* The paged KV cache: a pool of fixed-size blocks and a block table per sequence. */
+/* The paged KV cache: a pool of fixed-size blocks and a block table per sequence. A sequence's
+ * shared prefix (n_shared positions) takes no block. */
 #include <errno.h>
 #include <stdlib.h>
 
@@ -44,7 +45,7 @@ int ad_kv_blocks_for(const struct ad_kv *kv, int n_tokens)
 
 int ad_kv_seq_reserve(struct ad_kv *kv, struct ad_kv_seq *s, int n_tokens)
 {
-    int need = ad_kv_blocks_for(kv, n_tokens);
+    int need = ad_kv_blocks_for(kv, n_tokens - s->n_shared);
 
     if (need <= s->n_blocks)
         return 0;

@@ -1,7 +1,7 @@
 /* The engine: a request's tokens equal a plain greedy decode through ad_model_forward; requests
  * of different adapters running together get exactly what each gets alone (batch invariance);
- * preemption under a small KV pool changes nothing and leaks no block; cancel, queue and context
- * limits. */
+ * preemption under a small KV pool changes nothing and leaks no block; a prefix-tuning adapter's
+ * K/V takes no block; cancel, queue and context limits. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -91,9 +91,9 @@ static struct ad_request_params params(int i, struct ad_adapter *a, int max_toke
     return p;
 }
 
-/* Greedy decode by hand: one sequence, no engine. */
-static void plain_greedy(const struct ad_model *m, int i, struct ad_adapter *a, int n,
-                         int32_t *out)
+/* Greedy decode of a prompt by hand: one sequence, no engine. */
+static void plain_greedy(const struct ad_model *m, const int32_t *prompt, int n_prompt,
+                         struct ad_adapter *a, int n, int32_t *out)
 {
     struct ad_kv kv;
     struct ad_kv_seq seq = {0};
@@ -106,7 +106,7 @@ static void plain_greedy(const struct ad_model *m, int i, struct ad_adapter *a, 
 
     ad_sampler_init(&greedy, 0, 0, 1, 0);
     CHECK_INT(ad_kv_init(&kv, &m->cfg, 64, 4), ==, 0);
-    struct ad_chunk ch = {.seq = &seq, .tokens = prompts[i], .n_tokens = prompt_len[i],
+    struct ad_chunk ch = {.seq = &seq, .tokens = prompt, .n_tokens = n_prompt,
                           .mix = a ? &mix : NULL};
     for (int t = 0; t < n; t++) {
         CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, logits, &err), ==, 0);
@@ -165,7 +165,7 @@ int main(void)
     int differs = 0;
     for (int i = 0; i < 6; i++) {
         int32_t want[MAXT];
-        plain_greedy(m, i, adapters[i % 3], n_tok, want);
+        plain_greedy(m, prompts[i], prompt_len[i], adapters[i % 3], n_tok, want);
         CHECK_INT(res[i].finish, ==, AD_FINISH_LENGTH);
         CHECK_INT(res[i].n, ==, n_tok);
         for (int t = 0; t < n_tok; t++)
@@ -194,6 +194,47 @@ int main(void)
     CHECK_INT(st.kv_blocks_free, ==, small.kv_blocks);
     printf("engine: %llu preemptions with a %d-block pool\n", (unsigned long long)st.preemptions,
            small.kv_blocks);
+
+    /* prefix tuning: the 16 virtual K/V take no KV block, so requests of 11 and 12 tokens fit a
+     * 5-block pool (with the prefix cached they needed 7 blocks each and were refused); run
+     * together they need 6 blocks, so one is preempted and recomputed. Both decode what the base
+     * does after the prefix's real tokens (tiny_prefix), and every block comes back. */
+    {
+        struct ad_adapter *pa;
+        struct ad_engine *pe;
+        struct ad_request *pr[2];
+        struct result pres[2];
+        struct ad_engine_config pc = cfg;
+        int32_t pre[16 + 7];
+        pc.kv_blocks = 5;
+        for (int i = 0; i < 16; i++)
+            pre[i] = (i * 7 + 3) % 40;
+        snprintf(p, sizeof(p), "%s/prefix", mdir);
+        tiny_prefix(m, p, pre, 16);
+        CHECK_INT(ad_adapter_load(m, p, "prefix", &pa, &err), ==, 0);
+        CHECK_INT(ad_engine_new(m, &pc, &pe, &err), ==, 0);
+        for (int i = 0; i < 2; i++) {
+            init_result(&pres[i]);
+            struct ad_request_params pp = params(3 * i, pa, 8);
+            CHECK_INT(ad_engine_submit(pe, &pp, on_event, &pres[i], &pr[i], &err), ==, 0);
+        }
+        for (int i = 0; i < 2; i++) {
+            int32_t want[8];
+            wait_done(&pres[i]);
+            ad_request_unref(pr[i]);
+            memcpy(pre + 16, prompts[3 * i], (size_t)prompt_len[3 * i] * sizeof(int32_t));
+            plain_greedy(m, pre, 16 + prompt_len[3 * i], NULL, 8, want);
+            CHECK_INT(pres[i].finish, ==, AD_FINISH_LENGTH);
+            CHECK_INT(pres[i].n, ==, 8);
+            for (int t = 0; t < 8; t++)
+                CHECK_INT(pres[i].tok[t], ==, want[t]);
+        }
+        ad_engine_stats(pe, &st);
+        CHECK(st.preemptions > 0);
+        CHECK_INT(st.kv_blocks_free, ==, pc.kv_blocks);
+        ad_engine_free(pe);
+        ad_adapter_unref(pa);
+    }
 
     /* fairness: one slot, four requests of adapter 1 queued before one of adapter 2: round
      * robin gives adapter 2 the second slot (FIFO would make it wait for all four) */
