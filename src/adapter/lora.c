@@ -92,9 +92,20 @@ static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const float *m
     return 0;
 }
 
+static size_t bytes_a(const struct ad_lora_factors *f)
+{
+    return (size_t)f->rank * (size_t)f->n_in * (f->bf16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+static size_t bytes_bp(const struct ad_lora_factors *f)
+{
+    return (size_t)(f->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * (size_t)f->rank *
+           AD_LORA_PANEL * (f->bf16 ? sizeof(uint16_t) : sizeof(float));
+}
+
 /* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h): BF16 when
  * both tensors are BF16 (resident exactly as stored, half the bytes a batch of many adapters
- * reads per step), else F32. */
+ * reads per step), else F32. Into temporary buffers that pack_factors moves into the adapter. */
 static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
                         const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
@@ -107,18 +118,16 @@ static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
     *f = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
                                   .bf16 = ta->dtype == AD_DTYPE_BF16 &&
                                           tb->dtype == AD_DTYPE_BF16};
-    size_t es = f->bf16 ? sizeof(uint16_t) : sizeof(float);
-    size_t n_a = (size_t)rank * (size_t)s->n_in;
-    size_t n_bp = (size_t)(s->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * (size_t)rank *
-                  AD_LORA_PANEL;
-    void *a = ctx_alloc_bytes(c, n_a * es, false), *bp = ctx_alloc_bytes(c, n_bp * es, true);
+    void *a = malloc(bytes_a(f)), *bp = calloc(1, bytes_bp(f));
     float *b32 = f->bf16 ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
+    f->a = a;
+    f->bp = bp;
     if (!a || !bp || (!f->bf16 && !b32)) {
         free(b32);
         return ad_err_set(c->err, -ENOMEM, "out of memory");
     }
     if (f->bf16)
-        memcpy(a, ta->data, n_a * es);
+        memcpy(a, ta->data, bytes_a(f));
     else
         ad_tensor_to_f32(ta, a);
     if (b32)
@@ -129,14 +138,49 @@ static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
             size_t to = ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
                         (size_t)(o % AD_LORA_PANEL);
             if (f->bf16)
-                memcpy((uint16_t *)bp + to, (const uint16_t *)tb->data + from, es);
+                memcpy((uint16_t *)bp + to, (const uint16_t *)tb->data + from, sizeof(uint16_t));
             else
                 ((float *)bp)[to] = b32[from];
         }
     free(b32);
-    f->a = a;
-    f->bp = bp;
     return 0;
+}
+
+/* Moves every site's factors from load_factors' buffers into one allocation owned by the
+ * adapter, in site order (a layer's q, k, v, o, gate, up, down, each A then B): the forward
+ * reads one adapter's sites of a layer one after the other (forward.c, post_item), so they
+ * become one sequential stream. keep false: only frees the buffers (a failed load). */
+static int pack_factors(struct load_ctx *c, bool keep)
+{
+    struct ad_site_delta *deltas = c->a->deltas;
+    size_t total = 0;
+    char *arena = NULL;
+    int r = 0;
+
+    for (int i = 0; keep && i < c->m->n_sites; i++)
+        if (deltas[i].lora.a)
+            total += bytes_a(&deltas[i].lora) + bytes_bp(&deltas[i].lora);
+    if (total && !(arena = ctx_alloc_bytes(c, total, false)))
+        r = ad_err_set(c->err, -ENOMEM, "out of memory");
+    for (int i = 0; i < c->m->n_sites; i++) {
+        struct ad_lora_factors *f = &deltas[i].lora;
+        void *a = (void *)f->a, *bp = (void *)f->bp;
+        if (!a && !bp)
+            continue;
+        if (arena) {
+            memcpy(arena, a, bytes_a(f));
+            f->a = arena;
+            arena += bytes_a(f);
+            memcpy(arena, bp, bytes_bp(f));
+            f->bp = arena;
+            arena += bytes_bp(f);
+        } else {
+            f->a = f->bp = NULL;
+        }
+        free(a);
+        free(bp);
+    }
+    return r;
 }
 
 static int load_module(struct load_ctx *c, const char *module, const struct ad_tensor *ta)
@@ -209,7 +253,7 @@ static int load_module(struct load_ctx *c, const char *module, const struct ad_t
     return 0;
 }
 
-int ad_lora_load(struct load_ctx *c)
+static int load_modules(struct load_ctx *c)
 {
     json_t *init = json_object_get(c->cfg, "init_lora_weights");
     int r;
@@ -279,4 +323,11 @@ void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, 
                 for (int j = 0; j < f->n_out; j++)
                     yb[(size_t)i * ldy + j] += scale * d->lora_bias[j];
     }
+}
+
+int ad_lora_load(struct load_ctx *c)
+{
+    int r = load_modules(c);
+    int rp = pack_factors(c, r == 0);
+    return r < 0 ? r : rp;
 }

@@ -252,22 +252,25 @@ static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, in
 }
 
 /* The adapter deltas of one sites_groups call as one pool job: an item is a block of up to
- * AD_POST_ROWS rows of one group at one site whose hook runs on the adapters' own kernels
- * (ad_mix_site_post_local: no BLAS call, so it may run on a helper). Adapters are read-only, x
- * is read-only once the input-side deltas are applied, and each item writes only its own rows
- * of its own site's columns; each thread has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. Items
- * are claimed one by one, so groups of different costs (sites of different shapes, mixes of
- * several adapters, a prefill chunk beside decode rows) balance out. Each item reads the
- * adapter's factors for its site again, from cache after the first. */
+ * AD_POST_ROWS rows of one group, at every site of the call whose hook runs on the adapters' own
+ * kernels (ad_mix_site_post_local: no BLAS call, so it may run on a helper). Adapters are
+ * read-only, x is read-only once the input-side deltas are applied, and each item writes only
+ * its own rows; each thread has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. One item takes all
+ * sites (q, k and v; or gate and up) so that one thread reads one adapter's factors for them
+ * in a row, where the loader put them next to each other. Items are claimed one by one, so
+ * groups of different costs (mixes of several adapters, a prefill chunk beside decode rows)
+ * balance out; each item reads its adapter's factors again, from cache after the first. */
 #define AD_POST_ROWS 8
 
 struct post_item {
-    int site, r0, n; /* rows [r0, r0 + n) of the batch, all in group */
+    int r0, n;          /* rows [r0, r0 + n) of the batch, all in group */
+    unsigned sites;     /* bit i: site i of the call */
     const struct group *group;
 };
 
 struct post_job {
     const struct ad_site *const *sites;
+    int n_sites;
     const struct post_item *items;
     int ldx, ldy;
     const float *x;
@@ -279,9 +282,13 @@ static void post_item(void *ctx, int item, int thread)
 {
     const struct post_job *j = ctx;
     const struct post_item *it = &j->items[item];
-    ad_mix_site_post(it->group->mix, j->sites[it->site], j->x + (size_t)it->r0 * (size_t)j->ldx,
-                     j->ldx, it->group->x_scaled, j->ys[it->site] + (size_t)it->r0 * (size_t)j->ldy,
-                     j->ldy, it->n, j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP, AD_MIX_LOCAL_TMP);
+    for (int i = 0; i < j->n_sites; i++)
+        if (it->sites & (1u << i))
+            ad_mix_site_post(it->group->mix, j->sites[i],
+                             j->x + (size_t)it->r0 * (size_t)j->ldx, j->ldx,
+                             it->group->x_scaled, j->ys[i] + (size_t)it->r0 * (size_t)j->ldy,
+                             j->ldy, it->n, j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP,
+                             AD_MIX_LOCAL_TMP);
 }
 
 /* Sites over every row: one matrix product (or one pool job) for the whole batch, then each
@@ -303,22 +310,24 @@ static void sites_groups(const struct ad_site *const *sites, int n_sites, struct
     linear(s, sites, n_sites, x, ldx, T, ys, ldy);
 
     int n_items = 0;
-    for (int i = 0; i < n_sites; i++)
-        for (int g = 0; g < s->n_groups; g++) {
-            const struct group *G = &s->groups[g];
-            if (!G->mix)
-                continue;
-            if (!ad_mix_site_post_local(G->mix, sites[i], G->x_scaled)) {
+    for (int g = 0; g < s->n_groups; g++) {
+        const struct group *G = &s->groups[g];
+        unsigned local = 0;
+        if (!G->mix)
+            continue;
+        for (int i = 0; i < n_sites; i++) {
+            if (ad_mix_site_post_local(G->mix, sites[i], G->x_scaled))
+                local |= 1u << i;
+            else
                 ad_mix_site_post(G->mix, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
                                  ys[i] + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
                                  s->cap[BUF_TMP]);
-                continue;
-            }
-            for (int r = 0; r < G->n; r += AD_POST_ROWS)
-                s->post[n_items++] = (struct post_item){
-                    i, G->r0 + r, G->n - r < AD_POST_ROWS ? G->n - r : AD_POST_ROWS, G};
         }
-    struct post_job job = {sites, s->post, ldx, ldy, x, ys, s->buf[BUF_TMP]};
+        for (int r = 0; local && r < G->n; r += AD_POST_ROWS)
+            s->post[n_items++] = (struct post_item){
+                G->r0 + r, G->n - r < AD_POST_ROWS ? G->n - r : AD_POST_ROWS, local, G};
+    }
+    struct post_job job = {sites, n_sites, s->post, ldx, ldy, x, ys, s->buf[BUF_TMP]};
     ad_pool_run(s->pool, n_items, post_item, &job);
 }
 
@@ -618,7 +627,7 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     if (reserve((float **)&s->pos, &s->pos_cap, T, sizeof(int32_t)) < 0 ||
         reserve((float **)&s->groups, &s->groups_cap, (size_t)n_chunks, sizeof(struct group)) < 0 ||
         reserve((float **)&s->dec, &s->dec_cap, (size_t)n_chunks, sizeof(struct dec_chunk)) < 0 ||
-        reserve((float **)&s->post, &s->post_cap, 3 * (T / AD_POST_ROWS + (size_t)n_chunks),
+        reserve((float **)&s->post, &s->post_cap, T / AD_POST_ROWS + (size_t)n_chunks,
                 sizeof(struct post_item)) < 0)
         return ad_err_set(err, -ENOMEM, "out of memory for a batch of %zu tokens", T);
 
@@ -725,8 +734,9 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         norm_groups(m, s, l, AD_NORM_MLP, x, xn);
         bool gated = L->site[AD_ROLE_GATE] != NULL;
         if (gated) {
-            const struct ad_site *gu_sites[2] = {L->site[AD_ROLE_UP], L->site[AD_ROLE_GATE]};
-            float *gu_out[2] = {fa, fb};
+            /* in site order, the order of an adapter's factors in memory (lora.c) */
+            const struct ad_site *gu_sites[2] = {L->site[AD_ROLE_GATE], L->site[AD_ROLE_UP]};
+            float *gu_out[2] = {fb, fa};
             sites_groups(gu_sites, 2, s, xn, E, false, T, gu_out, F);
         } else {
             site_groups(L->site[AD_ROLE_UP], s, xn, E, true, T, fa, F);
