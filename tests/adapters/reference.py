@@ -784,6 +784,10 @@ ADAPTERS = {
                           use_dora=True, dtype="BF16"),
         "ia3": spec(make_ia3, target_modules=["k_proj", "v_proj", "down_proj"],
                  feedforward_modules=["down_proj"]),
+        # input scaling on up_proj, whose input gate_proj shares: a BLAS call on the engine
+        # thread for up, gate's output scaling in the pool's items
+        "ia3_shared_in": spec(make_ia3, target_modules=["q_proj", "gate_proj", "up_proj"],
+                              feedforward_modules=["up_proj"]),
         "prefix": spec(make_prefix, num_virtual_tokens=3),
         "prompt": spec(make_prompt, num_virtual_tokens=4),
         "bitfit": spec(make_bitfit, modules=[f"model.layers.{i}.{m}" for i in range(2) for m in
