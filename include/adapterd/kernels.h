@@ -66,7 +66,7 @@ struct ad_kernels {
 };
 
 /* The best set the CPU runs (or the one the environment variable ADAPTERD_KERNELS names: avx512,
- * avx2, c). Static; thread-safe. */
+ * avx2, c), chosen by the first call. Static; thread-safe; cheap after the first call. */
 const struct ad_kernels *ad_kernels_get(void);
 /* The set of that name, or NULL if this CPU (or build) cannot run it. Static; thread-safe. */
 const struct ad_kernels *ad_kernels_named(const char *name);

@@ -177,25 +177,39 @@ static float bn_act(int act, float x)
     }
 }
 
+/* Groups of up to this many rows (decode) run on the matrix-vector kernel: sgemm's setup would
+ * cost more than the product (two calls per sub-layer per group). */
+#define BN_MATVEC_ROWS 4
+
 void ad_bottleneck_apply(const struct ad_adapter *a, const struct ad_bottleneck *bn,
                          const float *x, float *y, int n, int E, float *tmp)
 {
     float *z = tmp, *h = tmp + (size_t)n * E;
     const float *in = y;
+    const struct ad_kernels *k = n <= BN_MATVEC_ROWS ? ad_kernels_get() : NULL;
 
     if (a->bn_on_sum) {
         for (size_t i = 0; i < (size_t)n * E; i++)
             z[i] = x[i] + y[i];
         in = z;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, bn->dim, E, 1.0f, in, E, bn->down_w,
-                E, 0.0f, h, bn->dim);
+    if (k)
+        k->matvec(bn->down_w, E, in, E, n, h, bn->dim, 0, bn->dim);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, bn->dim, E, 1.0f, in, E,
+                    bn->down_w, E, 0.0f, h, bn->dim);
     for (int i = 0; i < n; i++)
         for (int j = 0; j < bn->dim; j++)
             h[(size_t)i * bn->dim + j] = bn_act(a->bn_act, h[(size_t)i * bn->dim + j] +
                                                                bn->down_b[j]);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, bn->dim, 1.0f, h, bn->dim,
-                bn->up_w, bn->dim, 1.0f, y, E);
+    if (k) { /* z = up(h), then y += z: in (z or y) is no longer needed */
+        k->matvec(bn->up_w, bn->dim, h, bn->dim, n, z, E, 0, E);
+        for (size_t i = 0; i < (size_t)n * E; i++)
+            y[i] += z[i];
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, bn->dim, 1.0f, h, bn->dim,
+                    bn->up_w, bn->dim, 1.0f, y, E);
+    }
     for (int i = 0; i < n; i++)
         for (int j = 0; j < E; j++)
             y[(size_t)i * E + j] += bn->up_b[j];

@@ -1,7 +1,6 @@
 /* LoRA, rsLoRA and DoRA (PEFT "LORA"): y += s * B (A x), s = alpha / r or alpha / sqrt(r);
  * DoRA rescales each output row by k = m / |W + s B A|_row (bias not scaled). */
 #include <errno.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -293,22 +292,11 @@ static int load_modules(struct load_ctx *c)
     return 0;
 }
 
-static const struct ad_kernels *kernels(void)
-{
-    static _Atomic(const struct ad_kernels *) k;
-    const struct ad_kernels *p = atomic_load_explicit(&k, memory_order_relaxed);
-    if (!p) {
-        p = ad_kernels_get();
-        atomic_store_explicit(&k, p, memory_order_relaxed);
-    }
-    return p;
-}
-
 void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
                    int ldy, int n, float *tmp, size_t tmp_len)
 {
     const struct ad_lora_factors *f = &d->lora;
-    const struct ad_kernels *k = kernels();
+    const struct ad_kernels *k = ad_kernels_get();
     float scale = weight * d->scale;
     int block = (int)(tmp_len / (size_t)f->rank);
 

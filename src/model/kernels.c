@@ -11,6 +11,7 @@
  * error about 2e-7 over the clamped range [-87.3, 88.4]. Outside it the result saturates (about
  * 1e-38 and 2e38), which SiLU and softmax do not notice; NaN stays NaN. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -591,7 +592,7 @@ const struct ad_kernels *ad_kernels_named(const char *name)
     return strcmp(name, "c") ? NULL : &kernels_c;
 }
 
-const struct ad_kernels *ad_kernels_get(void)
+static const struct ad_kernels *pick(void)
 {
     const char *want = getenv("ADAPTERD_KERNELS");
     const struct ad_kernels *k = want ? ad_kernels_named(want) : NULL;
@@ -602,4 +603,15 @@ const struct ad_kernels *ad_kernels_get(void)
     if ((k = ad_kernels_named("avx512")) || (k = ad_kernels_named("avx2")))
         return k;
     return &kernels_c;
+}
+
+const struct ad_kernels *ad_kernels_get(void)
+{
+    static _Atomic(const struct ad_kernels *) chosen;
+    const struct ad_kernels *k = atomic_load_explicit(&chosen, memory_order_relaxed);
+    if (!k) { /* threads that race here all pick the same */
+        k = pick();
+        atomic_store_explicit(&chosen, k, memory_order_relaxed);
+    }
+    return k;
 }
