@@ -1,10 +1,10 @@
 /* LoRA, rsLoRA and DoRA (PEFT "LORA"): y += s * B (A x), s = alpha / r or alpha / sqrt(r);
  * DoRA rescales each output row by k = m / |W + s B A|_row (bias not scaled). */
 #include <errno.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -91,44 +91,104 @@ static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const float *m
     return 0;
 }
 
-static size_t bytes_a(const struct ad_lora_factors *f)
+/* Where the factors of each site go: one allocation owned by the adapter, in site order (a
+ * layer's q, k, v, o, gate, up, down, each A then B). The forward reads one adapter's sites of
+ * a layer one after the other (forward.c, post_item), so they become one sequential stream. */
+struct arena {
+    char *base;
+    size_t *off; /* [n_sites]; SIZE_MAX: no factors planned for the site */
+};
+
+/* The module of a lora_A tensor (1), not a lora_A tensor (0), or a name too long (-EINVAL). */
+static int a_module(const struct ad_tensor *t, char *module, size_t size)
 {
-    return (size_t)f->rank * (size_t)f->n_in * (f->bf16 ? sizeof(uint16_t) : sizeof(float));
+    const char *key = ctx_strip(t->name);
+    size_t n = strlen(key);
+    if (n <= (size_t)LEN_A || strcmp(key + n - LEN_A, SUFFIX_A))
+        return 0;
+    if (n - LEN_A >= size)
+        return -EINVAL;
+    memcpy(module, key, n - LEN_A);
+    module[n - LEN_A] = '\0';
+    return 1;
 }
 
-static size_t bytes_bp(const struct ad_lora_factors *f)
+/* The lora_B tensor that goes with lora_A tensor ta, marked as used if take, or NULL. */
+static const struct ad_tensor *b_of(struct load_ctx *c, const struct ad_tensor *ta, bool take)
 {
-    return (size_t)(f->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * (size_t)f->rank *
-           AD_LORA_PANEL * (f->bf16 ? sizeof(uint16_t) : sizeof(float));
+    char key[320];
+    snprintf(key, sizeof(key), "%.*s.lora_B.weight", (int)strlen(ta->name) - LEN_A, ta->name);
+    return take ? ctx_take(c, key) : ad_st_find(c->st, key);
 }
 
-/* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h): BF16 when
- * both tensors are BF16 (resident exactly as stored, half the bytes a batch of many adapters
- * reads per step), else F32. Into temporary buffers that pack_factors moves into the adapter. */
-static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
-                        const struct ad_tensor *ta, const struct ad_tensor *tb)
+static bool is_bf16_pair(const struct ad_tensor *ta, const struct ad_tensor *tb)
+{
+    return ta->dtype == AD_DTYPE_BF16 && tb->dtype == AD_DTYPE_BF16;
+}
+
+static size_t factor_bytes(int rank, int n_in, int n_out, bool bf16)
+{
+    size_t panels = (size_t)(n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL;
+    return ((size_t)rank * (size_t)n_in + panels * (size_t)rank * AD_LORA_PANEL) *
+           (bf16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+/* Sizes the arena from the tensors' names and shapes before anything is loaded, so that the
+ * factors are written once, in place. A tensor the loader will refuse may get no room. */
+static int plan_arena(struct load_ctx *c, struct arena *ar)
+{
+    int n_sites = c->m->n_sites;
+    size_t total = 0, *size = calloc((size_t)n_sites, sizeof(size_t));
+    ar->off = malloc((size_t)n_sites * sizeof(size_t));
+    if (!size || !ar->off) {
+        free(size);
+        return ad_err_set(c->err, -ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < ad_st_n_tensors(c->st); i++) {
+        const struct ad_tensor *ta = ad_st_tensor(c->st, i), *tb;
+        const struct ad_site *s;
+        char module[256];
+        if (a_module(ta, module, sizeof(module)) <= 0 || ta->n_dims != 2 ||
+            ta->shape[0] < 1 || ta->shape[0] > AD_MIX_LOCAL_TMP / AD_LORA_ROWS ||
+            !(s = ad_model_find_site(c->m, module)) || !(tb = b_of(c, ta, false)))
+            continue;
+        size[s - c->m->sites] = factor_bytes((int)ta->shape[0], s->n_in, s->n_out,
+                                             is_bf16_pair(ta, tb));
+    }
+    for (int i = 0; i < n_sites; i++) {
+        ar->off[i] = size[i] ? total : SIZE_MAX;
+        total += size[i];
+    }
+    free(size);
+    if (total && !(ar->base = ctx_alloc_bytes(c, total, true)))
+        return ad_err_set(c->err, -ENOMEM, "out of memory");
+    return 0;
+}
+
+/* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h), into the
+ * site's place in the arena: BF16 when both tensors are BF16 (resident exactly as stored, half
+ * the bytes a batch of many adapters reads per step), else F32. */
+static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_site_delta *d,
+                        int rank, const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
     const struct ad_site *s = d->site;
-    struct ad_lora_factors *f = &d->lora;
+    size_t off = ar->off[s - c->m->sites];
     int r;
 
     if ((r = ctx_shape(c, ta, rank, s->n_in)) < 0 || (r = ctx_shape(c, tb, s->n_out, rank)) < 0)
         return r;
-    *f = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
-                                  .bf16 = ta->dtype == AD_DTYPE_BF16 &&
-                                          tb->dtype == AD_DTYPE_BF16};
-    void *a = malloc(bytes_a(f)), *bp = calloc(1, bytes_bp(f));
-    float *b32 = f->bf16 ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
-    f->a = a;
-    f->bp = bp;
-    if (!a || !bp || (!f->bf16 && !b32)) {
-        free(b32);
+    bool bf16 = is_bf16_pair(ta, tb);
+    if (off == SIZE_MAX) /* plan_arena skipped a tensor this function accepts: a bug */
+        return ad_err_set(c->err, -EINVAL, "tensor '%s': no room planned for it", ta->name);
+    size_t es = bf16 ? sizeof(uint16_t) : sizeof(float), n_a = (size_t)rank * (size_t)s->n_in;
+    char *a = ar->base + off, *bp = a + n_a * es;
+    float *b32 = bf16 ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
+    if (!bf16 && !b32)
         return ad_err_set(c->err, -ENOMEM, "out of memory");
-    }
-    if (f->bf16)
-        memcpy(a, ta->data, bytes_a(f));
+    if (bf16)
+        memcpy(a, ta->data, n_a * es);
     else
-        ad_tensor_to_f32(ta, a);
+        ad_tensor_to_f32(ta, (float *)(void *)a);
     if (b32)
         ad_tensor_to_f32(tb, b32);
     for (int o = 0; o < s->n_out; o++)
@@ -136,53 +196,20 @@ static int load_factors(struct load_ctx *c, struct ad_site_delta *d, int rank,
             size_t from = (size_t)o * (size_t)rank + (size_t)k;
             size_t to = ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
                         (size_t)(o % AD_LORA_PANEL);
-            if (f->bf16)
-                memcpy((uint16_t *)bp + to, (const uint16_t *)tb->data + from, sizeof(uint16_t));
+            if (bf16)
+                memcpy((uint16_t *)(void *)bp + to, (const uint16_t *)tb->data + from,
+                       sizeof(uint16_t));
             else
-                ((float *)bp)[to] = b32[from];
+                ((float *)(void *)bp)[to] = b32[from];
         }
     free(b32);
+    d->lora = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
+                                       .bf16 = bf16, .a = a, .bp = bp};
     return 0;
 }
 
-/* Moves every site's factors from load_factors' buffers into one allocation owned by the
- * adapter, in site order (a layer's q, k, v, o, gate, up, down, each A then B): the forward
- * reads one adapter's sites of a layer one after the other (forward.c, post_item), so they
- * become one sequential stream. keep false: only frees the buffers (a failed load). */
-static int pack_factors(struct load_ctx *c, bool keep)
-{
-    struct ad_site_delta *deltas = c->a->deltas;
-    size_t total = 0;
-    char *arena = NULL;
-    int r = 0;
-
-    for (int i = 0; keep && i < c->m->n_sites; i++)
-        if (deltas[i].lora.a)
-            total += bytes_a(&deltas[i].lora) + bytes_bp(&deltas[i].lora);
-    if (total && !(arena = ctx_alloc_bytes(c, total, false)))
-        r = ad_err_set(c->err, -ENOMEM, "out of memory");
-    for (int i = 0; i < c->m->n_sites; i++) {
-        struct ad_lora_factors *f = &deltas[i].lora;
-        void *a = (void *)f->a, *bp = (void *)f->bp;
-        if (!a && !bp)
-            continue;
-        if (arena) {
-            memcpy(arena, a, bytes_a(f));
-            f->a = arena;
-            arena += bytes_a(f);
-            memcpy(arena, bp, bytes_bp(f));
-            f->bp = arena;
-            arena += bytes_bp(f);
-        } else {
-            f->a = f->bp = NULL;
-        }
-        free(a);
-        free(bp);
-    }
-    return r;
-}
-
-static int load_module(struct load_ctx *c, const char *module, const struct ad_tensor *ta)
+static int load_module(struct load_ctx *c, const struct arena *ar, const char *module,
+                       const struct ad_tensor *ta)
 {
     json_t *cfg = c->cfg;
     const struct ad_site *s = ad_model_find_site(c->m, module);
@@ -220,11 +247,11 @@ static int load_module(struct load_ctx *c, const char *module, const struct ad_t
                           module);
     bool rs = json_is_true(json_object_get(cfg, "use_rslora"));
     d->scale = (float)(rs ? alpha / sqrt(rank) : alpha / rank);
-    snprintf(key, sizeof(key), "%.*s.lora_B.weight", (int)strlen(ta->name) - LEN_A, ta->name);
-    const struct ad_tensor *tb = ctx_take(c, key);
+    const struct ad_tensor *tb = b_of(c, ta, true);
     if (!tb)
-        return ad_err_set(c->err, -EINVAL, "tensor '%s' has no matching '%s'", ta->name, key);
-    if ((r = load_factors(c, d, (int)rank, ta, tb)) < 0)
+        return ad_err_set(c->err, -EINVAL, "tensor '%s' has no matching '%.*s.lora_B.weight'",
+                          ta->name, (int)strlen(ta->name) - LEN_A, ta->name);
+    if ((r = load_factors(c, ar, d, (int)rank, ta, tb)) < 0)
         return r;
     snprintf(key, sizeof(key), "%.*s.lora_B.bias", (int)strlen(ta->name) - LEN_A, ta->name);
     const struct ad_tensor *tbb = ctx_take(c, key);
@@ -252,7 +279,7 @@ static int load_module(struct load_ctx *c, const char *module, const struct ad_t
     return 0;
 }
 
-static int load_modules(struct load_ctx *c)
+static int load_modules(struct load_ctx *c, const struct arena *ar)
 {
     json_t *init = json_object_get(c->cfg, "init_lora_weights");
     int r;
@@ -269,19 +296,15 @@ static int load_modules(struct load_ctx *c)
 
     for (size_t i = 0; i < ad_st_n_tensors(c->st); i++) {
         const struct ad_tensor *t = ad_st_tensor(c->st, i);
-        const char *key = ctx_strip(t->name);
-        size_t n = strlen(key);
-        if (strstr(key, "lora_embedding_"))
+        char module[256];
+        if (strstr(ctx_strip(t->name), "lora_embedding_"))
             return ad_err_set(c->err, -ENOTSUP, "tensor '%s': LoRA on embeddings is not "
                               "supported", t->name);
-        if (n > (size_t)LEN_A && !strcmp(key + n - LEN_A, SUFFIX_A)) {
-            char module[256];
-            if (n - LEN_A >= sizeof(module))
-                return ad_err_set(c->err, -EINVAL, "tensor '%s': name too long", t->name);
-            memcpy(module, key, n - LEN_A);
-            module[n - LEN_A] = '\0';
+        if ((r = a_module(t, module, sizeof(module))) < 0)
+            return ad_err_set(c->err, -EINVAL, "tensor '%s': name too long", t->name);
+        if (r) {
             c->used[i] = true;
-            if ((r = load_module(c, module, t)) < 0)
+            if ((r = load_module(c, ar, module, t)) < 0)
                 return r;
         }
     }
@@ -315,7 +338,10 @@ void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, 
 
 int ad_lora_load(struct load_ctx *c)
 {
-    int r = load_modules(c);
-    int rp = pack_factors(c, r == 0);
-    return r < 0 ? r : rp;
+    struct arena ar = {0};
+    int r = plan_arena(c, &ar);
+    if (r == 0)
+        r = load_modules(c, &ar);
+    free(ar.off);
+    return r;
 }
