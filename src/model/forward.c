@@ -8,8 +8,8 @@
  * Threads: a pass with few rows (decode) runs its linears and its decode attention on this
  * thread plus the scratch's helper threads (pool.c), as many in all as OpenBLAS is allowed to
  * use; a pass with many rows (prefill, big batches) calls OpenBLAS's sgemm instead. A batch-1
- * decode step makes no BLAS call at all. The adapter deltas of groups of a few rows (a decode
- * step's requests on different adapters) are pool jobs too, one item per (site, group). */
+ * decode step makes no BLAS call at all. The adapter deltas (LoRA, DoRA, IA3 output scaling,
+ * bias swaps) are pool jobs in every pass, one item per block of up to 8 rows of a group. */
 #include <assert.h>
 #include <cblas.h>
 #include <errno.h>
