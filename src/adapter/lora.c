@@ -160,7 +160,7 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
         total += size[i];
     }
     free(size);
-    if (total && !(ar->base = ctx_alloc_bytes(c, total, true)))
+    if (total && !(ar->base = ctx_alloc_bytes(c, total, false))) /* load_factors fills all */
         return ad_err_set(c->err, -ENOMEM, "out of memory");
     return 0;
 }
@@ -202,6 +202,11 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
             else
                 ((float *)(void *)bp)[to] = b32[from];
         }
+    for (int o = s->n_out; o % AD_LORA_PANEL; o++) /* the last panel's padding */
+        for (int k = 0; k < rank; k++)
+            memset(bp + (((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
+                         (size_t)(o % AD_LORA_PANEL)) * es,
+                   0, es);
     free(b32);
     d->lora = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
                                        .bf16 = bf16, .a = a, .bp = bp};
