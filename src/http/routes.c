@@ -401,7 +401,7 @@ enum MHD_Result route_adapter_put(struct conn *c, const char *name)
     c->stage[0] = '\0'; /* consumed by install, either way */
     if (rc < 0)
         return http_error(c, http_status_of(rc), "%s", err.msg);
-    snprintf(c->adapter, sizeof(c->adapter), "%s", name);
+    snprintf(c->adapter, sizeof(c->adapter), "%.64s", name);
     return installed(c, name, created);
 }
 
@@ -495,7 +495,7 @@ enum MHD_Result route_vllm_load(struct conn *c)
     if (rc < 0) /* a path the caller gave that cannot be read is the caller's error */
         return http_error(c, rc == -ENOENT || rc == -EACCES || rc == -EISDIR || rc == -ENOTDIR
                                  ? 400 : http_status_of(rc), "%s", err.msg);
-    snprintf(c->adapter, sizeof(c->adapter), "%s", name);
+    snprintf(c->adapter, sizeof(c->adapter), "%.64s", name); /* the access log's column */
     return installed(c, name, false); /* vLLM answers 200 either way */
 }
 
