@@ -9,27 +9,34 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "adapterd/safetensors.h"
+
 /* Outputs per panel of a packed LoRA B. */
 #define AD_LORA_PANEL 16
 /* Rows one call of the LoRA kernel takes at most. */
 #define AD_LORA_ROWS 4
 
-/* LoRA factors as the kernel reads them. Elements are BF16 (uint16_t: the upper half of a
- * float, exactly as a BF16 file stores them) or float. B is packed in panels of AD_LORA_PANEL
+/* The element types of LoRA factors: float, or 16-bit exactly as a BF16 or F16 file stores
+ * them (BF16: the upper half of a float; F16: IEEE half). */
+enum ad_lora_type { AD_LORA_F32, AD_LORA_BF16, AD_LORA_F16 };
+
+/* LoRA factors as the kernel reads them. B is packed in panels of AD_LORA_PANEL
  * outputs, so that the kernel reads it as one sequential stream: element (o, r) of B [n_out,
  * rank] is at ((o / PANEL) * rank + r) * PANEL + o % PANEL, and the last panel is zero-padded. */
 struct ad_lora_factors {
     int rank, n_in, n_out;
-    bool bf16;
+    enum ad_lora_type type;
     const void *a;  /* [rank, n_in], row-major */
     const void *bp; /* [ceil(n_out / PANEL), rank, PANEL] */
 };
 
 /* Element (r, i) of A and (o, r) of B as floats (loading, export, tests; not for hot loops). */
-static inline float ad_lora_elem(const void *w, size_t i, bool bf16)
+static inline float ad_lora_elem(const void *w, size_t i, enum ad_lora_type t)
 {
-    if (!bf16)
+    if (t == AD_LORA_F32)
         return ((const float *)w)[i];
+    if (t == AD_LORA_F16)
+        return ad_f16_to_f32(((const uint16_t *)w)[i]);
     uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
     float v;
     memcpy(&v, &u, sizeof(v));
@@ -38,13 +45,13 @@ static inline float ad_lora_elem(const void *w, size_t i, bool bf16)
 
 static inline float ad_lora_a_at(const struct ad_lora_factors *f, int r, int i)
 {
-    return ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->bf16);
+    return ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type);
 }
 
 static inline float ad_lora_b_at(const struct ad_lora_factors *f, int o, int r)
 {
     return ad_lora_elem(f->bp, ((size_t)(o / AD_LORA_PANEL) * (size_t)f->rank + (size_t)r) *
-                                       AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->bf16);
+                                       AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->type);
 }
 
 struct ad_kernels {

@@ -121,16 +121,21 @@ static const struct ad_tensor *b_of(struct load_ctx *c, const struct ad_tensor *
     return take ? ctx_take(c, key) : ad_st_find(c->st, key);
 }
 
-static bool is_bf16_pair(const struct ad_tensor *ta, const struct ad_tensor *tb)
+/* BF16 or F16 when both tensors are (resident as the file stores them), else F32. */
+static enum ad_lora_type type_of(const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
-    return ta->dtype == AD_DTYPE_BF16 && tb->dtype == AD_DTYPE_BF16;
+    if (ta->dtype == AD_DTYPE_BF16 && tb->dtype == AD_DTYPE_BF16)
+        return AD_LORA_BF16;
+    if (ta->dtype == AD_DTYPE_F16 && tb->dtype == AD_DTYPE_F16)
+        return AD_LORA_F16;
+    return AD_LORA_F32;
 }
 
-static size_t factor_bytes(int rank, int n_in, int n_out, bool bf16)
+static size_t factor_bytes(int rank, int n_in, int n_out, enum ad_lora_type t)
 {
     size_t panels = (size_t)(n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL;
     return ((size_t)rank * (size_t)n_in + panels * (size_t)rank * AD_LORA_PANEL) *
-           (bf16 ? sizeof(uint16_t) : sizeof(float));
+           (t == AD_LORA_F32 ? sizeof(float) : sizeof(uint16_t));
 }
 
 /* Sizes the arena from the tensors' names and shapes before anything is loaded, so that the
@@ -153,7 +158,7 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
             !(s = ad_model_find_site(c->m, module)) || !(tb = b_of(c, ta, false)))
             continue;
         size[s - c->m->sites] = factor_bytes((int)ta->shape[0], s->n_in, s->n_out,
-                                             is_bf16_pair(ta, tb));
+                                             type_of(ta, tb));
     }
     for (int i = 0; i < n_sites; i++) {
         ar->off[i] = size[i] ? total : SIZE_MAX;
@@ -166,8 +171,8 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
 }
 
 /* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h), into the
- * site's place in the arena: BF16 when both tensors are BF16 (resident exactly as stored, half
- * the bytes a batch of many adapters reads per step), else F32. */
+ * site's place in the arena: BF16 or F16 when both tensors are (resident exactly as stored,
+ * half the bytes a batch of many adapters reads per step), else F32. */
 static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_site_delta *d,
                         int rank, const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
@@ -177,15 +182,16 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
 
     if ((r = ctx_shape(c, ta, rank, s->n_in)) < 0 || (r = ctx_shape(c, tb, s->n_out, rank)) < 0)
         return r;
-    bool bf16 = is_bf16_pair(ta, tb);
+    enum ad_lora_type type = type_of(ta, tb);
+    bool half = type != AD_LORA_F32;
     if (off == SIZE_MAX) /* plan_arena skipped a tensor this function accepts: a bug */
         return ad_err_set(c->err, -EINVAL, "tensor '%s': no room planned for it", ta->name);
-    size_t es = bf16 ? sizeof(uint16_t) : sizeof(float), n_a = (size_t)rank * (size_t)s->n_in;
+    size_t es = half ? sizeof(uint16_t) : sizeof(float), n_a = (size_t)rank * (size_t)s->n_in;
     char *a = ar->base + off, *bp = a + n_a * es;
-    float *b32 = bf16 ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
-    if (!bf16 && !b32)
+    float *b32 = half ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
+    if (!half && !b32)
         return ad_err_set(c->err, -ENOMEM, "out of memory");
-    if (bf16)
+    if (half)
         memcpy(a, ta->data, n_a * es);
     else
         ad_tensor_to_f32(ta, (float *)(void *)a);
@@ -196,7 +202,7 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
             size_t from = (size_t)o * (size_t)rank + (size_t)k;
             size_t to = ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
                         (size_t)(o % AD_LORA_PANEL);
-            if (bf16)
+            if (half)
                 memcpy((uint16_t *)(void *)bp + to, (const uint16_t *)tb->data + from,
                        sizeof(uint16_t));
             else
@@ -209,7 +215,7 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
                    0, es);
     free(b32);
     d->lora = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
-                                       .bf16 = bf16, .a = a, .bp = bp};
+                                       .type = type, .a = a, .bp = bp};
     return 0;
 }
 

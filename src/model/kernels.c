@@ -21,8 +21,8 @@
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define AD_X86 1
 #include <immintrin.h>
-#define AD_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#define AD_AVX2 __attribute__((target("avx2,fma")))
+#define AD_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define AD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 #define EXP_LO -87.3365448f /* exp(EXP_LO) is still a normal float */
@@ -104,7 +104,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
         for (int r = 0; r < f->rank; r++) {
             float s = 0;
             for (int i = 0; i < f->n_in; i++)
-                s += ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->bf16) * xm[i];
+                s += ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type) * xm[i];
             t[r] = scale * s;
         }
         for (int o = 0; o < f->n_out; o++) {
@@ -112,7 +112,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
                        (size_t)(o % AD_LORA_PANEL);
             float s = 0;
             for (int r = 0; r < f->rank; r++)
-                s += t[r] * ad_lora_elem(f->bp, p + (size_t)r * AD_LORA_PANEL, f->bf16);
+                s += t[r] * ad_lora_elem(f->bp, p + (size_t)r * AD_LORA_PANEL, f->type);
             ym[o] += s;
         }
     }
@@ -251,16 +251,19 @@ AD_AVX2 static void silu_mul_avx2(float *a, const float *g, size_t n)
  * stream too; per panel, each row of y accumulates in two registers per half of the panel (even
  * and odd r). NX (rows) and BF16 are constants in every expansion of the inline functions, so
  * the accumulators stay in registers. */
-AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, bool bf16)
+AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, enum ad_lora_type t)
 {
-    if (!bf16)
+    if (t == AD_LORA_F32)
         return _mm256_loadu_ps((const float *)w + i);
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (t == AD_LORA_F16)
+        return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+lora_ax_avx2(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, float scale,
              const float *x, int ldx, float *t)
 {
     int n_in = f->n_in, n16 = n_in & ~15, n8 = n_in & ~7;
@@ -271,8 +274,8 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, flo
             acc[m][0] = acc[m][1] = _mm256_setzero_ps();
         int i = 0;
         for (; i < n16; i += 16) {
-            __m256 w0 = lora_ld8(f->a, row + (size_t)i, bf16);
-            __m256 w1 = lora_ld8(f->a, row + (size_t)i + 8, bf16);
+            __m256 w0 = lora_ld8(f->a, row + (size_t)i, T);
+            __m256 w1 = lora_ld8(f->a, row + (size_t)i + 8, T);
             for (int m = 0; m < NX; m++) {
                 const float *xm = x + (size_t)m * (size_t)ldx + (size_t)i;
                 acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
@@ -280,7 +283,7 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, flo
             }
         }
         if (i < n8) {
-            __m256 w0 = lora_ld8(f->a, row + (size_t)i, bf16);
+            __m256 w0 = lora_ld8(f->a, row + (size_t)i, T);
             for (int m = 0; m < NX; m++)
                 acc[m][0] = _mm256_fmadd_ps(
                     w0, _mm256_loadu_ps(x + (size_t)m * (size_t)ldx + (size_t)i), acc[m][0]);
@@ -288,7 +291,7 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, flo
         for (int m = 0; m < NX; m++) {
             float sum = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
             for (int j = n8; j < n_in; j++)
-                sum += ad_lora_elem(f->a, row + (size_t)j, bf16) *
+                sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
             t[m * f->rank + r] = scale * sum;
         }
@@ -296,7 +299,8 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, flo
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, const float *t,
+lora_bt_avx2(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, const float *t,
              float *y, int ldy)
 {
     int rank = f->rank;
@@ -306,8 +310,8 @@ lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, con
         for (int m = 0; m < NX; m++)
             lo[m][0] = lo[m][1] = hi[m][0] = hi[m][1] = _mm256_setzero_ps();
         for (int r = 0; r < rank; r++) {
-            __m256 w0 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL, bf16);
-            __m256 w1 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL + 8, bf16);
+            __m256 w0 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL, T);
+            __m256 w1 = lora_ld8(f->bp, p + (size_t)r * AD_LORA_PANEL + 8, T);
             for (int m = 0; m < NX; m++) {
                 __m256 tv = _mm256_set1_ps(t[m * rank + r]);
                 lo[m][r & 1] = _mm256_fmadd_ps(tv, w0, lo[m][r & 1]);
@@ -333,25 +337,30 @@ lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, con
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_rows_avx2(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+lora_rows_avx2(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, float scale,
                const float *x, int ldx, float *y, int ldy, float *t)
 {
-    lora_ax_avx2(f, NX, bf16, scale, x, ldx, t);
-    lora_bt_avx2(f, NX, bf16, t, y, ldy);
+    lora_ax_avx2(f, NX, T, scale, x, ldx, t);
+    lora_bt_avx2(f, NX, T, t, y, ldy);
 }
 
 AD_AVX2 static void lora_avx2(const struct ad_lora_factors *f, float scale, const float *x,
                               int ldx, int n_x, float *y, int ldy, float *t)
 {
-    switch (n_x * 2 + f->bf16) {
-    case 2: lora_rows_avx2(f, 1, false, scale, x, ldx, y, ldy, t); break;
-    case 3: lora_rows_avx2(f, 1, true, scale, x, ldx, y, ldy, t); break;
-    case 4: lora_rows_avx2(f, 2, false, scale, x, ldx, y, ldy, t); break;
-    case 5: lora_rows_avx2(f, 2, true, scale, x, ldx, y, ldy, t); break;
-    case 6: lora_rows_avx2(f, 3, false, scale, x, ldx, y, ldy, t); break;
-    case 7: lora_rows_avx2(f, 3, true, scale, x, ldx, y, ldy, t); break;
-    case 8: lora_rows_avx2(f, 4, false, scale, x, ldx, y, ldy, t); break;
-    case 9: lora_rows_avx2(f, 4, true, scale, x, ldx, y, ldy, t); break;
+    switch (n_x * 3 + (int)f->type) {
+    case 3: lora_rows_avx2(f, 1, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 4: lora_rows_avx2(f, 1, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 5: lora_rows_avx2(f, 1, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 6: lora_rows_avx2(f, 2, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 7: lora_rows_avx2(f, 2, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 8: lora_rows_avx2(f, 2, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 9: lora_rows_avx2(f, 3, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 10: lora_rows_avx2(f, 3, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 11: lora_rows_avx2(f, 3, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 12: lora_rows_avx2(f, 4, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 13: lora_rows_avx2(f, 4, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 14: lora_rows_avx2(f, 4, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
     default: break; /* n_x outside [1, AD_LORA_ROWS] */
     }
 }
@@ -468,16 +477,19 @@ AD_AVX512 static void silu_mul_avx512(float *a, const float *g, size_t n)
 
 /* LoRA as in the AVX2 build, 16 lanes wide: a panel of B is one register per row of y, with
  * four partial sums (r mod 4) for one row of y, two for more. */
-AD_AVX512 static inline __m512 lora_ld16(const void *w, size_t i, bool bf16)
+AD_AVX512 static inline __m512 lora_ld16(const void *w, size_t i, enum ad_lora_type t)
 {
-    if (!bf16)
+    if (t == AD_LORA_F32)
         return _mm512_loadu_ps((const float *)w + i);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    if (t == AD_LORA_F16)
+        return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+lora_ax_avx512(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, float scale,
                const float *x, int ldx, float *t)
 {
     int n_in = f->n_in, n32 = n_in & ~31, n16 = n_in & ~15;
@@ -488,8 +500,8 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, f
             acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         int i = 0;
         for (; i < n32; i += 32) {
-            __m512 w0 = lora_ld16(f->a, row + (size_t)i, bf16);
-            __m512 w1 = lora_ld16(f->a, row + (size_t)i + 16, bf16);
+            __m512 w0 = lora_ld16(f->a, row + (size_t)i, T);
+            __m512 w1 = lora_ld16(f->a, row + (size_t)i + 16, T);
             for (int m = 0; m < NX; m++) {
                 const float *xm = x + (size_t)m * (size_t)ldx + (size_t)i;
                 acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
@@ -497,7 +509,7 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, f
             }
         }
         if (i < n16) {
-            __m512 w0 = lora_ld16(f->a, row + (size_t)i, bf16);
+            __m512 w0 = lora_ld16(f->a, row + (size_t)i, T);
             for (int m = 0; m < NX; m++)
                 acc[m][0] = _mm512_fmadd_ps(
                     w0, _mm512_loadu_ps(x + (size_t)m * (size_t)ldx + (size_t)i), acc[m][0]);
@@ -505,7 +517,7 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, f
         for (int m = 0; m < NX; m++) {
             float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
             for (int j = n16; j < n_in; j++)
-                sum += ad_lora_elem(f->a, row + (size_t)j, bf16) *
+                sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
             t[m * f->rank + r] = scale * sum;
         }
@@ -513,7 +525,8 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, f
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, const float *t,
+lora_bt_avx512(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, const float *t,
                float *y, int ldy)
 {
     const int NA = NX == 1 ? 4 : 2; /* partial sums per row of y */
@@ -527,12 +540,12 @@ lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, c
         int r = 0;
         for (; r + NA <= rank; r += NA)
             for (int k = 0; k < NA; k++) {
-                __m512 w = lora_ld16(f->bp, p + (size_t)(r + k) * AD_LORA_PANEL, bf16);
+                __m512 w = lora_ld16(f->bp, p + (size_t)(r + k) * AD_LORA_PANEL, T);
                 for (int m = 0; m < NX; m++)
                     acc[m][k] = _mm512_fmadd_ps(_mm512_set1_ps(t[m * rank + r + k]), w, acc[m][k]);
             }
         for (; r < rank; r++) {
-            __m512 w = lora_ld16(f->bp, p + (size_t)r * AD_LORA_PANEL, bf16);
+            __m512 w = lora_ld16(f->bp, p + (size_t)r * AD_LORA_PANEL, T);
             for (int m = 0; m < NX; m++)
                 acc[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(t[m * rank + r]), w, acc[m][0]);
         }
@@ -548,25 +561,30 @@ lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, c
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_rows_avx512(const struct ad_lora_factors *f, const int NX, const bool bf16, float scale,
+lora_rows_avx512(const struct ad_lora_factors *f, const int NX,
+               const enum ad_lora_type T, float scale,
                  const float *x, int ldx, float *y, int ldy, float *t)
 {
-    lora_ax_avx512(f, NX, bf16, scale, x, ldx, t);
-    lora_bt_avx512(f, NX, bf16, t, y, ldy);
+    lora_ax_avx512(f, NX, T, scale, x, ldx, t);
+    lora_bt_avx512(f, NX, T, t, y, ldy);
 }
 
 AD_AVX512 static void lora_avx512(const struct ad_lora_factors *f, float scale, const float *x,
                                   int ldx, int n_x, float *y, int ldy, float *t)
 {
-    switch (n_x * 2 + f->bf16) {
-    case 2: lora_rows_avx512(f, 1, false, scale, x, ldx, y, ldy, t); break;
-    case 3: lora_rows_avx512(f, 1, true, scale, x, ldx, y, ldy, t); break;
-    case 4: lora_rows_avx512(f, 2, false, scale, x, ldx, y, ldy, t); break;
-    case 5: lora_rows_avx512(f, 2, true, scale, x, ldx, y, ldy, t); break;
-    case 6: lora_rows_avx512(f, 3, false, scale, x, ldx, y, ldy, t); break;
-    case 7: lora_rows_avx512(f, 3, true, scale, x, ldx, y, ldy, t); break;
-    case 8: lora_rows_avx512(f, 4, false, scale, x, ldx, y, ldy, t); break;
-    case 9: lora_rows_avx512(f, 4, true, scale, x, ldx, y, ldy, t); break;
+    switch (n_x * 3 + (int)f->type) {
+    case 3: lora_rows_avx512(f, 1, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 4: lora_rows_avx512(f, 1, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 5: lora_rows_avx512(f, 1, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 6: lora_rows_avx512(f, 2, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 7: lora_rows_avx512(f, 2, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 8: lora_rows_avx512(f, 2, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 9: lora_rows_avx512(f, 3, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 10: lora_rows_avx512(f, 3, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 11: lora_rows_avx512(f, 3, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
+    case 12: lora_rows_avx512(f, 4, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;
+    case 13: lora_rows_avx512(f, 4, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;
+    case 14: lora_rows_avx512(f, 4, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;
     default: break; /* n_x outside [1, AD_LORA_ROWS] */
     }
 }
@@ -586,7 +604,8 @@ const struct ad_kernels *ad_kernels_named(const char *name)
     __builtin_cpu_init();
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f"))
         return &kernels_avx512;
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
         return &kernels_avx2;
 #endif
     return strcmp(name, "c") ? NULL : &kernels_c;

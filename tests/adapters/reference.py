@@ -381,7 +381,7 @@ def gpt2_forward(base, w, fx, tokens, capture):
 
 
 def write_safetensors(path, tensors, metadata=None, dtype="F32"):
-    """tensors: {name: float32 tensor}, stored as dtype (F32 or BF16). Sorted by name,
+    """tensors: {name: float32 tensor}, stored as dtype (F32, BF16 or F16). Sorted by name,
     __metadata__ first, as the safetensors library writes them."""
     header, blobs, off = {}, [], 0
     if metadata is not None:
@@ -415,8 +415,9 @@ class Adapter:
     def __init__(self, name, kind, config, tensors, dtype="F32"):
         self.name, self.kind, self.config, self.tensors = name, kind, config, tensors
         self.dtype = dtype
-        if dtype == "BF16":  # the values the file holds are what the reference computes with
-            self.tensors = {k: v.to(torch.bfloat16).to(torch.float32) for k, v in tensors.items()}
+        half = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
+        if half:  # the values the file holds are what the reference computes with
+            self.tensors = {k: v.to(half).to(torch.float32) for k, v in tensors.items()}
 
     def write(self, d):
         os.makedirs(d, exist_ok=True)
@@ -782,6 +783,7 @@ ADAPTERS = {
                           dtype="BF16"),
         "dora_bf16": spec(make_lora, target_modules=["q_proj", "up_proj"], r=4, lora_alpha=8,
                           use_dora=True, dtype="BF16"),
+        "lora_f16": spec(make_lora, target_modules=LLAMA_PROJ, r=3, lora_alpha=6, dtype="F16"),
         "ia3": spec(make_ia3, target_modules=["k_proj", "v_proj", "down_proj"],
                  feedforward_modules=["down_proj"]),
         # input scaling on up_proj, whose input gate_proj shares: a BLAS call on the engine

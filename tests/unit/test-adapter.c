@@ -20,7 +20,7 @@ struct tensor {
     float value;    /* every element; < 0 for a ramp 0.01 * i */
 };
 
-/* The dtype load() writes tensors in (F32 or BF16). */
+/* The dtype load() writes tensors in (F32, BF16 or F16). */
 static enum ad_dtype load_dtype = AD_DTYPE_F32;
 
 /* Writes an adapter directory under the model's and loads it. Returns the load's result. */
@@ -40,9 +40,10 @@ static int load(const char *name, const char *config, const struct tensor *t, si
         for (int j = 0; j < 24 * 24; j++)
             data[i][j] = t[i].value < 0 ? 0.01f * (float)(j % 97) - 0.4f : t[i].value;
         for (int j = 0; j < 24 * 24; j++)
-            half[i][j] = ad_f32_to_bf16(data[i][j]);
+            half[i][j] = load_dtype == AD_DTYPE_F16 ? ad_f32_to_f16(data[i][j])
+                                                    : ad_f32_to_bf16(data[i][j]);
         e[i] = (struct ad_st_entry){t[i].name, load_dtype, t[i].d1 ? 2 : 1, {t[i].d0, t[i].d1},
-                                    load_dtype == AD_DTYPE_BF16 ? (void *)half[i] : data[i]};
+                                    load_dtype == AD_DTYPE_F32 ? (void *)data[i] : half[i]};
     }
     snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
     CHECK_INT(ad_st_write(path, e, n, NULL, err), ==, 0);
@@ -137,9 +138,9 @@ static void test_replaced_and_adapted(void)
     ad_adapter_unref(a);
 }
 
-/* One row at a time and eight rows at once give the deltas B A x computed here, for F32 and
- * BF16 files; BF16 factors stay BF16 (half the resident bytes: A [8, 24] and B packed in one
- * panel of 16 outputs x rank 8). */
+/* One row at a time and eight rows at once give the deltas B A x computed here, for F32, BF16
+ * and F16 files; 16-bit factors stay 16-bit (half the resident bytes: A [8, 24] and B packed in
+ * one panel of 16 outputs x rank 8). */
 static void test_lora_rows(enum ad_dtype dtype)
 {
     static const struct tensor t[] = {
@@ -149,13 +150,15 @@ static void test_lora_rows(enum ad_dtype dtype)
     struct ad_adapter *a;
     struct ad_err err;
     load_dtype = dtype;
-    CHECK_INT(load(dtype == AD_DTYPE_BF16 ? "lora-rows-bf16" : "lora-rows",
+    CHECK_INT(load(dtype == AD_DTYPE_BF16 ? "lora-rows-bf16"
+                   : dtype == AD_DTYPE_F16 ? "lora-rows-f16" : "lora-rows",
                    "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a, &err),
               ==, 0);
     load_dtype = AD_DTYPE_F32;
     const struct ad_site_delta *d = delta(a, "model.layers.0.mlp.down_proj");
-    CHECK(d->lora.bf16 == (dtype == AD_DTYPE_BF16));
-    CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_BF16 ? 2 : 4));
+    CHECK_INT(d->lora.type, ==, dtype == AD_DTYPE_BF16  ? AD_LORA_BF16
+                                : dtype == AD_DTYPE_F16 ? AD_LORA_F16 : AD_LORA_F32);
+    CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_F32 ? 4 : 2));
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {0.75f}};
     float x[8][24], one[8][16] = {{0}}, many[8][16] = {{0}}, tmp[256];
     for (int i = 0; i < 8; i++)
@@ -187,6 +190,7 @@ int main(void)
     test_replaced_and_adapted();
     test_lora_rows(AD_DTYPE_F32);
     test_lora_rows(AD_DTYPE_BF16);
+    test_lora_rows(AD_DTYPE_F16);
     ad_model_free(model);
     CHECK_INT(ad_rm_rf(model_dir), ==, 0);
     printf("adapter: ok\n");

@@ -1,6 +1,7 @@
 /* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512), against plain
- * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32 and BF16 factors,
- * shapes with and without vector-width tails, B packed in panels with a partial last panel.
+ * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16 and F16
+ * factors, shapes with and without vector-width tails, B packed in panels with a partial last
+ * panel.
  * Each result also has to leave the rows around it untouched. */
 #include <stdint.h>
 #include <stdio.h>
@@ -31,12 +32,24 @@ static float from_bf16(uint16_t h)
     return f;
 }
 
+/* v as the factor type stores it (the value the kernel must see) into w[i]. */
+static float store(void *w, size_t i, enum ad_lora_type t, float v)
+{
+    if (t == AD_LORA_F32) {
+        ((float *)w)[i] = v;
+        return v;
+    }
+    uint16_t h = t == AD_LORA_F16 ? ad_f32_to_f16(v) : to_bf16(v);
+    ((uint16_t *)w)[i] = h;
+    return t == AD_LORA_F16 ? ad_f16_to_f32(h) : from_bf16(h);
+}
+
 /* LoRA with rank r on [n_in] -> [n_out], n_x rows, in one build: y_m += scale B A x_m. */
 static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out, int n_x,
-                       bool bf16, unsigned seed)
+                       enum ad_lora_type type, unsigned seed)
 {
     int panels = (n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL, ldx = n_in + 3, ldy = n_out + 5;
-    size_t es = bf16 ? 2 : 4, n_bp = (size_t)panels * (size_t)rank * AD_LORA_PANEL;
+    size_t es = type == AD_LORA_F32 ? 4 : 2, n_bp = (size_t)panels * (size_t)rank * AD_LORA_PANEL;
     float *a32 = malloc((size_t)rank * n_in * sizeof(float));
     float *b32 = malloc((size_t)n_out * rank * sizeof(float)); /* [n_out, rank] as in PEFT */
     void *a = malloc((size_t)rank * n_in * es), *bp = calloc(n_bp, es);
@@ -46,30 +59,20 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
     float scale = 0.625f;
     CHECK(a32 && b32 && a && bp && x && y && y0 && t);
 
-    for (int i = 0; i < rank * n_in; i++) {
-        float v = frand(&seed);
-        if (bf16)
-            ((uint16_t *)a)[i] = to_bf16(v), v = from_bf16(to_bf16(v));
-        else
-            ((float *)a)[i] = v;
-        a32[i] = v;
-    }
+    for (int i = 0; i < rank * n_in; i++)
+        a32[i] = store(a, (size_t)i, type, frand(&seed));
     for (int o = 0; o < n_out; o++)
         for (int r = 0; r < rank; r++) {
-            float v = frand(&seed);
-            size_t at = ((size_t)(o / AD_LORA_PANEL) * rank + r) * AD_LORA_PANEL + o % AD_LORA_PANEL;
-            if (bf16)
-                ((uint16_t *)bp)[at] = to_bf16(v), v = from_bf16(to_bf16(v));
-            else
-                ((float *)bp)[at] = v;
-            b32[(size_t)o * rank + r] = v;
+            size_t at = ((size_t)(o / AD_LORA_PANEL) * rank + r) * AD_LORA_PANEL +
+                        o % AD_LORA_PANEL;
+            b32[(size_t)o * rank + r] = store(bp, at, type, frand(&seed));
         }
     for (int i = 0; i < n_x * ldx; i++)
         x[i] = frand(&seed);
     for (int i = 0; i < n_x * ldy; i++)
         y[i] = y0[i] = frand(&seed);
 
-    struct ad_lora_factors f = {rank, n_in, n_out, bf16, a, bp};
+    struct ad_lora_factors f = {rank, n_in, n_out, type, a, bp};
     for (int o = 0; o < n_out; o++) /* the accessors read the layout the test wrote */
         for (int r = 0; r < rank; r++)
             CHECK(ad_lora_b_at(&f, o, r) == b32[(size_t)o * rank + r]);
@@ -88,8 +91,8 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
                 want += scale * (double)b32[(size_t)o * rank + r] * ax[r];
             double got = y[(size_t)m * ldy + o];
             if (fabs(got - want) > 1e-4 * (1 + fabs(want))) {
-                fprintf(stderr, "%s lora rank %d %dx%d rows %d %s: row %d out %d: %g vs %g\n",
-                        k->name, rank, n_in, n_out, n_x, bf16 ? "bf16" : "f32", m, o, got, want);
+                fprintf(stderr, "%s lora rank %d %dx%d rows %d type %d: row %d out %d: %g vs %g\n",
+                        k->name, rank, n_in, n_out, n_x, (int)type, m, o, got, want);
                 abort();
             }
         }
@@ -135,9 +138,9 @@ int main(void)
         CHECK_STR(k->name, names[b]);
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
             for (int n_x = 1; n_x <= AD_LORA_ROWS; n_x++)
-                for (int bf16 = 0; bf16 < 2; bf16++)
-                    check_lora(k, shapes[s][0], shapes[s][1], shapes[s][2], n_x, bf16,
-                               (unsigned)(s * 31 + n_x * 7 + bf16));
+                for (int t = AD_LORA_F32; t <= AD_LORA_F16; t++)
+                    check_lora(k, shapes[s][0], shapes[s][1], shapes[s][2], n_x,
+                               (enum ad_lora_type)t, (unsigned)(s * 31 + n_x * 7 + t));
         for (int n_x = 1; n_x <= 4; n_x++) {
             check_matvec(k, 576, 40, n_x, 1u + n_x);
             check_matvec(k, 37, 9, n_x, 2u + n_x);
