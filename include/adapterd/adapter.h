@@ -76,7 +76,8 @@ struct ad_adapter {
     int n_virtual;
     float *prompt; /* [n_virtual, n_embd] */
 
-    /* prefix tuning: virtual keys and values placed before the sequence, never rotated */
+    /* prefix tuning: virtual keys and values before the sequence's own, never rotated; read in
+     * place by every sequence of the adapter (they take no KV cache block) */
     int n_prefix;
     float *prefix_kv; /* [n_layer][2][n_prefix][n_kv_head * head_dim] */
 
@@ -163,5 +164,6 @@ void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot
                      float *y, int n, float *tmp, size_t tmp_len);
 /* Embedding row of virtual token v (0-based) of the mix's prompt adapter. */
 const float *ad_mix_virtual_embedding(const struct ad_mix *mix, int v);
-/* Prefix keys (kv = 0) or values (kv = 1) of a layer: [n_prefix, n_kv_head * head_dim]. */
+/* Prefix keys (kv = 0) or values (kv = 1) of a layer: [n_prefix, n_kv_head * head_dim],
+ * borrowed from the mix's prefix adapter: valid while the caller holds that adapter. */
 const float *ad_mix_prefix(const struct ad_mix *mix, int layer, int kv);

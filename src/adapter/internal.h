@@ -28,8 +28,8 @@ int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t
 int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret);
 /* An adapter-owned allocation of n floats (zeroed), or NULL. */
 float *ctx_alloc(struct load_ctx *c, size_t n);
-/* An adapter-owned allocation of n bytes, zeroed or not, or NULL. */
-void *ctx_alloc_bytes(struct load_ctx *c, size_t n, bool zero);
+/* An adapter-owned allocation of n bytes, not zeroed, or NULL. */
+void *ctx_alloc_bytes(struct load_ctx *c, size_t n);
 /* The delta record of a site (created on first use). */
 struct ad_site_delta *ctx_delta(struct load_ctx *c, const struct ad_site *s);
 /* A PEFT key without "base_model.model." (or the key itself). */

@@ -165,7 +165,7 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
         total += size[i];
     }
     free(size);
-    if (total && !(ar->base = ctx_alloc_bytes(c, total, false))) /* load_factors fills all */
+    if (total && !(ar->base = ctx_alloc_bytes(c, total))) /* load_factors fills all */
         return ad_err_set(c->err, -ENOMEM, "out of memory");
     return 0;
 }

@@ -68,9 +68,9 @@ float *ctx_alloc(struct load_ctx *c, size_t n)
     return own(c, n * sizeof(float), true);
 }
 
-void *ctx_alloc_bytes(struct load_ctx *c, size_t n, bool zero)
+void *ctx_alloc_bytes(struct load_ctx *c, size_t n)
 {
-    return own(c, n, zero);
+    return own(c, n, false);
 }
 
 int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1)

@@ -552,16 +552,11 @@ int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks)
     return n;
 }
 
-/* Positions of a chunk's sequence before the chunk, and how many of them are its shared prefix
- * (not cached): a new sequence starts with its mix's prefix, if any. */
+/* Positions of a chunk's sequence before the chunk: a new sequence starts with its mix's
+ * prefix, if any (shared from the adapter, not cached: seq->n_shared). */
 static int past_of(const struct ad_chunk *ch)
 {
     return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_tokens;
-}
-
-static int shared_of(const struct ad_chunk *ch)
-{
-    return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_shared;
 }
 
 static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_chunk *chunks,
@@ -589,7 +584,9 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
                 return ad_err_set(err, -EINVAL, "a sequence appears twice in one batch");
         /* the shared prefix is read from the chunk's mix: every chunk must carry it */
         assert(!ch->seq->n_shared || (ch->mix && ad_mix_n_prefix(ch->mix) == ch->seq->n_shared));
-        blocks += ad_kv_blocks_for(kv, end - shared_of(ch)) - ch->seq->n_blocks;
+        /* cached tokens after the chunk (a new sequence has n_tokens = n_shared = 0 here) */
+        blocks += ad_kv_blocks_for(kv, ch->seq->n_tokens - ch->seq->n_shared + ch->n_tokens) -
+                  ch->seq->n_blocks;
         T += (size_t)ch->n_tokens;
         max_n = (size_t)ch->n_tokens > max_n ? (size_t)ch->n_tokens : max_n;
         max_ctx = (size_t)end > max_ctx ? (size_t)end : max_ctx;
@@ -649,7 +646,7 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     for (int i = 0; i < n_chunks; i++) {
         struct ad_kv_seq *seq = chunks[i].seq;
         if (seq->n_tokens == 0) /* a new sequence: its prefix is read from the adapter */
-            seq->n_tokens = seq->n_shared = shared_of(&chunks[i]);
+            seq->n_tokens = seq->n_shared = chunks[i].mix ? ad_mix_n_prefix(chunks[i].mix) : 0;
         int r = ad_kv_seq_reserve(kv, seq, seq->n_tokens + chunks[i].n_tokens);
         if (r < 0)
             return ad_err_set(err, r, "KV cache: cannot reserve blocks");
