@@ -12,8 +12,9 @@
  *   - load: the median time of ad_adapter_load over --reps loads, and the resident bytes of
  *     the loaded adapter (its tensors, and the process's RSS growth);
  *   - decode: the step time of the base and of the rank-16 adapter at batch 1 and 32 (the same
- *     adapter on every row, and a different adapter on each row), measured in the same run with
- *     the scenarios' steps interleaved, and their ratios.
+ *     adapter on every row; a different adapter on each row, from the F32 file and from the
+ *     BF16 file), measured in the same run with the scenarios' steps interleaved, and their
+ *     ratios.
  * docs/bench.md says what every number means. */
 #include <cblas.h>
 #include <errno.h>
@@ -64,10 +65,7 @@ static uint64_t ad_rng = 0x9e3779b97f4a7c15ull;
 
 static uint32_t ad_rand32(void)
 {
-    ad_rng ^= ad_rng >> 12;
-    ad_rng ^= ad_rng << 25;
-    ad_rng ^= ad_rng >> 27;
-    return (uint32_t)((ad_rng * 2685821657736338717ull) >> 32);
+    return bench_rand32(&ad_rng);
 }
 
 /* Uniform in [-a, a). */

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,16 @@
 #include <unistd.h>
 
 #include "adapterd/util.h"
+
+/* xorshift64*: the benchmarks' random numbers (inputs, adapter weights, request mixes), each
+ * benchmark with its own state and seed, so that its runs draw the same sequence. */
+static inline uint32_t bench_rand32(uint64_t *state)
+{
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 2685821657736338717ull) >> 32);
+}
 
 /* An integer option in [lo, hi]: 0, or -EINVAL. */
 static inline int bench_parse_int(const char *s, int lo, int hi, int *ret)

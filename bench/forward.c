@@ -50,10 +50,7 @@ static uint64_t ad_rng = 0x9e3779b97f4a7c15ull;
 
 static int32_t ad_rand_token(int n_vocab)
 {
-    ad_rng ^= ad_rng >> 12;
-    ad_rng ^= ad_rng << 25;
-    ad_rng ^= ad_rng >> 27;
-    return (int32_t)(((ad_rng * 2685821657736338717ull) >> 33) % (uint64_t)n_vocab);
+    return (int32_t)((bench_rand32(&ad_rng) >> 1) % (uint32_t)n_vocab);
 }
 
 /* ==========================================================================================

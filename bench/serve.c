@@ -98,10 +98,7 @@ static uint64_t bs_rng = 0x2545f4914f6cdd1dull;
 
 static uint32_t bs_rand32(void)
 {
-    bs_rng ^= bs_rng >> 12;
-    bs_rng ^= bs_rng << 25;
-    bs_rng ^= bs_rng >> 27;
-    return (uint32_t)((bs_rng * 2685821657736338717ull) >> 32);
+    return bench_rand32(&bs_rng);
 }
 
 /* Uniform in [0, 1). */
