@@ -7,7 +7,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "adapterd/safetensors.h"
 
@@ -35,12 +34,8 @@ static inline float ad_lora_elem(const void *w, size_t i, enum ad_lora_type t)
 {
     if (t == AD_LORA_F32)
         return ((const float *)w)[i];
-    if (t == AD_LORA_F16)
-        return ad_f16_to_f32(((const uint16_t *)w)[i]);
-    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
-    float v;
-    memcpy(&v, &u, sizeof(v));
-    return v;
+    uint16_t h = ((const uint16_t *)w)[i];
+    return t == AD_LORA_F16 ? ad_f16_to_f32(h) : ad_bf16_to_f32(h);
 }
 
 static inline float ad_lora_a_at(const struct ad_lora_factors *f, int r, int i)

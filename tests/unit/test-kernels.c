@@ -6,7 +6,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "adapterd/kernels.h"
 #include "../check.h"
@@ -17,21 +16,6 @@ static float frand(unsigned *state)
     return (float)((*state >> 8) & 0xffff) / 32768.0f - 1.0f;
 }
 
-static uint16_t to_bf16(float f) /* truncation: the test only needs some BF16 value */
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    return (uint16_t)(u >> 16);
-}
-
-static float from_bf16(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof(f));
-    return f;
-}
-
 /* v as the factor type stores it (the value the kernel must see) into w[i]. */
 static float store(void *w, size_t i, enum ad_lora_type t, float v)
 {
@@ -39,9 +23,9 @@ static float store(void *w, size_t i, enum ad_lora_type t, float v)
         ((float *)w)[i] = v;
         return v;
     }
-    uint16_t h = t == AD_LORA_F16 ? ad_f32_to_f16(v) : to_bf16(v);
+    uint16_t h = t == AD_LORA_F16 ? ad_f32_to_f16(v) : ad_f32_to_bf16(v);
     ((uint16_t *)w)[i] = h;
-    return t == AD_LORA_F16 ? ad_f16_to_f32(h) : from_bf16(h);
+    return t == AD_LORA_F16 ? ad_f16_to_f32(h) : ad_bf16_to_f32(h);
 }
 
 /* LoRA with rank r on [n_in] -> [n_out], n_x rows, in one build: y_m += scale B A x_m. */
