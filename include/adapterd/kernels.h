@@ -10,6 +10,11 @@
 
 #include "adapterd/safetensors.h"
 
+/* Linears over at most this many rows run on the matvec kernel (the forward's passes, the
+ * bottleneck adapters of a decode group); more rows go to OpenBLAS's sgemm, which packs and
+ * blocks for reuse, but whose setup costs more than a product of a few rows. */
+#define AD_MATVEC_MAX_ROWS 4
+
 /* Outputs per panel of a packed LoRA B. */
 #define AD_LORA_PANEL 16
 /* Rows one call of the LoRA kernel takes at most. */

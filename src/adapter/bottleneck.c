@@ -177,16 +177,12 @@ static float bn_act(int act, float x)
     }
 }
 
-/* Groups of up to this many rows (decode) run on the matrix-vector kernel: sgemm's setup would
- * cost more than the product (two calls per sub-layer per group). */
-#define BN_MATVEC_ROWS 4
-
 void ad_bottleneck_apply(const struct ad_adapter *a, const struct ad_bottleneck *bn,
                          const float *x, float *y, int n, int E, float *tmp)
 {
     float *z = tmp, *h = tmp + (size_t)n * E;
     const float *in = y;
-    const struct ad_kernels *k = n <= BN_MATVEC_ROWS ? ad_kernels_get() : NULL;
+    const struct ad_kernels *k = n <= AD_MATVEC_MAX_ROWS ? ad_kernels_get() : NULL;
 
     if (a->bn_on_sum) {
         for (size_t i = 0; i < (size_t)n * E; i++)

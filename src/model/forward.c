@@ -112,9 +112,6 @@ static int reserve(float **p, size_t *cap, size_t n, size_t elem)
 /* ==========================================================================================
  * Kernels */
 
-/* Passes of at most this many rows compute their linears with the own matrix-vector kernel on
- * the pool's threads; more rows go to OpenBLAS's sgemm, which packs and blocks for reuse. */
-#define AD_MATVEC_MAX_ROWS 4
 
 /* A few sites that read the same rows of x (q, k, v; or gate, up), as one job for the pool: the
  * items are blocks of output rows of the sites one after the other. */
