@@ -45,6 +45,7 @@ struct config {
     long max_seqs;
     long max_queue;
     long max_concurrent;
+    long prefix_cache;
     long adapter_budget_mb;
     long max_body_kb;
     long max_upload_mb;
@@ -90,6 +91,9 @@ static const struct option_def {
     {"max_concurrent", OPT_LONG, S(max_concurrent), 0, 4096, "0", false,
      "sequences of one adapter running at once (0: max_seqs); free slots go to the adapter "
      "with the fewest running, so a busy adapter cannot starve the others"},
+    {"prefix_cache", OPT_LONG, S(prefix_cache), 0, 1, "1", false,
+     "1: a prompt that starts like an earlier one (same adapters) reuses its KV cache blocks "
+     "instead of computing them again; 0: off"},
     {"adapter_budget_mb", OPT_LONG, S(adapter_budget_mb), 0, 1 << 20, "2048", false,
      "memory for resident adapters; unused ones are evicted LRU and reloaded (0: no bound)"},
     {"max_body_kb", OPT_LONG, S(max_body_kb), 1, 1 << 20, "4096", false,
@@ -478,7 +482,8 @@ int main(int argc, char **argv)
                                   .max_batch_tokens = (int)d.cfg.max_batch_tokens,
                                   .max_seqs = (int)d.cfg.max_seqs,
                                   .max_queue = (int)d.cfg.max_queue,
-                                  .max_per_adapter = (int)d.cfg.max_concurrent};
+                                  .max_per_adapter = (int)d.cfg.max_concurrent,
+                                  .prefix_cache = d.cfg.prefix_cache != 0};
     if (ad_engine_new(d.model, &ec, &d.engine, &err) < 0) {
         log_error("%s", err.msg);
         goto out;

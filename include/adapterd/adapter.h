@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "adapterd/kernels.h"
 #include "adapterd/model.h"
@@ -66,6 +67,8 @@ struct ad_adapter {
     atomic_int refs;
     char name[128];
     enum ad_adapter_kind kind;
+    uint64_t serial; /* unique among the adapters loaded by this process (a replaced adapter's
+                      * new version gets a new one): keys cached K/V (model.h) */
     size_t bytes; /* resident bytes of the adapter's own tensors */
 
     const struct ad_model *model;   /* the base it was validated against (borrowed) */

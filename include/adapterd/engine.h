@@ -25,6 +25,7 @@ struct ad_engine_config {
     int max_seqs;         /* sequences running at once */
     int max_queue;        /* waiting requests before submit says -EBUSY */
     int max_per_adapter;  /* sequences of one adapter running at once (0: max_seqs) */
+    bool prefix_cache;    /* reuse the KV blocks of earlier sequences' prompts (model.h) */
 };
 
 /* What one request asks for. The engine copies what it needs; mix references are taken over by
@@ -66,6 +67,7 @@ struct ad_event {
     enum ad_finish finish;  /* with done */
     const char *error;      /* with AD_FINISH_ERROR */
     int n_prompt_tokens;    /* with done: usage */
+    int n_cached_tokens;    /* with done: prompt tokens whose K/V came from the prefix cache */
     int n_generated;
 };
 
@@ -90,6 +92,9 @@ struct ad_engine_stats {
     int waiting, running;
     int kv_blocks_total, kv_blocks_free;
     uint64_t steps, tokens_prefilled, tokens_generated, preemptions;
+    /* prefix cache: tokens looked up at admission, and those found (not computed) */
+    uint64_t prefix_queries, prefix_hits;
+    int kv_blocks_cached; /* blocks holding a published prefix, held or free */
     /* KV blocks not back in the pool when the engine last went idle (nothing running or
      * waiting): 0 unless a finished, cancelled or preempted sequence kept its blocks */
     int kv_blocks_leaked;

@@ -156,13 +156,33 @@ const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *p
  * not thread-safe. Layout: for each layer, K and V as [block][slot][n_kv_head * head_dim].
  * A sequence's first n_shared positions (a prefix-tuning adapter's virtual K/V) are not cached:
  * they are read from the adapter, which all its sequences share. Position p >= n_shared is at
- * slot p - n_shared of the block table. */
+ * slot p - n_shared of the block table.
+ *
+ * Prefix caching: a full block whose K/V are known can be published under its content (the
+ * tokens of the sequence up to its end, and a key for the adapters they were computed with).
+ * Blocks are reference-counted; a new sequence whose tokens start the same way attaches the
+ * published blocks instead of computing them again. Only full blocks are shared, and a
+ * sequence writes only past its last full block, so a shared block is never written. A block
+ * no sequence holds stays published until the pool needs it: blocks that hold nothing
+ * published are reused first, then published ones, least recently released first. Lookups
+ * compare the block's tokens exactly; the tokens before it are identified by a keyed 64-bit
+ * hash of the chain (SipHash-2-4 with a random key per pool). */
+
+struct ad_kv_block;
 
 struct ad_kv {
     int n_layer, kv_dim, block_size, n_blocks;
     float *k, *v;
-    int32_t *free_blocks; /* stack of free block ids */
-    int n_free;
+    int n_free;   /* blocks no sequence holds (published ones included) */
+    int n_cached; /* published blocks, held or free */
+    /* private */
+    struct ad_kv_block *blk;
+    int32_t free_head, free_tail; /* free list, next to reuse first */
+    int32_t *table;               /* published blocks by hash, open addressing; -1: empty */
+    uint32_t table_mask;
+    int32_t *tokens;              /* [n_blocks][block_size]: a published block's tokens */
+    unsigned char *hbuf;          /* hash input */
+    unsigned char key[16];
 };
 
 struct ad_kv_seq {
@@ -170,18 +190,35 @@ struct ad_kv_seq {
     int n_shared; /* leading positions read from the mix's prefix (ad_mix_prefix), not cached */
     int n_blocks, cap;
     int32_t *blocks;
+    int n_published; /* leading blocks already published (or found published) */
+    uint64_t chain;  /* hash of the last of them */
 };
 
 /* Allocates a pool of n_blocks blocks of block_size tokens for m. Returns 0 or -ENOMEM. */
 int ad_kv_init(struct ad_kv *kv, const struct ad_model_config *cfg, int n_blocks, int block_size);
 void ad_kv_fini(struct ad_kv *kv);
 /* Makes room for n_tokens positions in total, the first s->n_shared of them not cached (blocks
- * for n_tokens - n_shared); returns 0 or -ENOSPC (nothing changed) / -ENOMEM. */
+ * for n_tokens - n_shared); returns 0 or -ENOSPC (nothing changed) / -ENOMEM. May reuse
+ * published blocks no sequence holds (they are unpublished). */
 int ad_kv_seq_reserve(struct ad_kv *kv, struct ad_kv_seq *s, int n_tokens);
-/* Returns the sequence's blocks to the pool and empties it (n_tokens = n_shared = 0). */
+/* Drops the sequence's hold on its blocks and empties it (n_tokens = n_shared = 0). Blocks no
+ * other sequence holds go back to the pool; published ones stay findable until reused. */
 void ad_kv_seq_release(struct ad_kv *kv, struct ad_kv_seq *s);
 /* Blocks needed for n cached tokens. */
 int ad_kv_blocks_for(const struct ad_kv *kv, int n_tokens);
+
+/* A keyed hash (the pool's key) of len bytes, e.g. to make the mix key of a set of adapters. */
+uint64_t ad_kv_hash(const struct ad_kv *kv, const void *data, size_t len);
+/* Attaches to the empty sequence s the longest run of published full blocks holding
+ * tokens[0..n_tokens) computed under mix (n_tokens is rounded down to whole blocks). On a hit
+ * s starts with n_shared uncached positions (the mix's prefix, as the forward pass would set),
+ * and s->n_tokens = n_shared + the tokens attached. Returns the tokens attached (0: s unchanged). */
+int ad_kv_seq_match(struct ad_kv *kv, struct ad_kv_seq *s, uint64_t mix, int n_shared,
+                    const int32_t *tokens, int n_tokens);
+/* Publishes the sequence's full blocks not published yet; tokens[i] is the token of cached
+ * position i (position n_shared + i). A block whose content is published already (by another
+ * sequence) stays private. */
+void ad_kv_seq_publish(struct ad_kv *kv, struct ad_kv_seq *s, uint64_t mix, const int32_t *tokens);
 
 /* ==========================================================================================
  * Forward pass over a batch */

@@ -327,6 +327,8 @@ int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const
         goto out;
     }
     atomic_init(&c.a->refs, 1);
+    static atomic_uint_fast64_t serials;
+    c.a->serial = atomic_fetch_add_explicit(&serials, 1, memory_order_relaxed) + 1;
     c.a->model = m;
     snprintf(c.a->name, sizeof(c.a->name), "%s", name);
 

@@ -37,6 +37,7 @@ struct ad_request {
     bool ignore_eos, prompt_logprobs;
     struct ad_sampler sampler;
     struct ad_mix mix; /* holds one reference per adapter */
+    uint64_t mix_key;  /* identifies the mix's adapters and weights in the prefix cache */
     ad_request_cb cb;
     void *ud;
 
@@ -45,6 +46,8 @@ struct ad_request {
     int n_cached;         /* tokens of `tokens` whose K/V are in the cache */
     int n_generated;
     int n_prompt_reported; /* prompt tokens already reported (not again after a preemption) */
+    int n_prompt_cached;   /* prompt tokens found in the prefix cache at the first admission */
+    bool admitted;         /* once admitted (a preempted request stays so) */
     float *carry;          /* the last logits row of a prompt chunk, for the next chunk's first */
 };
 
@@ -93,6 +96,25 @@ struct ad_request *ad_request_unref(struct ad_request *r)
     free(r->carry);
     free(r);
     return NULL;
+}
+
+/* The prefix cache's key of a mix: 0 for the base, else a keyed hash of its adapters' serials
+ * and weights (a replaced adapter gets a new serial, so its old K/V are never found). */
+static uint64_t mix_key(const struct ad_engine *e, const struct ad_mix *mix)
+{
+    struct {
+        uint64_t serial;
+        float w;
+        uint32_t pad;
+    } id[AD_MIX_MAX];
+    if (mix->n == 0)
+        return 0;
+    memset(id, 0, sizeof(id));
+    for (int i = 0; i < mix->n; i++) {
+        id[i].serial = mix->a[i]->serial;
+        id[i].w = mix->w[i];
+    }
+    return ad_kv_hash(&e->kv, id, (size_t)mix->n * sizeof(id[0]));
 }
 
 static void drop_mix(struct ad_mix *mix)
@@ -169,6 +191,7 @@ int ad_engine_submit(struct ad_engine *e, const struct ad_request_params *p, ad_
     r->prompt_logprobs = p->prompt_logprobs;
     ad_sampler_init(&r->sampler, p->temperature, p->top_k, p->top_p, p->seed);
     r->mix = mix;
+    r->mix_key = mix_key(e, &mix);
     r->cb = cb;
     r->ud = ud;
 
@@ -217,10 +240,12 @@ static void finish(struct ad_engine *e, struct ad_request *r, enum ad_finish why
                    const char *error)
 {
     struct ad_event ev = {.done = true, .finish = why, .error = error, .logprob = NAN,
-                          .n_prompt_tokens = r->n_prompt, .n_generated = r->n_generated};
+                          .n_prompt_tokens = r->n_prompt, .n_cached_tokens = r->n_prompt_cached,
+                          .n_generated = r->n_generated};
     ad_kv_seq_release(&e->kv, &r->seq);
     pthread_mutex_lock(&e->lock); /* current before the caller hears of the end */
     e->stats.kv_blocks_free = e->kv.n_free;
+    e->stats.kv_blocks_cached = e->kv.n_cached;
     pthread_mutex_unlock(&e->lock);
     r->cb(r, &ev, r->ud);
     ad_request_unref(r);
@@ -299,6 +324,19 @@ static struct ad_request **pick_waiting(struct ad_engine *e)
     return best;
 }
 
+/* Attaches the KV blocks of the request's longest cached prefix (whole blocks, and never its
+ * last token, whose logits it needs). Returns the tokens found. A request that reports its
+ * prompt's logprobs computes them all. */
+static int match_prefix(struct ad_engine *e, struct ad_request *r)
+{
+    if (!e->cfg.prefix_cache || r->prompt_logprobs)
+        return 0;
+    int n_prefix = r->mix.n ? ad_mix_n_prefix(&r->mix) : 0;
+    r->n_cached = ad_kv_seq_match(&e->kv, &r->seq, r->mix_key, n_prefix, r->tokens,
+                                  r->n_tokens - 1);
+    return r->n_cached;
+}
+
 /* Moves cancelled waiting requests out, and admits what fits. Returns false to stop. */
 static bool admit(struct ad_engine *e)
 {
@@ -327,10 +365,24 @@ static bool admit(struct ad_engine *e)
             if (!pp)
                 break; /* every waiting adapter is at max_per_adapter */
             struct ad_request *r = *pp;
-            int need = ad_kv_blocks_for(&e->kv, r->n_tokens + 1); /* a prefix takes no block */
-            /* keep a block of headroom per running sequence for its next decode */
-            if (need > e->kv.n_free - e->n_running)
+            int hit = match_prefix(e, r);
+            /* a prefix takes no block; keep a block of headroom per running sequence for its
+             * next decode */
+            int need = ad_kv_blocks_for(&e->kv, r->n_tokens + 1) - r->seq.n_blocks;
+            if (need > e->kv.n_free - e->n_running) {
+                ad_kv_seq_release(&e->kv, &r->seq); /* the blocks found stay published */
+                r->n_cached = 0;
                 break;
+            }
+            if (e->cfg.prefix_cache && !r->prompt_logprobs) {
+                e->stats.prefix_queries += (uint64_t)r->n_tokens;
+                e->stats.prefix_hits += (uint64_t)hit;
+            }
+            if (!r->admitted) {
+                int p = hit - r->n_virtual;
+                r->n_prompt_cached = p < 0 ? 0 : p < r->n_prompt ? p : r->n_prompt;
+                r->admitted = true;
+            }
             *pp = r->next;
             if (e->wait_tail == r) { /* r was last: the tail is the one before it */
                 e->wait_tail = NULL;
@@ -346,6 +398,7 @@ static bool admit(struct ad_engine *e)
         e->stats.waiting = e->n_waiting;
         e->stats.running = e->n_running;
         e->stats.kv_blocks_free = e->kv.n_free;
+        e->stats.kv_blocks_cached = e->kv.n_cached;
         if (e->n_running == 0 && e->n_waiting == 0) /* idle: every block must be back */
             e->stats.kv_blocks_leaked = e->kv.n_blocks - e->kv.n_free;
         if (e->stop || e->n_running > 0 || cancelled)
@@ -591,6 +644,10 @@ static void step(struct ad_engine *e)
             finish(e, r, AD_FINISH_ERROR, rc == -ENOSPC ? "KV cache exhausted" : err.msg);
             continue;
         }
+        if (e->cfg.prefix_cache) /* before a finished request releases its blocks */
+            for (int i = 0; i < n; i++)
+                ad_kv_seq_publish(&e->kv, &e->chunk_req[i]->seq, e->chunk_req[i]->mix_key,
+                                  e->chunk_req[i]->tokens);
         int prefilled = 0;
         float *lg = e->logits;
         for (int i = 0; i < n; i++) {
@@ -611,6 +668,7 @@ static void step(struct ad_engine *e)
         e->stats.tokens_prefilled += (uint64_t)prefilled;
         e->stats.running = e->n_running;
         e->stats.kv_blocks_free = e->kv.n_free;
+        e->stats.kv_blocks_cached = e->kv.n_cached;
         pthread_mutex_unlock(&e->lock);
         return;
     }

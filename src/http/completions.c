@@ -39,6 +39,7 @@ struct job {
     bool stopped; /* a stop string matched */
     enum ad_finish finish;
     int n_generated;
+    int n_cached; /* prompt tokens served from the prefix cache */
     bool role_sent; /* chat streams: the first delta carried "role" */
     size_t ids_sent; /* streams: token ids already sent */
     json_t *lp_tokens, *lp_values, *lp_top, *lp_offsets; /* completions' logprobs arrays */
@@ -235,6 +236,7 @@ static bool pump(struct completion *cp, double timeout)
                     add_text(cp, j, t, n);
                 j->finish = j->stopped ? AD_FINISH_STOP : ev->finish;
                 j->n_generated = ev->n_generated;
+                j->n_cached = ev->n_cached_tokens;
                 continue;
             }
             if (ev->is_prompt) { /* echo with logprobs: the prompt's tokens come first */
@@ -594,13 +596,14 @@ static json_t *logprobs_json(struct completion *cp, struct job *j)
 
 static json_t *usage(struct completion *cp)
 {
-    int p = 0, g = 0;
+    int p = 0, g = 0, cached = 0;
     for (int i = 0; i < cp->n_jobs; i++) {
         p += cp->jobs[i].n_prompt;
         g += cp->jobs[i].n_generated;
+        cached += cp->jobs[i].n_cached;
     }
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", p, "completion_tokens", g,
-                     "total_tokens", p + g);
+    return json_pack("{s:i, s:i, s:i, s:{s:i}}", "prompt_tokens", p, "completion_tokens", g,
+                     "total_tokens", p + g, "prompt_tokens_details", "cached_tokens", cached);
 }
 
 static json_t *full_response(struct completion *cp)

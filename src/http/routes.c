@@ -116,12 +116,21 @@ enum MHD_Result route_metrics(struct conn *c)
             "adapterd_kv_blocks_leaked %d\n"
             "# TYPE adapterd_engine_steps_total counter\nadapterd_engine_steps_total %llu\n"
             "# TYPE adapterd_preemptions_total counter\nadapterd_preemptions_total %llu\n"
+            "# HELP adapterd_prefix_cache_queries_total Tokens looked up in the prefix cache "
+            "at admission.\n# TYPE adapterd_prefix_cache_queries_total counter\n"
+            "adapterd_prefix_cache_queries_total %llu\n"
+            "# HELP adapterd_prefix_cache_hits_total Tokens whose KV blocks were found in the "
+            "prefix cache.\n# TYPE adapterd_prefix_cache_hits_total counter\n"
+            "adapterd_prefix_cache_hits_total %llu\n"
+            "# HELP adapterd_kv_blocks_cached KV blocks holding a cached prefix (held or free)."
+            "\n# TYPE adapterd_kv_blocks_cached gauge\nadapterd_kv_blocks_cached %d\n"
             "# HELP adapterd_adapter_resident_bytes Bytes of adapters in memory.\n"
             "# TYPE adapterd_adapter_resident_bytes gauge\nadapterd_adapter_resident_bytes %zu\n",
             st.waiting, st.running, st.kv_blocks_total, st.kv_blocks_free,
             st.kv_blocks_total - st.kv_blocks_free, st.kv_blocks_leaked,
             (unsigned long long)st.steps,
-            (unsigned long long)st.preemptions,
+            (unsigned long long)st.preemptions, (unsigned long long)st.prefix_queries,
+            (unsigned long long)st.prefix_hits, st.kv_blocks_cached,
             ad_registry_resident_bytes(h->deps.registry));
     fclose(f);
     struct MHD_Response *r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);

@@ -142,7 +142,7 @@ void fz_http_init(void)
     install_fixture(0);
     install_fixture(1);
     struct ad_engine_config ec = {.kv_blocks = 64, .kv_block_size = 8, .max_batch_tokens = 64,
-                                  .max_seqs = 4, .max_queue = 128};
+                                  .max_seqs = 4, .max_queue = 128, .prefix_cache = true};
     if (ad_engine_new(fz.model, &ec, &fz.engine, &err) < 0)
         die("%s", err.msg);
     for (int s = 0; s < FZ_N_SERVERS; s++) {

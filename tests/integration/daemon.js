@@ -428,6 +428,52 @@ test('every adapter kind in one batch: each request gets what it gets alone', as
         assert.equal((await d.api('DELETE', `/v1/adapters/${name}`)).status, 204);
 });
 
+test('prefix cache: a prompt seen before computes only its new blocks, same output', async (d) => {
+    const lora = makeLora(path.join(TMP, 'pc-lora'), { seed: 31 });
+    assert.equal((await d.upload('pc-lora', lora)).status, 201);
+    const prompt = 'A prompt long enough to fill a few blocks of the KV cache: ' +
+        Array.from({ length: 40 }, (_, i) => `word${(i * 7) % 13}`).join(' ');
+    const ask = (daemon, model) => daemon.api('POST', '/v1/completions', {
+        model, prompt, max_tokens: 10, temperature: 0, ignore_eos: true, logprobs: 1,
+        return_tokens_as_token_ids: true,
+    }).then((r) => {
+        assert.equal(r.status, 200, r.text);
+        return r.json;
+    });
+    const hits0 = await d.metric('adapterd_prefix_cache_hits_total');
+    const first = await ask(d, 'model');
+    const n = first.usage.prompt_tokens;
+    assert.ok(n > 40, `${n} prompt tokens`);
+    const whole = Math.floor((n - 1) / 16) * 16; // the daemon's blocks are 16 tokens
+    assert.equal(first.usage.prompt_tokens_details.cached_tokens, 0);
+    const again = await ask(d, 'model');
+    assert.equal(again.usage.prompt_tokens_details.cached_tokens, whole);
+    // another adapter's K/V differ: nothing found, then its own
+    const l1 = await ask(d, 'pc-lora');
+    assert.equal(l1.usage.prompt_tokens_details.cached_tokens, 0);
+    const l2 = await ask(d, 'pc-lora');
+    assert.equal(l2.usage.prompt_tokens_details.cached_tokens, whole);
+    assert.equal(await d.metric('adapterd_prefix_cache_hits_total') - hits0, 2 * whole);
+    // the same answers from a daemon without the cache
+    const s = await new Daemon(['--set', 'prefix_cache=0']).ready();
+    try {
+        assert.equal((await s.upload('pc-lora', lora)).status, 201);
+        for (const [model, cached, uncached] of [['model', again, first], ['pc-lora', l2, l1]]) {
+            const ref = await ask(s, model);
+            assert.equal(ref.usage.prompt_tokens_details.cached_tokens, 0);
+            for (const got of [cached, uncached]) {
+                const [a, b] = [got.choices[0].logprobs, ref.choices[0].logprobs];
+                assert.deepEqual(a.tokens, b.tokens, model);
+                assert.ok(close(a.token_logprobs, b.token_logprobs), `${model}: logprobs differ`);
+            }
+        }
+        assert.notDeepEqual(l1.choices[0].logprobs.tokens, first.choices[0].logprobs.tokens);
+    } finally {
+        await s.stop();
+    }
+    assert.equal((await d.api('DELETE', '/v1/adapters/pc-lora')).status, 204);
+});
+
 test('a full queue: 429 with Retry-After, and the queued requests still complete', async () => {
     const s = await new Daemon(['--set', 'max_seqs=1', '--set', 'max_queue=1']).ready();
     try {

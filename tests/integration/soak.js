@@ -2,7 +2,8 @@
 /* Soak test: ADAPTERD_SOAK_SECONDS (default 60) of random traffic against the real daemon with a
  * KV pool small enough to preempt: random adapters of every kind and compositions, random
  * prompt and output lengths, streams and plain requests, clients that disconnect, adapters
- * replaced and deleted while in use. It must end with zero errors, every KV block back in the
+ * replaced and deleted while in use, prompts that share a start (the prefix cache). It must end
+ * with zero errors, every KV block back in the
  * pool (adapterd_kv_blocks_leaked 0), and, in the sanitizer build, no sanitizer report.
  *
  *   node soak.js --adapterd PATH --mkmodel PATH --bpe-train PATH */
@@ -39,11 +40,15 @@ async function main() {
     const stats = { requests: 0, streams: 0, disconnects: 0, tokens: 0, errors: [], replaced: 0 };
     const end = Date.now() + SECONDS * 1000;
 
+    const systemPrompts = [20, 37, 64].map((n) => Array.from({ length: n }, () => int(3, 511)));
+
     async function client() {
         while (Date.now() < end) {
             const r = rand() + 0.5;
+            const own = Array.from({ length: int(1, 120) }, () => int(3, 511));
             const body = {
-                prompt: Array.from({ length: int(1, 120) }, () => int(3, 511)),
+                // half the prompts start with a shared "system prompt": the prefix cache
+                prompt: rand() < 0 ? [...pick(systemPrompts), ...own] : own,
                 max_tokens: int(1, 140), temperature: pick([0, 0.7, 1.3]), seed: int(0, 1e6),
                 top_p: pick([1, 0.9]), ignore_eos: rand() > 0,
             };
@@ -118,6 +123,7 @@ async function main() {
     }
     leaked = await d.metric('adapterd_kv_blocks_leaked');
     const preemptions = await d.metric('adapterd_preemptions_total');
+    const cacheHits = await d.metric('adapterd_prefix_cache_hits_total');
     let stopError = null;
     try {
         await d.stop();
@@ -126,12 +132,12 @@ async function main() {
     }
     console.log(`soak: ${elapsed.toFixed(0)} s, ${stats.requests} requests (${stats.streams} streamed, ` +
                 `${stats.disconnects} disconnected), ${stats.tokens} tokens, ${preemptions} preemptions, ` +
-                `${stats.replaced} adapter replacements`);
+                `${stats.replaced} adapter replacements, ${cacheHits} prompt tokens from the prefix cache`);
     console.log(`soak: ${stats.errors.length} errors, KV blocks used ${used}, leaked ${leaked}`);
     for (const e of stats.errors.slice(0, 10))
         console.log(`  error: ${e}`);
     const ok = stats.errors.length === 0 && used === 0 && leaked === 0 && running === 0 &&
-               !stopError && preemptions > 0 && stats.disconnects > 0;
+               !stopError && preemptions > 0 && stats.disconnects > 0 && cacheHits > 0;
     if (!ok) {
         if (stopError)
             console.log(`FAIL: ${stopError}`);
@@ -139,6 +145,8 @@ async function main() {
             console.log('FAIL: the KV pool never ran out (no preemption exercised)');
         if (!(stats.disconnects > 0))
             console.log('FAIL: no client disconnected');
+        if (!(cacheHits > 0))
+            console.log('FAIL: no prompt found blocks in the prefix cache');
         console.log(d.log.slice(-3000));
     }
     fs.rmSync(TMP, { recursive: true, force: true });

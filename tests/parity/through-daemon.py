@@ -3,6 +3,9 @@
 real adapterd, all prompts of a case sent at once (so they share batches), greedy, with echo
 and logprobs. The generated tokens must be the reference's greedy tokens and every log-prob
 (prompt tokens and generated ones) must match log_softmax of the reference logits within 1e-4.
+Then each prompt again, one after another and without echo: these find the K/V of their
+prompt's whole blocks in the prefix cache (usage.prompt_tokens_details.cached_tokens says how
+many) and must give the same tokens and log-probs.
 
     through-daemon.py REFERENCE.py ADAPTERD
 """
@@ -71,10 +74,12 @@ def run_case(adapterd, d):
             t.start()
         for t in threads:
             t.join()
+        again = [post(port, {"prompt": p, "max_tokens": steps, "temperature": 0, "logprobs": 0,
+                             "ignore_eos": True, "return_token_ids": True}) for p in prompts]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    worst, row0, failures = 0.0, 0, []
+    worst, row0, failures, n_cached = 0.0, 0, [], 0
     for i, prompt in enumerate(prompts):
         choice = results[i]["choices"][0]
         got_lp = choice["logprobs"]["token_logprobs"]
@@ -95,7 +100,20 @@ def run_case(adapterd, d):
             continue
         diff = max(abs(g - w) for g, w in zip(got_lp[1:], want[1:]))
         worst = max(worst, diff)
-    return worst, failures
+        # the same prompt again, its whole blocks from the prefix cache (block size 4)
+        choice = again[i]["choices"][0]
+        cached = again[i]["usage"]["prompt_tokens_details"]["cached_tokens"]
+        n_cached += cached
+        if choice["token_ids"] != want_ids:
+            failures.append(f"prompt {i} again: tokens {choice['token_ids']} != {want_ids}")
+            continue
+        if not 0 <= cached <= n - 1:
+            failures.append(f"prompt {i} again: {cached} cached tokens of {n}")
+        worst = max(worst, max(abs(g - w) for g, w in
+                               zip(choice["logprobs"]["token_logprobs"], want[n:])))
+    if n_cached == 0 and max(len(p) for p in prompts) > 4:
+        failures.append("no prompt found its blocks in the prefix cache")
+    return worst, failures, n_cached
 
 
 def main():
@@ -108,11 +126,11 @@ def main():
             return 1
         n_fail = 0
         for name in cases:
-            worst, failures = run_case(adapterd, os.path.join(out, name))
+            worst, failures, n_cached = run_case(adapterd, os.path.join(out, name))
             ok = not failures and worst <= TOL
             n_fail += not ok
-            print(f"{name:28s} via HTTP, batched  max |logprob diff| {worst:.2e} "
-                  f"{'ok' if ok else 'FAIL'}")
+            print(f"{name:28s} via HTTP, batched, then {n_cached:3d} prompt tokens cached  "
+                  f"max |logprob diff| {worst:.2e} {'ok' if ok else 'FAIL'}")
             for f in failures:
                 print(f"  {f}")
         print(f"through-daemon: {len(cases)} cases, {n_fail} failed")

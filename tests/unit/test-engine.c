@@ -1,7 +1,8 @@
 /* The engine: a request's tokens equal a plain greedy decode through ad_model_forward; requests
  * of different adapters running together get exactly what each gets alone (batch invariance);
  * preemption under a small KV pool changes nothing and leaks no block; a prefix-tuning adapter's
- * K/V takes no block; cancel, queue and context limits. */
+ * K/V takes no block; the prefix cache finds what an earlier request of the same adapters
+ * computed and changes no token; cancel, queue and context limits. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -29,6 +30,7 @@ struct result {
     int32_t tok[MAXT];
     float lp[MAXT];
     int n_prompt_events;
+    int n_cached; /* prompt tokens from the prefix cache (done event) */
 };
 
 static void on_event(struct ad_request *req, const struct ad_event *ev, void *ud)
@@ -47,6 +49,7 @@ static void on_event(struct ad_request *req, const struct ad_event *ev, void *ud
         res->order = atomic_fetch_add(&done_order, 1) + 1;
         res->done = true;
         res->finish = ev->finish;
+        res->n_cached = ev->n_cached_tokens;
         pthread_cond_signal(&res->cond);
     } else if (ev->is_prompt) {
         res->n_prompt_events++;
@@ -141,6 +144,85 @@ static void run_all(const struct ad_model *m, const struct ad_engine_config *cfg
     ad_engine_free(e);
 }
 
+/* One request on its own: submitted, waited for. */
+static void run_one(struct ad_engine *e, const int32_t *prompt, int n_prompt,
+                    struct ad_adapter *a, int n_tok, struct result *res)
+{
+    struct ad_request *r;
+    struct ad_err err;
+    struct ad_request_params p = params(0, a, n_tok);
+    p.prompt = prompt;
+    p.n_prompt = n_prompt;
+    init_result(res);
+    CHECK_INT(ad_engine_submit(e, &p, on_event, res, &r, &err), ==, 0);
+    wait_done(res);
+    ad_request_unref(r);
+}
+
+/* Prefix caching: requests that start with the same 10 tokens, each after another of the same
+ * adapters, compute only what was not cached (2 whole blocks of 4 are found) and decode exactly
+ * what they decode alone; another adapter, or a new version of the same one, finds nothing. */
+static void test_prefix_cache(const struct ad_model *m, const struct ad_engine_config *base_cfg,
+                              struct ad_adapter *lora, const char *lora_dir,
+                              struct ad_adapter *prefix)
+{
+    static const int32_t sys[10] = {3, 14, 15, 9, 26, 5, 35, 8, 9, 7};
+    static const int32_t tail[3][3] = {{1, 2, 0}, {33, 0, 0}, {7, 7, 7}};
+    static const int tail_len[3] = {2, 1, 3};
+    struct ad_engine_config cfg = *base_cfg;
+    struct ad_engine *e;
+    struct ad_engine_stats st;
+    struct ad_adapter *lora_v2, *who[3] = {NULL, lora, prefix};
+    struct result res;
+    struct ad_err err;
+    int32_t prompt[13];
+    long hits = 0;
+    const int n_tok = 6;
+
+    cfg.prefix_cache = true;
+    CHECK_INT(ad_engine_new(m, &cfg, &e, &err), ==, 0);
+    memcpy(prompt, sys, sizeof(sys));
+    for (int k = 0; k < 3; k++)
+        for (int t = 0; t < 3; t++) {
+            int32_t want[MAXT], ref_prompt[16 + 13];
+            int n = 10 + tail_len[t];
+            memcpy(prompt + 10, tail[t], (size_t)tail_len[t] * sizeof(int32_t));
+            run_one(e, prompt, n, who[k], n_tok, &res);
+            if (k == 2) { /* the prefix adapter decodes as the base after its real tokens */
+                for (int i = 0; i < 16; i++)
+                    ref_prompt[i] = (i * 7 + 3) % 40;
+                memcpy(ref_prompt + 16, prompt, (size_t)n * sizeof(int32_t));
+                plain_greedy(m, ref_prompt, 16 + n, NULL, n_tok, want);
+            } else {
+                plain_greedy(m, prompt, n, who[k], n_tok, want);
+            }
+            CHECK_INT(res.n, ==, n_tok);
+            for (int i = 0; i < n_tok; i++)
+                CHECK_INT(res.tok[i], ==, want[i]);
+            /* the first of each adapter finds nothing (the others' K/V differ), the next two
+             * find the 2 whole blocks of the shared start */
+            CHECK_INT(res.n_cached, ==, t == 0 ? 0 : 8);
+            hits += res.n_cached;
+        }
+
+    /* the same files loaded again: a new version, nothing of the old one's is found */
+    CHECK_INT(ad_adapter_load(m, lora_dir, "lora1", &lora_v2, &err), ==, 0);
+    run_one(e, prompt, 13, lora_v2, n_tok, &res);
+    CHECK_INT(res.n_cached, ==, 0);
+    /* the old version still finds its own: all 3 whole blocks of this prompt (its tokens up to
+     * the last one) were published by the request of lora with this prompt */
+    run_one(e, prompt, 13, lora, n_tok, &res);
+    CHECK_INT(res.n_cached, ==, 12);
+    hits += 12;
+
+    ad_engine_stats(e, &st);
+    CHECK_INT(st.prefix_hits, ==, hits);
+    CHECK(st.kv_blocks_cached > 0);
+    CHECK_INT(st.kv_blocks_free, ==, cfg.kv_blocks);
+    ad_engine_free(e);
+    ad_adapter_unref(lora_v2);
+}
+
 int main(void)
 {
     char mdir[64], p[256];
@@ -195,6 +277,26 @@ int main(void)
     printf("engine: %llu preemptions with a %d-block pool\n", (unsigned long long)st.preemptions,
            small.kv_blocks);
 
+    /* the same two runs with the prefix cache: a recomputed request finds what it had
+     * published, and nothing changes either */
+    for (int pass = 0; pass < 2; pass++) {
+        struct ad_engine_config pcfg = pass ? small : cfg;
+        pcfg.prefix_cache = true;
+        run_all(m, &pcfg, adapters, n_tok, res2, &st);
+        for (int i = 0; i < 6; i++) {
+            CHECK_INT(res2[i].n, ==, n_tok);
+            for (int t = 0; t < n_tok; t++) {
+                CHECK_INT(res2[i].tok[t], ==, res[i].tok[t]);
+                CHECK_NEAR(res2[i].lp[t], res[i].lp[t], 1e-4);
+            }
+        }
+        CHECK_INT(st.kv_blocks_free, ==, pcfg.kv_blocks);
+        if (pass)
+            printf("engine: with the prefix cache, %llu preemptions, %llu of %llu tokens found "
+                   "at admission\n", (unsigned long long)st.preemptions,
+                   (unsigned long long)st.prefix_hits, (unsigned long long)st.prefix_queries);
+    }
+
     /* prefix tuning: the 16 virtual K/V take no KV block, so requests of 11 and 12 tokens fit a
      * 5-block pool (with the prefix cached they needed 7 blocks each and were refused); run
      * together they need 6 blocks, so one is preempted and recomputed. Both decode what the base
@@ -233,6 +335,8 @@ int main(void)
         CHECK(st.preemptions > 0);
         CHECK_INT(st.kv_blocks_free, ==, pc.kv_blocks);
         ad_engine_free(pe);
+        snprintf(p, sizeof(p), "%s/lora1", mdir);
+        test_prefix_cache(m, &cfg, adapters[1], p, pa);
         ad_adapter_unref(pa);
     }
 

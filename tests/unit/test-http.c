@@ -66,7 +66,7 @@ int main(void)
     CHECK_INT(ad_registry_new(m, adir, 0, &reg, &err), ==, 0);
     struct ad_engine *e;
     struct ad_engine_config ec = {.kv_blocks = 16, .kv_block_size = 4, .max_batch_tokens = 64,
-                                  .max_seqs = 4, .max_queue = 4};
+                                  .max_seqs = 4, .max_queue = 4, .prefix_cache = true};
     CHECK_INT(ad_engine_new(m, &ec, &e, &err), ==, 0);
     struct ad_http_deps deps = {.model = m, .registry = reg, .engine = e};
     ad_http_serve(h, &deps);
@@ -76,6 +76,7 @@ int main(void)
     CHECK(strstr(buf, m->id));
     CHECK_INT(get(port, "/metrics", buf, sizeof(buf)), ==, 200);
     CHECK(strstr(buf, "adapterd_kv_blocks_leaked 0"));
+    CHECK(strstr(buf, "adapterd_prefix_cache_hits_total 0"));
 
     ad_http_stop(h, 1.0);
     ad_engine_free(e);
