@@ -20,6 +20,7 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define AD_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define AD_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define AD_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -595,8 +596,11 @@ const struct ad_kernels *ad_kernels_named(const char *name)
     __builtin_cpu_init();
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f"))
         return &kernels_avx512;
+    /* F16C from CPUID: clang 14's __builtin_cpu_supports does not know "f16c" */
+    unsigned a, b, c, d;
+    bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
     if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        f16c)
         return &kernels_avx2;
 #endif
     return strcmp(name, "c") ? NULL : &kernels_c;
