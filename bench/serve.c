@@ -63,6 +63,7 @@
 #define BS_BN_REDUCTION 16        /* bottleneck width = hidden / this (36 for 576) */
 #define BS_ZIPF_S 1.0
 #define BS_RESIDENT_SHARE 0.10    /* of the 2,000 adapters */
+#define BS_BUDGET_A 2048          /* adapter_budget_mb on store-a: every adapter fits */
 #define BS_MAX_STREAMS 64
 #define BS_LOOP_WARM 8.0 /* seconds of each closed loop before its window */
 #define BS_LRU_WARM 1200 /* tiny Zipf requests before the first window */
@@ -677,8 +678,9 @@ struct bs_daemon {
     double startup_s;
 };
 
+/* set: one more --set KEY=VALUE for the daemon, or NULL. */
 static int bs_daemon_start(const struct bs_opts *o, const struct bs_paths *p, const char *store,
-                           int budget_mb, struct bs_daemon *d)
+                           int budget_mb, const char *set, struct bs_daemon *d)
 {
     char listen[64], budget[64], health[96];
     d->port = bs_free_port();
@@ -703,7 +705,8 @@ static int bs_daemon_start(const struct bs_opts *o, const struct bs_paths *p, co
         dup2(fd, 1);
         dup2(fd, 2);
         char *argv[] = {(char *)o->adapterd, "-c", (char *)p->conf, "--model", (char *)p->model,
-                        "--adapters", (char *)store, "--listen", listen, "--set", budget, NULL};
+                        "--adapters", (char *)store, "--listen", listen, "--set", budget,
+                        set ? "--set" : NULL, (char *)set, NULL};
         execv(argv[0], argv);
         _exit(127);
     }
@@ -783,6 +786,7 @@ struct bs_req {
     double *t_tok; /* arrival time of each token */
     int n_tok, cap_tok;
     int usage_tokens; /* completion_tokens of the last chunk */
+    int cached;       /* its prompt_tokens_details.cached_tokens */
     bool done;        /* data: [DONE] seen */
     bool active;      /* in the multi handle */
     bool started;     /* since the last bs_loop_account */
@@ -819,8 +823,11 @@ static void bs_event(struct bs_req *q, const char *ev, size_t n, double now)
         q->t_first = now;
     for (int i = 0; i < k; i++)
         q->t_tok[q->n_tok++] = now;
-    if (usage)
+    if (usage) {
         q->usage_tokens = (int)json_integer_value(json_object_get(usage, "completion_tokens"));
+        q->cached = (int)json_integer_value(
+            json_object_get(json_object_get(usage, "prompt_tokens_details"), "cached_tokens"));
+    }
     json_decref(root);
 }
 
@@ -864,6 +871,8 @@ struct bs_client {
     char url[128];     /* .../v1/completions */
     const char *base;  /* the base model's id */
     int prompt, tokens, n_vocab;
+    const int *head;   /* n_head token ids that start every prompt, before its random ones */
+    int n_head;
     struct bs_req req[BS_MAX_STREAMS];
 };
 
@@ -872,6 +881,8 @@ static int bs_start(struct bs_client *c, int i, const char *adapter, int max_tok
 {
     struct bs_req *q = &c->req[i];
     json_t *ids = json_array();
+    for (int k = 0; ids && k < c->n_head; k++)
+        json_array_append_new(ids, json_integer(c->head[k]));
     for (int k = 0; ids && k < c->prompt; k++)
         json_array_append_new(ids, json_integer((json_int_t)(bs_rand32() % (uint32_t)c->n_vocab)));
     json_t *body = json_pack("{s:s, s:o, s:i, s:f, s:b, s:b}", "model", adapter ? adapter : c->base,
@@ -893,7 +904,7 @@ static int bs_start(struct bs_client *c, int i, const char *adapter, int max_tok
     q->len = q->n_head = 0;
     q->head[0] = '\0';
     q->n_tok = 0;
-    q->usage_tokens = -1;
+    q->usage_tokens = q->cached = -1;
     q->done = false;
     q->t_first = NAN;
     q->started = true;
@@ -1041,6 +1052,7 @@ struct bs_burst {
     double window_s;         /* length of that window */
     double ttft_p50, ttft_max;
     double others;           /* cores used by other processes meanwhile */
+    long cached;             /* prompt tokens the daemon found in its prefix cache */
 };
 
 static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
@@ -1049,6 +1061,7 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
     double ttft[BS_MAX_STREAMS];
     struct bs_cpu u0, u1;
     int r = 0;
+    res->cached = 0;
     bs_cpu_now(&u0);
     for (int i = 0; i < n && r == 0; i++)
         r = bs_start(c, i, adapters ? adapters[i] : NULL, c->tokens);
@@ -1065,6 +1078,7 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
         w0 = fmax(w0, q->t_first);
         w1 = fmin(w1, q->t_tok[q->n_tok - 1]);
         ttft[i] = q->t_first - q->t_start;
+        res->cached += q->cached;
     }
     long count = 0;
     if (w1 > w0) {
@@ -1090,20 +1104,30 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
 
 /* A closed loop: n streams, each starting a new request when its last one ends, for `window`
  * seconds after `warm` seconds; tokens are counted inside the window, and the time to first
- * token of every request started inside it. pick() chooses each request's adapter. The streams
- * start one by one over the first half of the warm-up, and each request asks for a random
- * number of tokens (--tokens / 2 to 3 * --tokens / 2), so that the streams do not run in lock
- * step (all prefilling at once, then all decoding). */
+ * token of every request started inside it. pick() chooses each request's adapter (NULL: the
+ * base) from ud and the stream's slot. The streams start one by one over the first half of the
+ * warm-up, and each request asks for a random number of tokens (--tokens / 2 to
+ * 3 * --tokens / 2), so that the streams do not run in lock step (all prefilling at once, then
+ * all decoding). The requests still running at the end of the window are dropped. With steady,
+ * for requests that may take longer than the warm-up: the window opens when every stream has
+ * finished a request (and `warm` seconds have passed), and the requests running at its end run
+ * to their end (none starts then), so that every request started in the window has its time
+ * to first token, however long it is. */
+typedef const char *(*bs_pick_fn)(void *ud, int slot);
+
 struct bs_loop {
-    const char *(*pick)(void *ud);
+    bs_pick_fn pick;
     void *ud;
-    int n, n_started;
-    double start0, stagger;
+    int n, n_started, n_done;
+    bool steady;
+    double start0, stagger, warm, window;
     double t0, t1;       /* the window */
     double *ttft;        /* of requests started in the window */
     int n_ttft, cap_ttft;
     long tokens;         /* arrived in the window */
     int n_req;           /* requests started */
+    long cached;         /* cached_tokens of the n_usage requests that finished */
+    int n_usage;
 };
 
 static void bs_loop_account(struct bs_loop *l, struct bs_req *q)
@@ -1111,6 +1135,10 @@ static void bs_loop_account(struct bs_loop *l, struct bs_req *q)
     if (!q->started)
         return;
     q->started = false;
+    if (q->cached >= 0) {
+        l->cached += q->cached;
+        l->n_usage++;
+    }
     for (int k = 0; k < q->n_tok; k++)
         l->tokens += q->t_tok[k] > l->t0 && q->t_tok[k] <= l->t1;
     if (q->t_start >= l->t0 && q->t_start < l->t1 && q->n_tok > 0) {
@@ -1135,17 +1163,22 @@ static int bs_loop_done(struct bs_client *c, int slot, void *ud)
 {
     struct bs_loop *l = ud;
     bs_loop_account(l, &c->req[slot]);
+    if (l->steady && ++l->n_done == l->n) { /* the window opens */
+        l->t0 = fmax(ad_now(), l->start0 + l->warm);
+        l->t1 = l->t0 + l->window;
+    }
     if (ad_now() >= l->t1)
         return 0;
     l->n_req++;
-    return bs_start(c, slot, l->pick(l->ud), bs_loop_tokens(c));
+    return bs_start(c, slot, l->pick(l->ud, slot), bs_loop_tokens(c));
 }
 
 static int bs_loop_tick(struct bs_client *c, void *ud)
 {
     struct bs_loop *l = ud;
     while (l->n_started < l->n && ad_now() >= l->start0 + l->n_started * l->stagger) {
-        int r = bs_start(c, l->n_started++, l->pick(l->ud), bs_loop_tokens(c));
+        int slot = l->n_started++;
+        int r = bs_start(c, slot, l->pick(l->ud, slot), bs_loop_tokens(c));
         if (r < 0)
             return r;
         l->n_req++;
@@ -1161,20 +1194,23 @@ struct bs_pool {
     int n_ttft, n_req;
     double others_sum; /* cores used by other processes, summed over the rounds */
     bool has_clean;    /* best is from a clean round */
+    long cached;       /* cached_tokens of the n_usage requests that finished */
+    int n_usage;
 };
 
-static int bs_run_loop(struct bs_client *c, int n, double warm, double window,
-                       const char *(*pick)(void *), void *ud, struct bs_pool *pool)
+static int bs_run_loop(struct bs_client *c, int n, double warm, double window, bool steady,
+                       bs_pick_fn pick, void *ud, struct bs_pool *pool)
 {
-    struct bs_loop l = {.pick = pick, .ud = ud, .n = n};
+    struct bs_loop l = {.pick = pick, .ud = ud, .n = n, .steady = steady, .warm = warm,
+                        .window = window};
     double now = ad_now();
     l.start0 = now;
     l.stagger = warm / 2 / n;
-    l.t0 = now + warm;
+    l.t0 = steady ? INFINITY : now + warm; /* steady: set by bs_loop_done */
     l.t1 = l.t0 + window;
     struct bs_cpu u0, u1;
     bs_cpu_now(&u0);
-    int r = bs_drive(c, l.t1, bs_loop_done, bs_loop_tick, &l);
+    int r = bs_drive(c, steady ? 0 : l.t1, bs_loop_done, bs_loop_tick, &l);
     bs_cpu_now(&u1);
     /* requests cut off at the end of the window: their tokens so far */
     for (int i = 0; i < n; i++)
@@ -1189,6 +1225,8 @@ static int bs_run_loop(struct bs_client *c, int n, double warm, double window,
         pool->rounds++;
         pool->others_sum += bs_cpu_others(&u0, &u1);
         pool->n_req += l.n_req;
+        pool->cached += l.cached;
+        pool->n_usage += l.n_usage;
         double *t = realloc(pool->ttft, (size_t)(pool->n_ttft + l.n_ttft + 1) * sizeof(*t));
         if (t) {
             memcpy(t + pool->n_ttft, l.ttft, (size_t)l.n_ttft * sizeof(*t));
@@ -1240,7 +1278,7 @@ static double bs_zipf_mass(const struct bs_zipf *z, int k)
     return k <= 0 ? 0 : z->cdf[k < BS_N_ZIPF ? k - 1 : BS_N_ZIPF - 1];
 }
 
-static const char *bs_zipf_pick(void *ud)
+static const char *bs_zipf_pick(void *ud, int slot)
 {
     struct bs_zipf *z = ud;
     int rank;
@@ -1285,7 +1323,7 @@ static int bs_warm_done(struct bs_client *c, int slot, void *ud)
     if (w->left <= 0)
         return 0;
     w->left--;
-    return bs_start(c, slot, bs_zipf_pick(w->z), 1);
+    return bs_start(c, slot, bs_zipf_pick(w->z, slot), 1);
 }
 
 static int bs_lru_warm(struct bs_client *c, struct bs_zipf *z, int n)
@@ -1295,7 +1333,7 @@ static int bs_lru_warm(struct bs_client *c, struct bs_zipf *z, int n)
     c->prompt = 1;
     for (int i = 0; i < 32 && w.left > 0 && r == 0; i++) {
         w.left--;
-        r = bs_start(c, i, bs_zipf_pick(z), 1);
+        r = bs_start(c, i, bs_zipf_pick(z, i), 1);
     }
     if (r == 0)
         r = bs_drive(c, 0, bs_warm_done, NULL, &w);
@@ -1442,7 +1480,7 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
     int budget_mb = (int)((adapter_bytes * n_res + (1 << 20) - 1) >> 20);
     bs_zipf_init(z, n_res);
     bench_loadavg(before, sizeof(before));
-    if ((r = bs_daemon_start(o, p, p->store_z, budget_mb, &d)) < 0)
+    if ((r = bs_daemon_start(o, p, p->store_z, budget_mb, NULL, &d)) < 0)
         goto out;
     snprintf(c->url, sizeof(c->url), "%s/v1/completions", d.base);
     printf("\n== 3. %d registered adapters, Zipf popularity (s = %.1f), resident budget for %d "
@@ -1475,11 +1513,11 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
             break;
         extra += round >= o->zipf_rounds;
         z->n_fixed = o->zipf_fixed;
-        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, bs_zipf_pick, z, &p5)) < 0)
+        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, false, bs_zipf_pick, z, &p5)) < 0)
             goto out;
         z->n_fixed = 0;
         long pk = z->picks, ms = z->misses;
-        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, bs_zipf_pick, z, &pz)) < 0)
+        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, false, bs_zipf_pick, z, &pz)) < 0)
             goto out;
         picks0 += z->picks - pk;
         misses0 += z->misses - ms;
@@ -1629,11 +1667,11 @@ int main(int argc, char **argv)
     fflush(stdout);
 
     if (o.streams || o.kinds || o.zipf) {
-        if ((r = bs_daemon_start(&o, &p, p.store_a, 2048, &d)) < 0)
+        if ((r = bs_daemon_start(&o, &p, p.store_a, BS_BUDGET_A, NULL, &d)) < 0)
             goto out;
         snprintf(c.url, sizeof(c.url), "%s/v1/completions", d.base);
-        printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb 2048) healthy "
-               "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, d.startup_s);
+        printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb %d) healthy "
+               "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, BS_BUDGET_A, d.startup_s);
         if (o.streams && (r = bs_part_streams(&o, &c, ratio)) < 0)
             goto out;
         fflush(stdout);
