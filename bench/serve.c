@@ -1,10 +1,11 @@
 /* bench-serve: the real daemon over HTTP: decode throughput with and without adapters, 2,000
- * registered adapters under a resident budget, and adapters of every kind in one batch.
+ * registered adapters under a resident budget, adapters of every kind in one batch, and the
+ * prefix cache on a shared system prompt.
  *
  *   bench-serve --adapterd PATH [--mkmodel PATH] [--work DIR] [--model-src DIR]
  *               [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] [--window S]
  *               [--zipf-streams N]
- *               [--kinds-streams N] [--part all|streams|zipf|kinds]
+ *               [--kinds-streams N] [--part all|streams|zipf|kinds|prefix]
  *
  * It prepares, once, under --work (default /tmp/adapterd-bench-serve):
  *   - a model directory whose config.json and model.safetensors are symlinks to the
@@ -23,7 +24,10 @@
  * and stops it. Every request is a /v1/completions stream ("stream": true) of --prompt random
  * token ids with max_tokens --tokens, ignore_eos and temperature 0, so every stream produces
  * exactly --tokens tokens; arrival times are taken in the client (libcurl multi, one thread)
- * when each SSE chunk arrives. docs/bench.md says what every number means. */
+ * when each SSE chunk arrives. Last, the prefix part starts the daemon on store-a twice, with
+ * prefix_cache=1 and then 0, and sends prompts of one shared 512-token "system prompt" and 32
+ * random tokens: one request at a time, then 16 streams (8 base, 8 on one LoRA) in a closed
+ * loop. docs/bench.md says what every number means. */
 #include <cblas.h>
 #include <curl/curl.h>
 #include <errno.h>
@@ -70,6 +74,14 @@
 /* A measurement during which other processes used less than this many cores is "clean". */
 #define BS_CLEAN 0.10
 #define BS_MAX_EXTRA 2 /* extra rounds for a burst measurement whose rounds were all disturbed */
+/* The prefix part: a shared head ("system prompt") and a random tail per request. */
+#define BS_PREFIX_HEAD 512
+#define BS_PREFIX_TAIL 32
+#define BS_PREFIX_TOKENS 32  /* max_tokens (the closed loop: 16 to 48) */
+#define BS_PREFIX_WARM 2     /* one at a time: untimed requests, then */
+#define BS_PREFIX_REQS 12    /* timed ones */
+#define BS_PREFIX_STREAMS 16 /* the closed loop: half base, half BS_PREFIX_LORA */
+#define BS_PREFIX_LORA "lora-00"
 
 static const enum ad_role bs_roles[] = {AD_ROLE_Q,    AD_ROLE_K,  AD_ROLE_V,   AD_ROLE_O,
                                         AD_ROLE_GATE, AD_ROLE_UP, AD_ROLE_DOWN};
@@ -89,7 +101,7 @@ struct bs_opts {
     double window;     /* seconds of each closed-loop measurement */
     int zipf_streams;  /* concurrent streams of the closed loops */
     int kinds_streams; /* concurrent streams of the mixed-kinds burst */
-    bool streams, zipf, kinds;
+    bool streams, zipf, kinds, prefix;
 };
 
 /* ==========================================================================================
@@ -1544,6 +1556,141 @@ out:
 }
 
 /* ==========================================================================================
+ * The prefix cache: one shared system prompt, the daemon with the cache and without */
+
+/* The value of a counter or gauge in the daemon's /metrics, or -1. */
+static long long bs_metric(const struct bs_daemon *d, const char *name)
+{
+    char url[128], key[128], *body = NULL;
+    long long v = -1;
+    snprintf(url, sizeof(url), "%s/metrics", d->base);
+    snprintf(key, sizeof(key), "\n%s ", name);
+    if (bs_get(url, &body) == 200 && body) {
+        const char *at = strstr(body, key);
+        if (at)
+            v = strtoll(at + strlen(key), NULL, 10);
+    }
+    free(body);
+    return v;
+}
+
+/* Half the streams on the base, half on one LoRA adapter. */
+static const char *bs_prefix_pick(void *ud, int slot)
+{
+    return slot % 2 ? BS_PREFIX_LORA : NULL;
+}
+
+/* What one daemon of the prefix part measured. */
+struct bs_prefix {
+    double ttft[BS_PREFIX_REQS]; /* one request at a time */
+    double others;               /* the same: cores of other processes, mean over the requests */
+    long cached;                 /* the same: cached_tokens, summed */
+    struct bs_pool loop;         /* the closed loop */
+    long long hits;              /* adapterd_prefix_cache_hits_total at the end */
+};
+
+/* Starts the daemon with prefix_cache=1 (on) or 0, measures into x, and stops it. */
+static int bs_prefix_run(const struct bs_opts *o, const struct bs_paths *p, struct bs_client *c,
+                         bool on, struct bs_prefix *x)
+{
+    struct bs_daemon d = {0};
+    struct bs_burst b;
+    int r = bs_daemon_start(o, p, p->store_a, BS_BUDGET_A, on ? "prefix_cache=1" : "prefix_cache=0",
+                            &d);
+    if (r == 0)
+        snprintf(c->url, sizeof(c->url), "%s/v1/completions", d.base);
+    for (int i = 0; r == 0 && i < BS_PREFIX_WARM + BS_PREFIX_REQS; i++) {
+        r = bs_run_burst(c, 1, NULL, &b);
+        if (r == 0 && i >= BS_PREFIX_WARM) {
+            x->ttft[i - BS_PREFIX_WARM] = b.ttft_p50;
+            x->others += b.others / BS_PREFIX_REQS;
+            x->cached += b.cached;
+        }
+    }
+    if (r == 0)
+        r = bs_run_loop(c, BS_PREFIX_STREAMS, BS_LOOP_WARM, o->window, true, bs_prefix_pick, NULL,
+                        &x->loop);
+    if (r == 0)
+        x->hits = bs_metric(&d, "adapterd_prefix_cache_hits_total");
+    bs_daemon_stop(&d);
+    return r;
+}
+
+/* ratio: TTFT p50 one at a time, and tokens/s of the closed loop, with / without the cache. */
+static int bs_part_prefix(const struct bs_opts *o, const struct bs_paths *p, struct bs_client *c,
+                          double ratio[2])
+{
+    struct bs_prefix x[2]; /* cache on, off */
+    static const char *const what[2] = {"on", "off"};
+    int head[BS_PREFIX_HEAD], prompt = c->prompt, tokens = c->tokens, r = 0;
+    memset(x, 0, sizeof(x));
+    for (int k = 0; k < BS_PREFIX_HEAD; k++)
+        head[k] = (int)(bs_rand32() % (uint32_t)c->n_vocab);
+    c->head = head;
+    c->n_head = BS_PREFIX_HEAD;
+    c->prompt = BS_PREFIX_TAIL;
+    c->tokens = BS_PREFIX_TOKENS;
+    for (int k = 0; k < 2 && r == 0; k++)
+        r = bs_prefix_run(o, p, c, k == 0, &x[k]);
+    c->head = NULL;
+    c->n_head = 0;
+    c->prompt = prompt;
+    c->tokens = tokens;
+    if (r < 0)
+        goto out;
+
+    printf("\n== 4. prefix cache: every prompt is one shared %d-token system prompt, then %d "
+           "random tokens\n", BS_PREFIX_HEAD, BS_PREFIX_TAIL);
+    printf("the daemon on store-a twice, with --set prefix_cache=1, then 0; max_tokens %d; "
+           "cached tokens: usage.prompt_tokens_details.cached_tokens of the finished requests\n",
+           BS_PREFIX_TOKENS);
+    printf("one request at a time on the base model (%d untimed, then %d); TTFT in ms\n",
+           BS_PREFIX_WARM, BS_PREFIX_REQS);
+    printf("cache | TTFT p50 |    min |    max | cached tokens/request | others\n");
+    for (int k = 0; k < 2; k++)
+        printf("%-5s | %8.0f | %6.0f | %6.0f | %21.1f | %6.2f\n", what[k],
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0.5) * 1e3,
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0) * 1e3,
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 1.0) * 1e3,
+               (double)x[k].cached / BS_PREFIX_REQS, x[k].others);
+    printf("closed loop: %d streams, %d on the base and %d on %s (each caches its own K/V of the "
+           "system prompt); max_tokens %d to %d; tokens/s in a %.0f s window that opens when "
+           "every stream has finished a request (at the earliest after %.0f s); TTFT of every "
+           "request started in it (after it, those in flight run to their end)\n",
+           BS_PREFIX_STREAMS, BS_PREFIX_STREAMS / 2, BS_PREFIX_STREAMS / 2, BS_PREFIX_LORA,
+           BS_PREFIX_TOKENS / 2, BS_PREFIX_TOKENS / 2 + BS_PREFIX_TOKENS, o->window, BS_LOOP_WARM);
+    printf("%-22s | tok/s: best |     mean | reqs  | TTFT ms: p50 |    p99 |    max | others\n",
+           "");
+    bs_print_loop("cache on", &x[0].loop);
+    bs_print_loop("cache off", &x[1].loop);
+    for (int k = 0; k < 2; k++)
+        printf("cache %-3s: cached tokens/request %.1f (%d requests); /metrics "
+               "adapterd_prefix_cache_hits_total %lld\n", what[k],
+               x[k].loop.n_usage ? (double)x[k].loop.cached / x[k].loop.n_usage : 0.0,
+               x[k].loop.n_usage, x[k].hits);
+    double one[2], p50[2], p99[2];
+    for (int k = 0; k < 2; k++) {
+        one[k] = bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0.5);
+        p50[k] = bs_quantile(x[k].loop.ttft, x[k].loop.n_ttft, 0.5);
+        p99[k] = bs_quantile(x[k].loop.ttft, x[k].loop.n_ttft, 0.99);
+    }
+    ratio[0] = one[0] / one[1];
+    ratio[1] = x[0].loop.best / x[1].loop.best;
+    printf("on/off: one at a time TTFT p50 %.3f; %d streams tok/s %.3f, TTFT p50 %.3f, p99 "
+           "%.3f\n", ratio[0], BS_PREFIX_STREAMS, ratio[1], p50[0] / p50[1], p99[0] / p99[1]);
+    if (x[0].cached + x[0].loop.cached == 0 || x[1].cached + x[1].loop.cached != 0) {
+        printf("FAIL: the daemon reported %ld cached tokens with the cache on (expected > 0) "
+               "and %ld with it off (expected 0)\n", x[0].cached + x[0].loop.cached,
+               x[1].cached + x[1].loop.cached);
+        r = -EIO;
+    }
+out:
+    free(x[0].loop.ttft);
+    free(x[1].loop.ttft);
+    return r;
+}
+
+/* ==========================================================================================
  * Main */
 
 static void bs_usage(FILE *f)
@@ -1553,7 +1700,7 @@ static void bs_usage(FILE *f)
                "                   [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] "
                "[--window S]\n"
                "                   [--zipf-streams N] [--zipf-fixed N] [--kinds-streams N] "
-               "[--part all|streams|zipf|kinds]\n");
+               "[--part all|streams|zipf|kinds|prefix]\n");
 }
 
 static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
@@ -1571,7 +1718,7 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
                           .model_src = "/tmp/adapterd-bench-135m", .rounds = 3, .zipf_rounds = 3,
                           .zipf_fixed = 5, .prompt = 64, .tokens = 64, .window = 20,
                           .zipf_streams = 16, .kinds_streams = 16, .streams = true, .zipf = true,
-                          .kinds = true};
+                          .kinds = true, .prefix = true};
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         int r = 0;
         switch (c) {
@@ -1591,7 +1738,8 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
             o->streams = !strcmp(optarg, "all") || !strcmp(optarg, "streams");
             o->zipf = !strcmp(optarg, "all") || !strcmp(optarg, "zipf");
             o->kinds = !strcmp(optarg, "all") || !strcmp(optarg, "kinds");
-            r = o->streams || o->zipf || o->kinds ? 0 : -EINVAL;
+            o->prefix = !strcmp(optarg, "all") || !strcmp(optarg, "prefix");
+            r = o->streams || o->zipf || o->kinds || o->prefix ? 0 : -EINVAL;
             break;
         case 'h': bs_usage(stdout); exit(0);
         default: return -EINVAL;
@@ -1610,6 +1758,7 @@ int main(int argc, char **argv)
     struct bs_daemon d = {0};
     char mk[PATH_MAX], la0[128], la1[128];
     double ratio[BS_N_LEVELS] = {NAN, NAN, NAN, NAN}, zipf_ratio = NAN, kinds_ratio = NAN;
+    double prefix_ratio[2] = {NAN, NAN};
     long long file_bytes = 0, adapter_bytes = -1;
     int rc = 1, r = 0;
 
@@ -1688,7 +1837,10 @@ int main(int argc, char **argv)
         }
         if ((r = bs_part_zipf(&o, &p, &c, adapter_bytes, &zipf_ratio)) < 0)
             goto out;
+        fflush(stdout);
     }
+    if (o.prefix && (r = bs_part_prefix(&o, &p, &c, prefix_ratio)) < 0)
+        goto out;
     bench_loadavg(la1, sizeof(la1));
     printf("\n== goals (issue 6, item 6)\n");
     if (o.zipf && o.zipf_fixed != 5)
@@ -1703,6 +1855,9 @@ int main(int argc, char **argv)
                o.zipf_fixed, zipf_ratio, zipf_ratio >= 0.90 ? "met" : "missed");
     if (o.kinds)
         printf("mixed kinds / base at %d streams: %.3f\n", o.kinds_streams, kinds_ratio);
+    if (o.prefix)
+        printf("prefix cache on / off: one at a time TTFT p50 %.3f; %d streams tok/s %.3f\n",
+               prefix_ratio[0], BS_PREFIX_STREAMS, prefix_ratio[1]);
     printf("load average at start: %s; at end: %s\n", la0, la1);
     rc = 0;
 out:
