@@ -1,10 +1,11 @@
 /* bench-serve: the real daemon over HTTP: decode throughput with and without adapters, 2,000
- * registered adapters under a resident budget, and adapters of every kind in one batch.
+ * registered adapters under a resident budget, adapters of every kind in one batch, and the
+ * prefix cache on a shared system prompt.
  *
  *   bench-serve --adapterd PATH [--mkmodel PATH] [--work DIR] [--model-src DIR]
  *               [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] [--window S]
  *               [--zipf-streams N]
- *               [--kinds-streams N] [--part all|streams|zipf|kinds]
+ *               [--kinds-streams N] [--part all|streams|zipf|kinds|prefix]
  *
  * It prepares, once, under --work (default /tmp/adapterd-bench-serve):
  *   - a model directory whose config.json and model.safetensors are symlinks to the
@@ -23,7 +24,10 @@
  * and stops it. Every request is a /v1/completions stream ("stream": true) of --prompt random
  * token ids with max_tokens --tokens, ignore_eos and temperature 0, so every stream produces
  * exactly --tokens tokens; arrival times are taken in the client (libcurl multi, one thread)
- * when each SSE chunk arrives. docs/bench.md says what every number means. */
+ * when each SSE chunk arrives. Last, the prefix part starts the daemon on store-a twice, with
+ * prefix_cache=1 and then 0, and sends prompts of one shared 512-token "system prompt" and 32
+ * random tokens: one request at a time, then 16 streams (8 base, 8 on one LoRA) in a closed
+ * loop. docs/bench.md says what every number means. */
 #include <cblas.h>
 #include <curl/curl.h>
 #include <errno.h>
@@ -63,12 +67,21 @@
 #define BS_BN_REDUCTION 16        /* bottleneck width = hidden / this (36 for 576) */
 #define BS_ZIPF_S 1.0
 #define BS_RESIDENT_SHARE 0.10    /* of the 2,000 adapters */
+#define BS_BUDGET_A 2048          /* adapter_budget_mb on store-a: every adapter fits */
 #define BS_MAX_STREAMS 64
 #define BS_LOOP_WARM 8.0 /* seconds of each closed loop before its window */
 #define BS_LRU_WARM 1200 /* tiny Zipf requests before the first window */
 /* A measurement during which other processes used less than this many cores is "clean". */
 #define BS_CLEAN 0.10
 #define BS_MAX_EXTRA 2 /* extra rounds for a burst measurement whose rounds were all disturbed */
+/* The prefix part: a shared head ("system prompt") and a random tail per request. */
+#define BS_PREFIX_HEAD 512
+#define BS_PREFIX_TAIL 32
+#define BS_PREFIX_TOKENS 32  /* max_tokens (the closed loop: 16 to 48) */
+#define BS_PREFIX_WARM 2     /* one at a time: untimed requests, then */
+#define BS_PREFIX_REQS 12    /* timed ones */
+#define BS_PREFIX_STREAMS 16 /* the closed loop: half base, half BS_PREFIX_LORA */
+#define BS_PREFIX_LORA "lora-00"
 
 static const enum ad_role bs_roles[] = {AD_ROLE_Q,    AD_ROLE_K,  AD_ROLE_V,   AD_ROLE_O,
                                         AD_ROLE_GATE, AD_ROLE_UP, AD_ROLE_DOWN};
@@ -88,7 +101,7 @@ struct bs_opts {
     double window;     /* seconds of each closed-loop measurement */
     int zipf_streams;  /* concurrent streams of the closed loops */
     int kinds_streams; /* concurrent streams of the mixed-kinds burst */
-    bool streams, zipf, kinds;
+    bool streams, zipf, kinds, prefix;
 };
 
 /* ==========================================================================================
@@ -677,8 +690,9 @@ struct bs_daemon {
     double startup_s;
 };
 
+/* set: one more --set KEY=VALUE for the daemon, or NULL. */
 static int bs_daemon_start(const struct bs_opts *o, const struct bs_paths *p, const char *store,
-                           int budget_mb, struct bs_daemon *d)
+                           int budget_mb, const char *set, struct bs_daemon *d)
 {
     char listen[64], budget[64], health[96];
     d->port = bs_free_port();
@@ -703,7 +717,8 @@ static int bs_daemon_start(const struct bs_opts *o, const struct bs_paths *p, co
         dup2(fd, 1);
         dup2(fd, 2);
         char *argv[] = {(char *)o->adapterd, "-c", (char *)p->conf, "--model", (char *)p->model,
-                        "--adapters", (char *)store, "--listen", listen, "--set", budget, NULL};
+                        "--adapters", (char *)store, "--listen", listen, "--set", budget,
+                        set ? "--set" : NULL, (char *)set, NULL};
         execv(argv[0], argv);
         _exit(127);
     }
@@ -783,6 +798,7 @@ struct bs_req {
     double *t_tok; /* arrival time of each token */
     int n_tok, cap_tok;
     int usage_tokens; /* completion_tokens of the last chunk */
+    int cached;       /* its prompt_tokens_details.cached_tokens */
     bool done;        /* data: [DONE] seen */
     bool active;      /* in the multi handle */
     bool started;     /* since the last bs_loop_account */
@@ -819,8 +835,11 @@ static void bs_event(struct bs_req *q, const char *ev, size_t n, double now)
         q->t_first = now;
     for (int i = 0; i < k; i++)
         q->t_tok[q->n_tok++] = now;
-    if (usage)
+    if (usage) {
         q->usage_tokens = (int)json_integer_value(json_object_get(usage, "completion_tokens"));
+        q->cached = (int)json_integer_value(
+            json_object_get(json_object_get(usage, "prompt_tokens_details"), "cached_tokens"));
+    }
     json_decref(root);
 }
 
@@ -864,6 +883,8 @@ struct bs_client {
     char url[128];     /* .../v1/completions */
     const char *base;  /* the base model's id */
     int prompt, tokens, n_vocab;
+    const int *head;   /* n_head token ids that start every prompt, before its random ones */
+    int n_head;
     struct bs_req req[BS_MAX_STREAMS];
 };
 
@@ -872,6 +893,8 @@ static int bs_start(struct bs_client *c, int i, const char *adapter, int max_tok
 {
     struct bs_req *q = &c->req[i];
     json_t *ids = json_array();
+    for (int k = 0; ids && k < c->n_head; k++)
+        json_array_append_new(ids, json_integer(c->head[k]));
     for (int k = 0; ids && k < c->prompt; k++)
         json_array_append_new(ids, json_integer((json_int_t)(bs_rand32() % (uint32_t)c->n_vocab)));
     json_t *body = json_pack("{s:s, s:o, s:i, s:f, s:b, s:b}", "model", adapter ? adapter : c->base,
@@ -893,7 +916,7 @@ static int bs_start(struct bs_client *c, int i, const char *adapter, int max_tok
     q->len = q->n_head = 0;
     q->head[0] = '\0';
     q->n_tok = 0;
-    q->usage_tokens = -1;
+    q->usage_tokens = q->cached = -1;
     q->done = false;
     q->t_first = NAN;
     q->started = true;
@@ -1041,6 +1064,7 @@ struct bs_burst {
     double window_s;         /* length of that window */
     double ttft_p50, ttft_max;
     double others;           /* cores used by other processes meanwhile */
+    long cached;             /* prompt tokens the daemon found in its prefix cache */
 };
 
 static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
@@ -1049,6 +1073,7 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
     double ttft[BS_MAX_STREAMS];
     struct bs_cpu u0, u1;
     int r = 0;
+    res->cached = 0;
     bs_cpu_now(&u0);
     for (int i = 0; i < n && r == 0; i++)
         r = bs_start(c, i, adapters ? adapters[i] : NULL, c->tokens);
@@ -1065,6 +1090,7 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
         w0 = fmax(w0, q->t_first);
         w1 = fmin(w1, q->t_tok[q->n_tok - 1]);
         ttft[i] = q->t_first - q->t_start;
+        res->cached += q->cached;
     }
     long count = 0;
     if (w1 > w0) {
@@ -1090,20 +1116,30 @@ static int bs_run_burst(struct bs_client *c, int n, const char *const *adapters,
 
 /* A closed loop: n streams, each starting a new request when its last one ends, for `window`
  * seconds after `warm` seconds; tokens are counted inside the window, and the time to first
- * token of every request started inside it. pick() chooses each request's adapter. The streams
- * start one by one over the first half of the warm-up, and each request asks for a random
- * number of tokens (--tokens / 2 to 3 * --tokens / 2), so that the streams do not run in lock
- * step (all prefilling at once, then all decoding). */
+ * token of every request started inside it. pick() chooses each request's adapter (NULL: the
+ * base) from ud and the stream's slot. The streams start one by one over the first half of the
+ * warm-up, and each request asks for a random number of tokens (--tokens / 2 to
+ * 3 * --tokens / 2), so that the streams do not run in lock step (all prefilling at once, then
+ * all decoding). The requests still running at the end of the window are dropped. With steady,
+ * for requests that may take longer than the warm-up: the window opens when every stream has
+ * finished a request (and `warm` seconds have passed), and the requests running at its end run
+ * to their end (none starts then), so that every request started in the window has its time
+ * to first token, however long it is. */
+typedef const char *(*bs_pick_fn)(void *ud, int slot);
+
 struct bs_loop {
-    const char *(*pick)(void *ud);
+    bs_pick_fn pick;
     void *ud;
-    int n, n_started;
-    double start0, stagger;
+    int n, n_started, n_done;
+    bool steady;
+    double start0, stagger, warm, window;
     double t0, t1;       /* the window */
     double *ttft;        /* of requests started in the window */
     int n_ttft, cap_ttft;
     long tokens;         /* arrived in the window */
     int n_req;           /* requests started */
+    long cached;         /* cached_tokens of the n_usage requests that finished */
+    int n_usage;
 };
 
 static void bs_loop_account(struct bs_loop *l, struct bs_req *q)
@@ -1111,6 +1147,10 @@ static void bs_loop_account(struct bs_loop *l, struct bs_req *q)
     if (!q->started)
         return;
     q->started = false;
+    if (q->cached >= 0) {
+        l->cached += q->cached;
+        l->n_usage++;
+    }
     for (int k = 0; k < q->n_tok; k++)
         l->tokens += q->t_tok[k] > l->t0 && q->t_tok[k] <= l->t1;
     if (q->t_start >= l->t0 && q->t_start < l->t1 && q->n_tok > 0) {
@@ -1135,17 +1175,22 @@ static int bs_loop_done(struct bs_client *c, int slot, void *ud)
 {
     struct bs_loop *l = ud;
     bs_loop_account(l, &c->req[slot]);
+    if (l->steady && ++l->n_done == l->n) { /* the window opens */
+        l->t0 = fmax(ad_now(), l->start0 + l->warm);
+        l->t1 = l->t0 + l->window;
+    }
     if (ad_now() >= l->t1)
         return 0;
     l->n_req++;
-    return bs_start(c, slot, l->pick(l->ud), bs_loop_tokens(c));
+    return bs_start(c, slot, l->pick(l->ud, slot), bs_loop_tokens(c));
 }
 
 static int bs_loop_tick(struct bs_client *c, void *ud)
 {
     struct bs_loop *l = ud;
     while (l->n_started < l->n && ad_now() >= l->start0 + l->n_started * l->stagger) {
-        int r = bs_start(c, l->n_started++, l->pick(l->ud), bs_loop_tokens(c));
+        int slot = l->n_started++;
+        int r = bs_start(c, slot, l->pick(l->ud, slot), bs_loop_tokens(c));
         if (r < 0)
             return r;
         l->n_req++;
@@ -1161,20 +1206,23 @@ struct bs_pool {
     int n_ttft, n_req;
     double others_sum; /* cores used by other processes, summed over the rounds */
     bool has_clean;    /* best is from a clean round */
+    long cached;       /* cached_tokens of the n_usage requests that finished */
+    int n_usage;
 };
 
-static int bs_run_loop(struct bs_client *c, int n, double warm, double window,
-                       const char *(*pick)(void *), void *ud, struct bs_pool *pool)
+static int bs_run_loop(struct bs_client *c, int n, double warm, double window, bool steady,
+                       bs_pick_fn pick, void *ud, struct bs_pool *pool)
 {
-    struct bs_loop l = {.pick = pick, .ud = ud, .n = n};
+    struct bs_loop l = {.pick = pick, .ud = ud, .n = n, .steady = steady, .warm = warm,
+                        .window = window};
     double now = ad_now();
     l.start0 = now;
     l.stagger = warm / 2 / n;
-    l.t0 = now + warm;
+    l.t0 = steady ? INFINITY : now + warm; /* steady: set by bs_loop_done */
     l.t1 = l.t0 + window;
     struct bs_cpu u0, u1;
     bs_cpu_now(&u0);
-    int r = bs_drive(c, l.t1, bs_loop_done, bs_loop_tick, &l);
+    int r = bs_drive(c, steady ? 0 : l.t1, bs_loop_done, bs_loop_tick, &l);
     bs_cpu_now(&u1);
     /* requests cut off at the end of the window: their tokens so far */
     for (int i = 0; i < n; i++)
@@ -1189,6 +1237,8 @@ static int bs_run_loop(struct bs_client *c, int n, double warm, double window,
         pool->rounds++;
         pool->others_sum += bs_cpu_others(&u0, &u1);
         pool->n_req += l.n_req;
+        pool->cached += l.cached;
+        pool->n_usage += l.n_usage;
         double *t = realloc(pool->ttft, (size_t)(pool->n_ttft + l.n_ttft + 1) * sizeof(*t));
         if (t) {
             memcpy(t + pool->n_ttft, l.ttft, (size_t)l.n_ttft * sizeof(*t));
@@ -1240,7 +1290,7 @@ static double bs_zipf_mass(const struct bs_zipf *z, int k)
     return k <= 0 ? 0 : z->cdf[k < BS_N_ZIPF ? k - 1 : BS_N_ZIPF - 1];
 }
 
-static const char *bs_zipf_pick(void *ud)
+static const char *bs_zipf_pick(void *ud, int slot)
 {
     struct bs_zipf *z = ud;
     int rank;
@@ -1285,7 +1335,7 @@ static int bs_warm_done(struct bs_client *c, int slot, void *ud)
     if (w->left <= 0)
         return 0;
     w->left--;
-    return bs_start(c, slot, bs_zipf_pick(w->z), 1);
+    return bs_start(c, slot, bs_zipf_pick(w->z, slot), 1);
 }
 
 static int bs_lru_warm(struct bs_client *c, struct bs_zipf *z, int n)
@@ -1295,7 +1345,7 @@ static int bs_lru_warm(struct bs_client *c, struct bs_zipf *z, int n)
     c->prompt = 1;
     for (int i = 0; i < 32 && w.left > 0 && r == 0; i++) {
         w.left--;
-        r = bs_start(c, i, bs_zipf_pick(z), 1);
+        r = bs_start(c, i, bs_zipf_pick(z, i), 1);
     }
     if (r == 0)
         r = bs_drive(c, 0, bs_warm_done, NULL, &w);
@@ -1442,7 +1492,7 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
     int budget_mb = (int)((adapter_bytes * n_res + (1 << 20) - 1) >> 20);
     bs_zipf_init(z, n_res);
     bench_loadavg(before, sizeof(before));
-    if ((r = bs_daemon_start(o, p, p->store_z, budget_mb, &d)) < 0)
+    if ((r = bs_daemon_start(o, p, p->store_z, budget_mb, NULL, &d)) < 0)
         goto out;
     snprintf(c->url, sizeof(c->url), "%s/v1/completions", d.base);
     printf("\n== 3. %d registered adapters, Zipf popularity (s = %.1f), resident budget for %d "
@@ -1475,11 +1525,11 @@ static int bs_part_zipf(const struct bs_opts *o, const struct bs_paths *p, struc
             break;
         extra += round >= o->zipf_rounds;
         z->n_fixed = o->zipf_fixed;
-        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, bs_zipf_pick, z, &p5)) < 0)
+        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, false, bs_zipf_pick, z, &p5)) < 0)
             goto out;
         z->n_fixed = 0;
         long pk = z->picks, ms = z->misses;
-        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, bs_zipf_pick, z, &pz)) < 0)
+        if ((r = bs_run_loop(c, n, BS_LOOP_WARM, o->window, false, bs_zipf_pick, z, &pz)) < 0)
             goto out;
         picks0 += z->picks - pk;
         misses0 += z->misses - ms;
@@ -1506,6 +1556,141 @@ out:
 }
 
 /* ==========================================================================================
+ * The prefix cache: one shared system prompt, the daemon with the cache and without */
+
+/* The value of a counter or gauge in the daemon's /metrics, or -1. */
+static long long bs_metric(const struct bs_daemon *d, const char *name)
+{
+    char url[128], key[128], *body = NULL;
+    long long v = -1;
+    snprintf(url, sizeof(url), "%s/metrics", d->base);
+    snprintf(key, sizeof(key), "\n%s ", name);
+    if (bs_get(url, &body) == 200 && body) {
+        const char *at = strstr(body, key);
+        if (at)
+            v = strtoll(at + strlen(key), NULL, 10);
+    }
+    free(body);
+    return v;
+}
+
+/* Half the streams on the base, half on one LoRA adapter. */
+static const char *bs_prefix_pick(void *ud, int slot)
+{
+    return slot % 2 ? BS_PREFIX_LORA : NULL;
+}
+
+/* What one daemon of the prefix part measured. */
+struct bs_prefix {
+    double ttft[BS_PREFIX_REQS]; /* one request at a time */
+    double others;               /* the same: cores of other processes, mean over the requests */
+    long cached;                 /* the same: cached_tokens, summed */
+    struct bs_pool loop;         /* the closed loop */
+    long long hits;              /* adapterd_prefix_cache_hits_total at the end */
+};
+
+/* Starts the daemon with prefix_cache=1 (on) or 0, measures into x, and stops it. */
+static int bs_prefix_run(const struct bs_opts *o, const struct bs_paths *p, struct bs_client *c,
+                         bool on, struct bs_prefix *x)
+{
+    struct bs_daemon d = {0};
+    struct bs_burst b;
+    int r = bs_daemon_start(o, p, p->store_a, BS_BUDGET_A, on ? "prefix_cache=1" : "prefix_cache=0",
+                            &d);
+    if (r == 0)
+        snprintf(c->url, sizeof(c->url), "%s/v1/completions", d.base);
+    for (int i = 0; r == 0 && i < BS_PREFIX_WARM + BS_PREFIX_REQS; i++) {
+        r = bs_run_burst(c, 1, NULL, &b);
+        if (r == 0 && i >= BS_PREFIX_WARM) {
+            x->ttft[i - BS_PREFIX_WARM] = b.ttft_p50;
+            x->others += b.others / BS_PREFIX_REQS;
+            x->cached += b.cached;
+        }
+    }
+    if (r == 0)
+        r = bs_run_loop(c, BS_PREFIX_STREAMS, BS_LOOP_WARM, o->window, true, bs_prefix_pick, NULL,
+                        &x->loop);
+    if (r == 0)
+        x->hits = bs_metric(&d, "adapterd_prefix_cache_hits_total");
+    bs_daemon_stop(&d);
+    return r;
+}
+
+/* ratio: TTFT p50 one at a time, and tokens/s of the closed loop, with / without the cache. */
+static int bs_part_prefix(const struct bs_opts *o, const struct bs_paths *p, struct bs_client *c,
+                          double ratio[2])
+{
+    struct bs_prefix x[2]; /* cache on, off */
+    static const char *const what[2] = {"on", "off"};
+    int head[BS_PREFIX_HEAD], prompt = c->prompt, tokens = c->tokens, r = 0;
+    memset(x, 0, sizeof(x));
+    for (int k = 0; k < BS_PREFIX_HEAD; k++)
+        head[k] = (int)(bs_rand32() % (uint32_t)c->n_vocab);
+    c->head = head;
+    c->n_head = BS_PREFIX_HEAD;
+    c->prompt = BS_PREFIX_TAIL;
+    c->tokens = BS_PREFIX_TOKENS;
+    for (int k = 0; k < 2 && r == 0; k++)
+        r = bs_prefix_run(o, p, c, k == 0, &x[k]);
+    c->head = NULL;
+    c->n_head = 0;
+    c->prompt = prompt;
+    c->tokens = tokens;
+    if (r < 0)
+        goto out;
+
+    printf("\n== 4. prefix cache: every prompt is one shared %d-token system prompt, then %d "
+           "random tokens\n", BS_PREFIX_HEAD, BS_PREFIX_TAIL);
+    printf("the daemon on store-a twice, with --set prefix_cache=1, then 0; max_tokens %d; "
+           "cached tokens: usage.prompt_tokens_details.cached_tokens of the finished requests\n",
+           BS_PREFIX_TOKENS);
+    printf("one request at a time on the base model (%d untimed, then %d); TTFT in ms\n",
+           BS_PREFIX_WARM, BS_PREFIX_REQS);
+    printf("cache | TTFT p50 |    min |    max | cached tokens/request | others\n");
+    for (int k = 0; k < 2; k++)
+        printf("%-5s | %8.0f | %6.0f | %6.0f | %21.1f | %6.2f\n", what[k],
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0.5) * 1e3,
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0) * 1e3,
+               bs_quantile(x[k].ttft, BS_PREFIX_REQS, 1.0) * 1e3,
+               (double)x[k].cached / BS_PREFIX_REQS, x[k].others);
+    printf("closed loop: %d streams, %d on the base and %d on %s (each caches its own K/V of the "
+           "system prompt); max_tokens %d to %d; tokens/s in a %.0f s window that opens when "
+           "every stream has finished a request (at the earliest after %.0f s); TTFT of every "
+           "request started in it (after it, those in flight run to their end)\n",
+           BS_PREFIX_STREAMS, BS_PREFIX_STREAMS / 2, BS_PREFIX_STREAMS / 2, BS_PREFIX_LORA,
+           BS_PREFIX_TOKENS / 2, BS_PREFIX_TOKENS / 2 + BS_PREFIX_TOKENS, o->window, BS_LOOP_WARM);
+    printf("%-22s | tok/s: best |     mean | reqs  | TTFT ms: p50 |    p99 |    max | others\n",
+           "");
+    bs_print_loop("cache on", &x[0].loop);
+    bs_print_loop("cache off", &x[1].loop);
+    for (int k = 0; k < 2; k++)
+        printf("cache %-3s: cached tokens/request %.1f (%d requests); /metrics "
+               "adapterd_prefix_cache_hits_total %lld\n", what[k],
+               x[k].loop.n_usage ? (double)x[k].loop.cached / x[k].loop.n_usage : 0.0,
+               x[k].loop.n_usage, x[k].hits);
+    double one[2], p50[2], p99[2];
+    for (int k = 0; k < 2; k++) {
+        one[k] = bs_quantile(x[k].ttft, BS_PREFIX_REQS, 0.5);
+        p50[k] = bs_quantile(x[k].loop.ttft, x[k].loop.n_ttft, 0.5);
+        p99[k] = bs_quantile(x[k].loop.ttft, x[k].loop.n_ttft, 0.99);
+    }
+    ratio[0] = one[0] / one[1];
+    ratio[1] = x[0].loop.best / x[1].loop.best;
+    printf("on/off: one at a time TTFT p50 %.3f; %d streams tok/s %.3f, TTFT p50 %.3f, p99 "
+           "%.3f\n", ratio[0], BS_PREFIX_STREAMS, ratio[1], p50[0] / p50[1], p99[0] / p99[1]);
+    if (x[0].cached + x[0].loop.cached == 0 || x[1].cached + x[1].loop.cached != 0) {
+        printf("FAIL: the daemon reported %ld cached tokens with the cache on (expected > 0) "
+               "and %ld with it off (expected 0)\n", x[0].cached + x[0].loop.cached,
+               x[1].cached + x[1].loop.cached);
+        r = -EIO;
+    }
+out:
+    free(x[0].loop.ttft);
+    free(x[1].loop.ttft);
+    return r;
+}
+
+/* ==========================================================================================
  * Main */
 
 static void bs_usage(FILE *f)
@@ -1515,7 +1700,7 @@ static void bs_usage(FILE *f)
                "                   [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] "
                "[--window S]\n"
                "                   [--zipf-streams N] [--zipf-fixed N] [--kinds-streams N] "
-               "[--part all|streams|zipf|kinds]\n");
+               "[--part all|streams|zipf|kinds|prefix]\n");
 }
 
 static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
@@ -1533,7 +1718,7 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
                           .model_src = "/tmp/adapterd-bench-135m", .rounds = 3, .zipf_rounds = 3,
                           .zipf_fixed = 5, .prompt = 64, .tokens = 64, .window = 20,
                           .zipf_streams = 16, .kinds_streams = 16, .streams = true, .zipf = true,
-                          .kinds = true};
+                          .kinds = true, .prefix = true};
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         int r = 0;
         switch (c) {
@@ -1553,7 +1738,8 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
             o->streams = !strcmp(optarg, "all") || !strcmp(optarg, "streams");
             o->zipf = !strcmp(optarg, "all") || !strcmp(optarg, "zipf");
             o->kinds = !strcmp(optarg, "all") || !strcmp(optarg, "kinds");
-            r = o->streams || o->zipf || o->kinds ? 0 : -EINVAL;
+            o->prefix = !strcmp(optarg, "all") || !strcmp(optarg, "prefix");
+            r = o->streams || o->zipf || o->kinds || o->prefix ? 0 : -EINVAL;
             break;
         case 'h': bs_usage(stdout); exit(0);
         default: return -EINVAL;
@@ -1572,6 +1758,7 @@ int main(int argc, char **argv)
     struct bs_daemon d = {0};
     char mk[PATH_MAX], la0[128], la1[128];
     double ratio[BS_N_LEVELS] = {NAN, NAN, NAN, NAN}, zipf_ratio = NAN, kinds_ratio = NAN;
+    double prefix_ratio[2] = {NAN, NAN};
     long long file_bytes = 0, adapter_bytes = -1;
     int rc = 1, r = 0;
 
@@ -1629,11 +1816,11 @@ int main(int argc, char **argv)
     fflush(stdout);
 
     if (o.streams || o.kinds || o.zipf) {
-        if ((r = bs_daemon_start(&o, &p, p.store_a, 2048, &d)) < 0)
+        if ((r = bs_daemon_start(&o, &p, p.store_a, BS_BUDGET_A, NULL, &d)) < 0)
             goto out;
         snprintf(c.url, sizeof(c.url), "%s/v1/completions", d.base);
-        printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb 2048) healthy "
-               "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, d.startup_s);
+        printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb %d) healthy "
+               "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, BS_BUDGET_A, d.startup_s);
         if (o.streams && (r = bs_part_streams(&o, &c, ratio)) < 0)
             goto out;
         fflush(stdout);
@@ -1650,7 +1837,10 @@ int main(int argc, char **argv)
         }
         if ((r = bs_part_zipf(&o, &p, &c, adapter_bytes, &zipf_ratio)) < 0)
             goto out;
+        fflush(stdout);
     }
+    if (o.prefix && (r = bs_part_prefix(&o, &p, &c, prefix_ratio)) < 0)
+        goto out;
     bench_loadavg(la1, sizeof(la1));
     printf("\n== goals (issue 6, item 6)\n");
     if (o.zipf && o.zipf_fixed != 5)
@@ -1665,6 +1855,9 @@ int main(int argc, char **argv)
                o.zipf_fixed, zipf_ratio, zipf_ratio >= 0.90 ? "met" : "missed");
     if (o.kinds)
         printf("mixed kinds / base at %d streams: %.3f\n", o.kinds_streams, kinds_ratio);
+    if (o.prefix)
+        printf("prefix cache on / off: one at a time TTFT p50 %.3f; %d streams tok/s %.3f\n",
+               prefix_ratio[0], BS_PREFIX_STREAMS, prefix_ratio[1]);
     printf("load average at start: %s; at end: %s\n", la0, la1);
     rc = 0;
 out:
