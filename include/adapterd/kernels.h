@@ -1,6 +1,6 @@
 /* adapterd: the vector kernels of the forward pass and of the adapters' deltas (kernels.c in
- * src/model): matrix-vector products for small batches, the dot products and sums of decode
- * attention, exp for softmax and SiLU, and LoRA on a few rows. Each exists as AVX-512, AVX2 with
+ * src/model): matrix-vector products for small batches, decode attention over runs of cached
+ * positions, exp for softmax and SiLU, and LoRA on a few rows. Each exists as AVX-512, AVX2 with
  * FMA and plain C, picked once at run time. */
 #pragma once
 
@@ -66,6 +66,13 @@ struct ad_kernels {
     float (*exp_sum)(float *x, int n, float sub);
     /* a[i] *= silu(g[i]), or a[i] = silu(a[i]) when g is NULL. */
     void (*silu_mul)(float *a, const float *g, size_t n);
+    /* Decode attention over a run of n positions for g query heads that share one KV head:
+     * q [g, hd] (one head after another), keys and values at rows k + i ld and v + i ld. Scores
+     * are scale q.k; each head's online softmax state is updated: its running maximum mx[h]
+     * and sum[h] (start: -INFINITY and 0) and its unnormalized output out [g, hd] (start: 0).
+     * Calling it run after run gives the softmax over all of them (divide out by sum). */
+    void (*attn)(const float *q, int g, int hd, const float *k, const float *v, size_t ld, int n,
+                 float scale, float *mx, float *sum, float *out);
     /* LoRA on n_x <= AD_LORA_ROWS rows: y_m += B (scale A x_m) for m in [0, n_x), x_m at
      * x + m ldx [n_in], y_m at y + m ldy [n_out]. t is work space of n_x * rank floats. */
     void (*lora)(const struct ad_lora_factors *f, float scale, const float *x, int ldx, int n_x,

@@ -44,6 +44,11 @@ struct ad_mmap {
 int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err);
 void ad_mmap_fini(struct ad_mmap *m);
 
+/* n bytes (not zeroed; free() them), from 2 MB on aligned to 2 MB and in transparent huge pages
+ * where the kernel allows them (madvise): memory streamed every step (adapter factors, the KV
+ * cache) then costs one TLB entry per 2 MB instead of per 4 KB. NULL if out of memory. */
+void *ad_alloc_large(size_t n);
+
 /* Reads a whole file into a new NUL-terminated buffer (caller frees). Files above max_bytes are
  * refused with -E2BIG. Returns 0 or -errno. */
 int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,

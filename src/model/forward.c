@@ -411,16 +411,6 @@ static const float *shared_prefix(const struct ad_chunk *ch, int layer, int kv)
     return ch->seq->n_shared > 0 ? ad_mix_prefix(ch->mix, layer, kv) : NULL;
 }
 
-/* Position pos of a sequence's keys (base kv->k, prefix its shared keys) or values in a layer:
- * the shared prefix for the first s->n_shared positions, else the cache. */
-static const float *kv_at(const struct ad_kv *kv, float *base, const float *prefix, int layer,
-                          const struct ad_kv_seq *s, int pos)
-{
-    if (pos < s->n_shared)
-        return prefix + (size_t)pos * (size_t)kv->kv_dim;
-    return kv_slot(kv, base, layer, s, pos);
-}
-
 /* Gathers positions [lo, hi) of a sequence's K (or V) into dst [hi - lo, KVd]: the shared
  * prefix's, then runs of cache slots block by block. */
 static void kv_gather(const struct ad_kv *kv, float *base, const float *prefix, int layer,
@@ -479,12 +469,10 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
     }
 }
 
-/* The one-token chunks of a layer: one pool job whose items are (chunk, head) pairs. Each reads
- * its keys and values in place from the shared prefix and the cache blocks, in runs of up to
- * AD_DEC_RUN positions with an online softmax (the output is rescaled when a run raises the
- * maximum), so it needs no gather and no score buffer. */
-#define AD_DEC_RUN 64
-
+/* The one-token chunks of a layer: one pool job whose items are (chunk, KV head) pairs, each
+ * for the query heads that share that KV head. It reads the keys and values in place, run by
+ * run: the shared prefix, then each cache block's slots, with an online softmax (the attn
+ * kernel), so it needs no gather and no score buffer. */
 struct dec_job {
     const struct ad_kernels *k;
     const struct ad_model *m;
@@ -496,46 +484,54 @@ struct dec_job {
     float *att;
 };
 
+#define AD_MAX_GROUP 16 /* query heads the attn kernel takes at once */
+
 static void attend_one(void *ctx, int item, int thread)
 {
     const struct dec_job *j = ctx;
     const struct ad_model_config *c = &j->m->cfg;
-    const struct ad_kernels *k = j->k;
-    int hd = c->head_dim, h = item % c->n_head, kvh = h / (c->n_head / c->n_kv_head);
-    const struct dec_chunk *d = &j->dec[item / c->n_head];
+    const struct ad_kv *kv = j->kv;
+    int hd = c->head_dim, group = c->n_head / c->n_kv_head, kvh = item % c->n_kv_head;
+    const struct dec_chunk *d = &j->dec[item / c->n_kv_head];
     const struct ad_chunk *ch = &j->chunks[d->chunk];
     const struct ad_kv_seq *seq = ch->seq;
-    const float *pk = shared_prefix(ch, j->layer, 0), *pv = shared_prefix(ch, j->layer, 1);
     int hi = seq->n_tokens + 1, W = c->sliding_window; /* the token's own K/V is at hi - 1 */
-    int lo = W > 0 && hi - W > 0 ? hi - W : 0;
-    const float *q = j->qkv + (size_t)d->row * (size_t)j->ld_qkv + (size_t)h * (size_t)hd;
-    float *out = j->att + (size_t)d->row * (size_t)j->ld_att + (size_t)h * (size_t)hd;
-    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0, sc[AD_DEC_RUN];
+    int lo = W > 0 && hi - W > 0 ? hi - W : 0, B = kv->block_size;
+    size_t ld = (size_t)kv->kv_dim, off = (size_t)kvh * (size_t)hd;
+    float scale = 1.0f / sqrtf((float)hd), mx[AD_MAX_GROUP], sum[AD_MAX_GROUP];
     (void)thread;
 
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int p0 = lo; p0 < hi; p0 += AD_DEC_RUN) {
-        int nb = hi - p0 < AD_DEC_RUN ? hi - p0 : AD_DEC_RUN;
-        float run_mx = -INFINITY;
-        for (int b = 0; b < nb; b++) {
-            const float *kp = kv_at(j->kv, j->kv->k, pk, j->layer, seq, p0 + b) + kvh * hd;
-            sc[b] = k->dot(q, kp, hd) * scale;
-            run_mx = sc[b] > run_mx ? sc[b] : run_mx;
+    for (int h0 = 0; h0 < group; h0 += AD_MAX_GROUP) {
+        int g = group - h0 < AD_MAX_GROUP ? group - h0 : AD_MAX_GROUP;
+        size_t first = ((size_t)kvh * (size_t)group + (size_t)h0) * (size_t)hd;
+        const float *q = j->qkv + (size_t)d->row * (size_t)j->ld_qkv + first;
+        float *out = j->att + (size_t)d->row * (size_t)j->ld_att + first;
+        for (int h = 0; h < g; h++) {
+            mx[h] = -INFINITY;
+            sum[h] = 0;
         }
-        if (run_mx > mx) { /* rescale what is summed so far to the new maximum */
-            float f = sum > 0 ? expf(mx - run_mx) : 0;
+        memset(out, 0, (size_t)g * (size_t)hd * sizeof(float));
+        int p = lo;
+        if (p < seq->n_shared) { /* the prefix, one run */
+            int n = (hi < seq->n_shared ? hi : seq->n_shared) - p;
+            const float *pk = shared_prefix(ch, j->layer, 0), *pv = shared_prefix(ch, j->layer, 1);
+            j->k->attn(q, g, hd, pk + (size_t)p * ld + off, pv + (size_t)p * ld + off, ld, n,
+                       scale, mx, sum, out);
+            p += n;
+        }
+        while (p < hi) { /* the cache, a run per block */
+            int n = B - (p - seq->n_shared) % B;
+            n = n < hi - p ? n : hi - p;
+            j->k->attn(q, g, hd, kv_slot(kv, kv->k, j->layer, seq, p) + off,
+                       kv_slot(kv, kv->v, j->layer, seq, p) + off, ld, n, scale, mx, sum, out);
+            p += n;
+        }
+        for (int h = 0; h < g; h++) {
+            float inv = 1.0f / sum[h];
             for (int i = 0; i < hd; i++)
-                out[i] *= f;
-            sum *= f;
-            mx = run_mx;
+                out[(size_t)h * (size_t)hd + (size_t)i] *= inv;
         }
-        sum += k->exp_sum(sc, nb, mx);
-        for (int b = 0; b < nb; b++)
-            k->axpy(sc[b], kv_at(j->kv, j->kv->v, pv, j->layer, seq, p0 + b) + kvh * hd, out, hd);
     }
-    float inv = 1.0f / sum;
-    for (int i = 0; i < hd; i++)
-        out[i] *= inv;
 }
 
 /* ==========================================================================================
@@ -718,7 +714,7 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
                 attend_chunk(m, kv, s, l, &chunks[i], qkv + (size_t)r * ld_qkv, ld_qkv,
                              att + (size_t)r * Hq, Hq);
         struct dec_job dj = {s->k, m, kv, chunks, s->dec, l, ld_qkv, Hq, qkv, att};
-        ad_pool_run(s->pool, s->n_dec * c->n_head, attend_one, &dj);
+        ad_pool_run(s->pool, s->n_dec * c->n_kv_head, attend_one, &dj);
         site_groups(L->site[AD_ROLE_O], s, att, Hq, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_ATTN, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)

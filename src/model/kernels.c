@@ -119,8 +119,51 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
     }
 }
 
+/* The body of every build's attn, with that build's dot, axpy and exp_sum inlined: per head,
+ * the scores of up to ATTN_RUN positions, the maximum (rescaling what is summed when it
+ * grows), exp, and the weighted values. The run's K and V rows are read from memory by the
+ * first head and from L1 by the others. */
+#define ATTN_RUN 16
+
+static inline __attribute__((always_inline)) void
+attn_body(const float *q, int g, int hd, const float *k, const float *v, size_t ld, int n,
+          float scale, float *mx, float *sum, float *out,
+          float (*dot)(const float *, const float *, int),
+          void (*axpy)(float, const float *, float *, int), float (*exp_sum)(float *, int, float))
+{
+    float sc[ATTN_RUN];
+    for (int i0 = 0; i0 < n; i0 += ATTN_RUN) {
+        int m = n - i0 < ATTN_RUN ? n - i0 : ATTN_RUN;
+        const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
+        for (int h = 0; h < g; h++) {
+            const float *qh = q + (size_t)h * (size_t)hd;
+            float *oh = out + (size_t)h * (size_t)hd, run = -INFINITY;
+            for (int i = 0; i < m; i++) {
+                sc[i] = dot(qh, kr + (size_t)i * ld, hd) * scale;
+                run = sc[i] > run ? sc[i] : run;
+            }
+            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
+                float f = sum[h] > 0 ? expf(mx[h] - run) : 0;
+                for (int d = 0; d < hd; d++)
+                    oh[d] *= f;
+                sum[h] *= f;
+                mx[h] = run;
+            }
+            sum[h] += exp_sum(sc, m, mx[h]);
+            for (int i = 0; i < m; i++)
+                axpy(sc[i], vr + (size_t)i * ld, oh, hd);
+        }
+    }
+}
+
+static void attn_c(const float *q, int g, int hd, const float *k, const float *v, size_t ld,
+                   int n, float scale, float *mx, float *sum, float *out)
+{
+    attn_body(q, g, hd, k, v, ld, n, scale, mx, sum, out, dot_c, axpy_c, exp_sum_c);
+}
+
 static const struct ad_kernels kernels_c = {
-    "c", matvec_c, dot_c, axpy_c, exp_sum_c, silu_mul_c, lora_c,
+    "c", matvec_c, dot_c, axpy_c, exp_sum_c, silu_mul_c, attn_c, lora_c,
 };
 
 #ifdef AD_X86
@@ -371,8 +414,69 @@ AD_AVX2 static void lora_avx2(const struct ad_lora_factors *f, float scale, cons
     LORA_DISPATCH(lora_rows_avx2);
 }
 
+/* attn for a head_dim of C vectors (C a constant: 8 or 16, head_dim 64 or 128). Sixteen
+ * registers do not hold a head's query and output: the query is read from L1 for each score,
+ * and the output is accumulated in registers 64 values at a time over the run. */
+AD_AVX2 static inline __attribute__((always_inline)) void
+attn_hd_avx2(const float *q, int g, const int C, const float *k, const float *v, size_t ld,
+             int n, float scale, float *mx, float *sum, float *out)
+{
+    float sc[ATTN_RUN];
+    for (int i0 = 0; i0 < n; i0 += ATTN_RUN) {
+        int m = n - i0 < ATTN_RUN ? n - i0 : ATTN_RUN;
+        const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
+        for (int h = 0; h < g; h++) {
+            const float *qh = q + (size_t)h * (size_t)C * 8;
+            float *oh = out + (size_t)h * (size_t)C * 8, run = -INFINITY, f = 1;
+            for (int i = 0; i < m; i++) {
+                const float *ki = kr + (size_t)i * ld;
+                __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(ki));
+                __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), _mm256_loadu_ps(ki + 8));
+                for (int c = 2; c < C; c += 2) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8), _mm256_loadu_ps(ki + c * 8),
+                                         a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8 + 8),
+                                         _mm256_loadu_ps(ki + c * 8 + 8), a1);
+                }
+                sc[i] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+                run = sc[i] > run ? sc[i] : run;
+            }
+            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
+                f = sum[h] > 0 ? expf(mx[h] - run) : 0;
+                sum[h] *= f;
+                mx[h] = run;
+            }
+            sum[h] += exp_sum_avx2(sc, m, mx[h]);
+            for (int c0 = 0; c0 < C; c0 += 8) {
+                __m256 o[8];
+                for (int c = 0; c < 8; c++)
+                    o[c] = _mm256_mul_ps(_mm256_loadu_ps(oh + (c0 + c) * 8), _mm256_set1_ps(f));
+                for (int i = 0; i < m; i++) {
+                    __m256 p = _mm256_set1_ps(sc[i]);
+                    const float *vi = vr + (size_t)i * ld + c0 * 8;
+                    for (int c = 0; c < 8; c++)
+                        o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vi + c * 8), o[c]);
+                }
+                for (int c = 0; c < 8; c++)
+                    _mm256_storeu_ps(oh + (c0 + c) * 8, o[c]);
+            }
+        }
+    }
+}
+
+AD_AVX2 static void attn_avx2(const float *q, int g, int hd, const float *k, const float *v,
+                              size_t ld, int n, float scale, float *mx, float *sum, float *out)
+{
+    if (hd == 64)
+        attn_hd_avx2(q, g, 8, k, v, ld, n, scale, mx, sum, out);
+    else if (hd == 128)
+        attn_hd_avx2(q, g, 16, k, v, ld, n, scale, mx, sum, out);
+    else
+        attn_body(q, g, hd, k, v, ld, n, scale, mx, sum, out, dot_avx2, axpy_avx2, exp_sum_avx2);
+}
+
 static const struct ad_kernels kernels_avx2 = {
-    "avx2", matvec_avx2, dot_avx2, axpy_avx2, exp_sum_avx2, silu_mul_avx2, lora_avx2,
+    "avx2", matvec_avx2, dot_avx2, axpy_avx2, exp_sum_avx2, silu_mul_avx2, attn_avx2, lora_avx2,
 };
 
 /* ==========================================================================================
@@ -581,9 +685,69 @@ AD_AVX512 static void lora_avx512(const struct ad_lora_factors *f, float scale, 
     LORA_DISPATCH(lora_rows_avx512);
 }
 
+/* attn for a head_dim of C vectors (C a constant: 4 or 8, head_dim 64 or 128): a head's query
+ * and its output stay in registers over the run, so each position costs C loads and C FMAs for
+ * its score and as many for its value. */
+AD_AVX512 static inline __attribute__((always_inline)) void
+attn_hd_avx512(const float *q, int g, const int C, const float *k, const float *v, size_t ld,
+               int n, float scale, float *mx, float *sum, float *out)
+{
+    float sc[ATTN_RUN];
+    for (int i0 = 0; i0 < n; i0 += ATTN_RUN) {
+        int m = n - i0 < ATTN_RUN ? n - i0 : ATTN_RUN;
+        const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
+        for (int h = 0; h < g; h++) {
+            __m512 qv[8], o[8];
+            float *oh = out + (size_t)h * (size_t)C * 16, run = -INFINITY;
+            for (int c = 0; c < C; c++)
+                qv[c] = _mm512_loadu_ps(q + ((size_t)h * (size_t)C + (size_t)c) * 16);
+            for (int i = 0; i < m; i++) {
+                const float *ki = kr + (size_t)i * ld;
+                __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ki));
+                __m512 a1 = _mm512_mul_ps(qv[1], _mm512_loadu_ps(ki + 16));
+                for (int c = 2; c < C; c += 2) {
+                    a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(ki + c * 16), a0);
+                    a1 = _mm512_fmadd_ps(qv[c + 1], _mm512_loadu_ps(ki + c * 16 + 16), a1);
+                }
+                sc[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+                run = sc[i] > run ? sc[i] : run;
+            }
+            for (int c = 0; c < C; c++)
+                o[c] = _mm512_loadu_ps(oh + c * 16);
+            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
+                float f = sum[h] > 0 ? expf(mx[h] - run) : 0;
+                for (int c = 0; c < C; c++)
+                    o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(f));
+                sum[h] *= f;
+                mx[h] = run;
+            }
+            sum[h] += exp_sum_avx512(sc, m, mx[h]);
+            for (int i = 0; i < m; i++) {
+                __m512 p = _mm512_set1_ps(sc[i]);
+                for (int c = 0; c < C; c++)
+                    o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + (size_t)i * ld + c * 16), o[c]);
+            }
+            for (int c = 0; c < C; c++)
+                _mm512_storeu_ps(oh + c * 16, o[c]);
+        }
+    }
+}
+
+AD_AVX512 static void attn_avx512(const float *q, int g, int hd, const float *k, const float *v,
+                                  size_t ld, int n, float scale, float *mx, float *sum, float *out)
+{
+    if (hd == 64)
+        attn_hd_avx512(q, g, 4, k, v, ld, n, scale, mx, sum, out);
+    else if (hd == 128)
+        attn_hd_avx512(q, g, 8, k, v, ld, n, scale, mx, sum, out);
+    else
+        attn_body(q, g, hd, k, v, ld, n, scale, mx, sum, out, dot_avx512, axpy_avx512,
+                  exp_sum_avx512);
+}
+
 static const struct ad_kernels kernels_avx512 = {
     "avx512", matvec_avx512, dot_avx512, axpy_avx512, exp_sum_avx512, silu_mul_avx512,
-    lora_avx512,
+    attn_avx512, lora_avx512,
 };
 #endif /* AD_X86 */
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "adapterd/model.h"
+#include "adapterd/util.h"
 
 struct ad_kv_block {
     int32_t ref;        /* sequences holding it */
@@ -159,8 +160,9 @@ int ad_kv_init(struct ad_kv *kv, const struct ad_model_config *cfg, int n_blocks
     kv->block_size = block_size;
     kv->n_blocks = n_blocks;
     per_layer = (size_t)n_blocks * (size_t)block_size * (size_t)kv->kv_dim;
-    kv->k = malloc(per_layer * (size_t)kv->n_layer * sizeof(float));
-    kv->v = malloc(per_layer * (size_t)kv->n_layer * sizeof(float));
+    /* decode attention walks every sequence's blocks each step: huge pages spare the TLB */
+    kv->k = ad_alloc_large(per_layer * (size_t)kv->n_layer * sizeof(float));
+    kv->v = ad_alloc_large(per_layer * (size_t)kv->n_layer * sizeof(float));
     kv->blk = calloc((size_t)n_blocks, sizeof(*kv->blk));
     kv->table = malloc(slots * sizeof(int32_t));
     kv->tokens = malloc((size_t)n_blocks * (size_t)block_size * sizeof(int32_t));

@@ -98,6 +98,19 @@ fail:
     return r;
 }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+void *ad_alloc_large(size_t n)
+{
+    if (n < HUGE_PAGE)
+        return malloc(n ? n : 1);
+    size_t rounded = (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    void *p = aligned_alloc(HUGE_PAGE, rounded);
+    if (p)
+        (void)madvise(p, rounded, MADV_HUGEPAGE); /* a hint: without it, small pages */
+    return p;
+}
+
 int ad_path_join(char *buf, size_t size, const char *dir, const char *name)
 {
     int n = snprintf(buf, size, "%s/%s", dir, name);

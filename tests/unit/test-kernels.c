@@ -1,8 +1,11 @@
 /* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512), against plain
  * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16 and F16
  * factors, shapes with and without vector-width tails, B packed in panels with a partial last
- * panel.
+ * panel; decode attention for head sizes with their own code (64, 128) and others, query heads
+ * sharing a KV head, positions in runs of many lengths (the online softmax across runs) and
+ * scores far apart (the rescaling when a run raises the maximum).
  * Each result also has to leave the rows around it untouched. */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,6 +108,56 @@ static void check_matvec(const struct ad_kernels *k, int n_in, int n_out, int n_
     free(w), free(x), free(y);
 }
 
+/* attn over n positions of g heads (head size hd, rows ld apart) given in runs of the lengths
+ * in runs[] (cycled), against softmax(q k^T scale) v in double precision. */
+static void check_attn(const struct ad_kernels *k, int g, int hd, int n, const int *runs,
+                       int n_runs, float spread, unsigned seed)
+{
+    size_t ld = (size_t)hd * 3 + 4; /* the KV head in the middle of a wider row */
+    float *q = malloc((size_t)g * hd * 4), *kv = malloc(2 * (size_t)n * ld * 4);
+    float *out = malloc(((size_t)g + 1) * hd * 4), mx[8], sum[8];
+    CHECK(q && kv && out && g <= 8);
+    for (int i = 0; i < g * hd; i++)
+        q[i] = frand(&seed) * spread;
+    for (size_t i = 0; i < 2 * (size_t)n * ld; i++)
+        kv[i] = frand(&seed);
+    const float *kk = kv + hd, *vv = kv + (size_t)n * ld + hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int h = 0; h < g; h++) {
+        mx[h] = -INFINITY;
+        sum[h] = 0;
+    }
+    for (int i = 0; i < (g + 1) * hd; i++)
+        out[i] = i < g * hd ? 0 : 7.0f; /* past the g heads: must stay */
+    for (int p = 0, r = 0; p < n; r++) {
+        int len = runs[r % n_runs] < n - p ? runs[r % n_runs] : n - p;
+        k->attn(q, g, hd, kk + (size_t)p * ld, vv + (size_t)p * ld, ld, len, scale, mx, sum, out);
+        p += len;
+    }
+    for (int h = 0; h < g; h++) {
+        double s[512], mxd = -INFINITY, tot = 0;
+        CHECK(n <= 512);
+        for (int i = 0; i < n; i++) {
+            s[i] = 0;
+            for (int d = 0; d < hd; d++)
+                s[i] += (double)q[h * hd + d] * kk[(size_t)i * ld + d];
+            s[i] *= scale;
+            mxd = s[i] > mxd ? s[i] : mxd;
+        }
+        for (int i = 0; i < n; i++)
+            tot += s[i] = exp(s[i] - mxd);
+        for (int d = 0; d < hd; d++) {
+            double want = 0;
+            for (int i = 0; i < n; i++)
+                want += s[i] / tot * vv[(size_t)i * ld + d];
+            CHECK_NEAR(out[h * hd + d] / sum[h], want, 2e-5);
+        }
+    }
+    for (int i = g * hd; i < (g + 1) * hd; i++)
+        CHECK(out[i] == 7.0f);
+    free(q), free(kv), free(out);
+}
+
 int main(void)
 {
     static const char *const names[] = {"c", "avx2", "avx512"};
@@ -129,6 +182,15 @@ int main(void)
             check_matvec(k, 576, 40, n_x, 1u + n_x);
             check_matvec(k, 37, 9, n_x, 2u + n_x);
         }
+        static const int runs[][4] = {{16, 16, 16, 16}, {1, 5, 17, 40}, {300, 1, 1, 1}};
+        static const int hds[] = {64, 128, 48, 8, 20};
+        for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++)
+            for (int g = 1; g <= 3; g += 2)
+                for (int r = 0; r < 3; r++) {
+                    check_attn(k, g, hds[h], 300, runs[r], 4, 1.0f, (unsigned)(h * 9 + r));
+                    /* scores tens apart: a later run raises the maximum by far */
+                    check_attn(k, g, hds[h], 77, runs[r], 4, 8.0f, (unsigned)(h * 5 + r + 99));
+                }
         printf("%s: ok\n", names[b]);
     }
     CHECK(n_builds >= 1);
