@@ -212,7 +212,8 @@ uint64_t ad_kv_hash(const struct ad_kv *kv, const void *data, size_t len);
 /* Attaches to the empty sequence s the longest run of published full blocks holding
  * tokens[0..n_tokens) computed under mix (n_tokens is rounded down to whole blocks). On a hit
  * s starts with n_shared uncached positions (the mix's prefix, as the forward pass would set),
- * and s->n_tokens = n_shared + the tokens attached. Returns the tokens attached (0: s unchanged). */
+ * and s->n_tokens = n_shared + the tokens attached. Returns the tokens attached (0: s holds no
+ * block and is still empty). */
 int ad_kv_seq_match(struct ad_kv *kv, struct ad_kv_seq *s, uint64_t mix, int n_shared,
                     const int32_t *tokens, int n_tokens);
 /* Publishes the sequence's full blocks not published yet; tokens[i] is the token of cached

@@ -236,6 +236,13 @@ void ad_engine_finish(struct ad_engine *e, struct ad_request *r, enum ad_finish 
 /* ==========================================================================================
  * The step loop (engine thread) */
 
+/* The pool's figures in the stats. Called with the lock held. */
+static void kv_stats(struct ad_engine *e)
+{
+    e->stats.kv_blocks_free = e->kv.n_free;
+    e->stats.kv_blocks_cached = e->kv.n_cached;
+}
+
 static void finish(struct ad_engine *e, struct ad_request *r, enum ad_finish why,
                    const char *error)
 {
@@ -244,8 +251,7 @@ static void finish(struct ad_engine *e, struct ad_request *r, enum ad_finish why
                           .n_generated = r->n_generated};
     ad_kv_seq_release(&e->kv, &r->seq);
     pthread_mutex_lock(&e->lock); /* current before the caller hears of the end */
-    e->stats.kv_blocks_free = e->kv.n_free;
-    e->stats.kv_blocks_cached = e->kv.n_cached;
+    kv_stats(e);
     pthread_mutex_unlock(&e->lock);
     r->cb(r, &ev, r->ud);
     ad_request_unref(r);
@@ -325,12 +331,12 @@ static struct ad_request **pick_waiting(struct ad_engine *e)
 }
 
 /* Attaches the KV blocks of the request's longest cached prefix (whole blocks, and never its
- * last token, whose logits it needs). Returns the tokens found. A request that reports its
- * prompt's logprobs computes them all. */
+ * last token, whose logits it needs). Returns the tokens found, or -1 if it did not look: the
+ * cache is off, or the request reports its prompt's logprobs (and so computes them all). */
 static int match_prefix(struct ad_engine *e, struct ad_request *r)
 {
     if (!e->cfg.prefix_cache || r->prompt_logprobs)
-        return 0;
+        return -1;
     int n_prefix = r->mix.n ? ad_mix_n_prefix(&r->mix) : 0;
     r->n_cached = ad_kv_seq_match(&e->kv, &r->seq, r->mix_key, n_prefix, r->tokens,
                                   r->n_tokens - 1);
@@ -374,12 +380,12 @@ static bool admit(struct ad_engine *e)
                 r->n_cached = 0;
                 break;
             }
-            if (e->cfg.prefix_cache && !r->prompt_logprobs) {
+            if (hit >= 0) {
                 e->stats.prefix_queries += (uint64_t)r->n_tokens;
                 e->stats.prefix_hits += (uint64_t)hit;
             }
             if (!r->admitted) {
-                int p = hit - r->n_virtual;
+                int p = r->n_cached - r->n_virtual;
                 r->n_prompt_cached = p < 0 ? 0 : p < r->n_prompt ? p : r->n_prompt;
                 r->admitted = true;
             }
@@ -397,8 +403,7 @@ static bool admit(struct ad_engine *e)
         }
         e->stats.waiting = e->n_waiting;
         e->stats.running = e->n_running;
-        e->stats.kv_blocks_free = e->kv.n_free;
-        e->stats.kv_blocks_cached = e->kv.n_cached;
+        kv_stats(e);
         if (e->n_running == 0 && e->n_waiting == 0) /* idle: every block must be back */
             e->stats.kv_blocks_leaked = e->kv.n_blocks - e->kv.n_free;
         if (e->stop || e->n_running > 0 || cancelled)
@@ -667,8 +672,7 @@ static void step(struct ad_engine *e)
         e->stats.steps++;
         e->stats.tokens_prefilled += (uint64_t)prefilled;
         e->stats.running = e->n_running;
-        e->stats.kv_blocks_free = e->kv.n_free;
-        e->stats.kv_blocks_cached = e->kv.n_cached;
+        kv_stats(e);
         pthread_mutex_unlock(&e->lock);
         return;
     }
