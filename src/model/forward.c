@@ -479,7 +479,7 @@ struct dec_job {
     const struct ad_kv *kv;
     const struct ad_chunk *chunks;
     const struct dec_chunk *dec;
-    int layer, ld_qkv, ld_att;
+    int n_dec, layer, ld_qkv, ld_att;
     const float *qkv;
     float *att;
 };
@@ -491,8 +491,8 @@ static void attend_one(void *ctx, int item, int thread)
     const struct dec_job *j = ctx;
     const struct ad_model_config *c = &j->m->cfg;
     const struct ad_kv *kv = j->kv;
-    int hd = c->head_dim, group = c->n_head / c->n_kv_head, kvh = item % c->n_kv_head;
-    const struct dec_chunk *d = &j->dec[item / c->n_kv_head];
+    int hd = c->head_dim, group = c->n_head / c->n_kv_head, kvh = item / j->n_dec;
+    const struct dec_chunk *d = &j->dec[item % j->n_dec];
     const struct ad_chunk *ch = &j->chunks[d->chunk];
     const struct ad_kv_seq *seq = ch->seq;
     int hi = seq->n_tokens + 1, W = c->sliding_window; /* the token's own K/V is at hi - 1 */
@@ -713,7 +713,7 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
             if (chunks[i].n_tokens > 1)
                 attend_chunk(m, kv, s, l, &chunks[i], qkv + (size_t)r * ld_qkv, ld_qkv,
                              att + (size_t)r * Hq, Hq);
-        struct dec_job dj = {s->k, m, kv, chunks, s->dec, l, ld_qkv, Hq, qkv, att};
+        struct dec_job dj = {s->k, m, kv, chunks, s->dec, s->n_dec, l, ld_qkv, Hq, qkv, att};
         ad_pool_run(s->pool, s->n_dec * c->n_kv_head, attend_one, &dj);
         site_groups(L->site[AD_ROLE_O], s, att, Hq, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_ATTN, x, y);
