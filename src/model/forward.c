@@ -469,8 +469,10 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
     }
 }
 
-/* The one-token chunks of a layer: one pool job whose items are (chunk, KV head) pairs, each
- * for the query heads that share that KV head. It reads the keys and values in place, run by
+/* The one-token chunks of a layer: one pool job whose items are (KV head, chunk) pairs, each
+ * for the query heads that share that KV head, KV head first: chunks that share cached prefix
+ * blocks are adjacent in the batch (it is sorted by mix), so their items read those blocks one
+ * after the other, from cache after the first. It reads the keys and values in place, run by
  * run: the shared prefix, then each cache block's slots, with an online softmax (the attn
  * kernel), so it needs no gather and no score buffer. */
 struct dec_job {
