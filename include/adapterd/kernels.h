@@ -60,8 +60,6 @@ struct ad_kernels {
      * and m in [0, n_x): a matrix-vector product for a few vectors at once. */
     void (*matvec)(const float *w, int n_in, const float *x, int ldx, int n_x, float *y, int ldy,
                    int j0, int j1);
-    float (*dot)(const float *a, const float *b, int n);
-    void (*axpy)(float a, const float *x, float *y, int n); /* y += a x */
     /* x[i] = exp(x[i] - sub) for i in [0, n); returns the sum. */
     float (*exp_sum)(float *x, int n, float sub);
     /* a[i] *= silu(g[i]), or a[i] = silu(a[i]) when g is NULL. */

@@ -163,7 +163,7 @@ static void attn_c(const float *q, int g, int hd, const float *k, const float *v
 }
 
 static const struct ad_kernels kernels_c = {
-    "c", matvec_c, dot_c, axpy_c, exp_sum_c, silu_mul_c, attn_c, lora_c,
+    "c", matvec_c, exp_sum_c, silu_mul_c, attn_c, lora_c,
 };
 
 #ifdef AD_X86
@@ -476,7 +476,7 @@ AD_AVX2 static void attn_avx2(const float *q, int g, int hd, const float *k, con
 }
 
 static const struct ad_kernels kernels_avx2 = {
-    "avx2", matvec_avx2, dot_avx2, axpy_avx2, exp_sum_avx2, silu_mul_avx2, attn_avx2, lora_avx2,
+    "avx2", matvec_avx2, exp_sum_avx2, silu_mul_avx2, attn_avx2, lora_avx2,
 };
 
 /* ==========================================================================================
@@ -746,8 +746,7 @@ AD_AVX512 static void attn_avx512(const float *q, int g, int hd, const float *k,
 }
 
 static const struct ad_kernels kernels_avx512 = {
-    "avx512", matvec_avx512, dot_avx512, axpy_avx512, exp_sum_avx512, silu_mul_avx512,
-    attn_avx512, lora_avx512,
+    "avx512", matvec_avx512, exp_sum_avx512, silu_mul_avx512, attn_avx512, lora_avx512,
 };
 #endif /* AD_X86 */
 
