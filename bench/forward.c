@@ -119,6 +119,8 @@ static void *ad_bw_thread(void *arg)
     return NULL;
 }
 
+static volatile uint64_t ad_bench_sink; /* keeps the bandwidth threads' sums alive */
+
 /* Best-of-reps GB/s of n_threads threads (one per core) each summing its slice of a buffer much
  * larger than the caches. Time is first start to last finish. */
 static double ad_bench_bandwidth(int n_threads, int reps)
@@ -129,7 +131,6 @@ static double ad_bench_bandwidth(int n_threads, int reps)
     pthread_t tid[8];
     pthread_barrier_t barrier;
     double best = 0;
-    volatile uint64_t sink = 0; /* keeps the sums alive */
     int ncpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
 
     if (!buf)
@@ -156,7 +157,7 @@ static double ad_bench_bandwidth(int n_threads, int reps)
             pthread_join(tid[t], NULL);
             t0 = jobs[t].t0 < t0 ? jobs[t].t0 : t0;
             t1 = jobs[t].t1 > t1 ? jobs[t].t1 : t1;
-            sink += jobs[t].sum;
+            ad_bench_sink += jobs[t].sum;
         }
         pthread_barrier_destroy(&barrier);
         double gbs = (double)(n * sizeof(uint64_t)) / (t1 - t0) * 1e-9;
