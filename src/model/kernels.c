@@ -119,6 +119,25 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
     }
 }
 
+/* One head's online softmax over a run's scores sc[0..m): if the run raises the head's maximum
+ * mx, what it has summed is rescaled (sum here; the caller's output by the returned factor, 1
+ * when nothing changed); then sc becomes exp(sc - mx) and adds to sum. exp_sum is the build's,
+ * inlined. */
+static inline __attribute__((always_inline)) float
+attn_softmax_run(float *sc, int m, float *mx, float *sum, float (*exp_sum)(float *, int, float))
+{
+    float run = -INFINITY, f = 1;
+    for (int i = 0; i < m; i++)
+        run = sc[i] > run ? sc[i] : run;
+    if (run > *mx) {
+        f = *sum > 0 ? expf(*mx - run) : 0;
+        *sum *= f;
+        *mx = run;
+    }
+    *sum += exp_sum(sc, m, *mx);
+    return f;
+}
+
 /* The body of every build's attn, with that build's dot, axpy and exp_sum inlined: per head,
  * the scores of up to ATTN_RUN positions, the maximum (rescaling what is summed when it
  * grows), exp, and the weighted values. The run's K and V rows are read from memory by the
@@ -137,19 +156,13 @@ attn_body(const float *q, int g, int hd, const float *k, const float *v, size_t 
         const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
         for (int h = 0; h < g; h++) {
             const float *qh = q + (size_t)h * (size_t)hd;
-            float *oh = out + (size_t)h * (size_t)hd, run = -INFINITY;
-            for (int i = 0; i < m; i++) {
+            float *oh = out + (size_t)h * (size_t)hd;
+            for (int i = 0; i < m; i++)
                 sc[i] = dot(qh, kr + (size_t)i * ld, hd) * scale;
-                run = sc[i] > run ? sc[i] : run;
-            }
-            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
-                float f = sum[h] > 0 ? expf(mx[h] - run) : 0;
+            float f = attn_softmax_run(sc, m, &mx[h], &sum[h], exp_sum);
+            if (f != 1)
                 for (int d = 0; d < hd; d++)
                     oh[d] *= f;
-                sum[h] *= f;
-                mx[h] = run;
-            }
-            sum[h] += exp_sum(sc, m, mx[h]);
             for (int i = 0; i < m; i++)
                 axpy(sc[i], vr + (size_t)i * ld, oh, hd);
         }
@@ -427,7 +440,7 @@ attn_hd_avx2(const float *q, int g, const int C, const float *k, const float *v,
         const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
         for (int h = 0; h < g; h++) {
             const float *qh = q + (size_t)h * (size_t)C * 8;
-            float *oh = out + (size_t)h * (size_t)C * 8, run = -INFINITY, f = 1;
+            float *oh = out + (size_t)h * (size_t)C * 8;
             for (int i = 0; i < m; i++) {
                 const float *ki = kr + (size_t)i * ld;
                 __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(ki));
@@ -439,14 +452,8 @@ attn_hd_avx2(const float *q, int g, const int C, const float *k, const float *v,
                                          _mm256_loadu_ps(ki + c * 8 + 8), a1);
                 }
                 sc[i] = hsum256(_mm256_add_ps(a0, a1)) * scale;
-                run = sc[i] > run ? sc[i] : run;
             }
-            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
-                f = sum[h] > 0 ? expf(mx[h] - run) : 0;
-                sum[h] *= f;
-                mx[h] = run;
-            }
-            sum[h] += exp_sum_avx2(sc, m, mx[h]);
+            float f = attn_softmax_run(sc, m, &mx[h], &sum[h], exp_sum_avx2);
             for (int c0 = 0; c0 < C; c0 += 8) {
                 __m256 o[8];
                 for (int c = 0; c < 8; c++)
@@ -698,7 +705,7 @@ attn_hd_avx512(const float *q, int g, const int C, const float *k, const float *
         const float *kr = k + (size_t)i0 * ld, *vr = v + (size_t)i0 * ld;
         for (int h = 0; h < g; h++) {
             __m512 qv[8], o[8];
-            float *oh = out + (size_t)h * (size_t)C * 16, run = -INFINITY;
+            float *oh = out + (size_t)h * (size_t)C * 16;
             for (int c = 0; c < C; c++)
                 qv[c] = _mm512_loadu_ps(q + ((size_t)h * (size_t)C + (size_t)c) * 16);
             for (int i = 0; i < m; i++) {
@@ -710,18 +717,10 @@ attn_hd_avx512(const float *q, int g, const int C, const float *k, const float *
                     a1 = _mm512_fmadd_ps(qv[c + 1], _mm512_loadu_ps(ki + c * 16 + 16), a1);
                 }
                 sc[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-                run = sc[i] > run ? sc[i] : run;
             }
+            float f = attn_softmax_run(sc, m, &mx[h], &sum[h], exp_sum_avx512);
             for (int c = 0; c < C; c++)
-                o[c] = _mm512_loadu_ps(oh + c * 16);
-            if (run > mx[h]) { /* rescale what is summed so far to the new maximum */
-                float f = sum[h] > 0 ? expf(mx[h] - run) : 0;
-                for (int c = 0; c < C; c++)
-                    o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(f));
-                sum[h] *= f;
-                mx[h] = run;
-            }
-            sum[h] += exp_sum_avx512(sc, m, mx[h]);
+                o[c] = _mm512_mul_ps(_mm512_loadu_ps(oh + c * 16), _mm512_set1_ps(f));
             for (int i = 0; i < m; i++) {
                 __m512 p = _mm512_set1_ps(sc[i]);
                 for (int c = 0; c < C; c++)
