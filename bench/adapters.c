@@ -537,7 +537,7 @@ int main(int argc, char **argv)
     printf("== environment\n");
     printf("nproc                 %ld\n", sysconf(_SC_NPROCESSORS_ONLN));
     printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
-    printf("openblas threads      %d\n", openblas_get_num_threads());
+    printf("forward threads       %d\n", ad_model_threads());
     printf("openblas core         %s\n", openblas_get_corename());
     bench_print_loadavg("(start) ");
 

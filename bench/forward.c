@@ -372,8 +372,8 @@ int main(int argc, char **argv)
     printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
     printf("OPENBLAS_NUM_THREADS  %s\n", nthr_env ? nthr_env : "(unset)");
     printf("ADAPTERD_KERNELS      %s\n", kern_env ? kern_env : "(unset: the best the CPU runs)");
-    printf("openblas threads      %d (also the forward pass's own threads)\n",
-           openblas_get_num_threads());
+    printf("forward threads       %d (the forward pass's pool; OpenBLAS single-threaded in "
+           "its items)\n", ad_model_threads());
     printf("openblas core         %s\n", openblas_get_corename());
     printf("openblas config       %s\n", openblas_get_config());
     bench_print_loadavg("(start) ");

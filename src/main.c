@@ -6,8 +6,8 @@
  * The configuration is one static table (name, type, bounds, default, help) that drives the
  * config file, --set, --dump-config and conf/adapterd.conf's comments. Threads: the libuv loop
  * (this thread: signals, timers, the adapters directory watch), libmicrohttpd's connection
- * threads, the engine thread (the only caller of BLAS; OpenBLAS uses `threads` workers). */
-#include <cblas.h>
+ * threads, the engine thread (the forward passes: it and `threads` - 1 pool helpers, which
+ * also make every BLAS call, OpenBLAS single-threaded). */
 #include <errno.h>
 #include <getopt.h>
 #include <ini.h>
@@ -78,7 +78,7 @@ static const struct option_def {
      "file holding the key for uploads, deletes and training (empty: the API key)"},
     {"log_level", OPT_STR, S(log_level), 0, 0, "info", true, "error, warn, info or debug"},
     {"threads", OPT_LONG, S(threads), 0, 256, "0", false,
-     "BLAS threads of the engine (0: one per core)"},
+     "threads of the engine's forward passes (0: one per core)"},
     {"kv_cache_mb", OPT_LONG, S(kv_cache_mb), 1, 1 << 20, "512", false,
      "memory for the KV cache of all sequences"},
     {"kv_block_size", OPT_LONG, S(kv_block_size), 1, 1024, "16", false,
@@ -419,9 +419,9 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* One BLAS caller (the engine thread), with the machine's cores. */
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    openblas_set_num_threads((int)(d.cfg.threads > 0 ? d.cfg.threads : ncpu > 0 ? ncpu : 1));
+    /* The engine's forward passes use `threads` cores (their own pool; OpenBLAS runs
+     * single-threaded inside it). */
+    ad_model_set_threads((int)d.cfg.threads);
 
     struct ad_err err;
     /* Listen first: while the model loads, /health answers 503 and the rest 503 too. */

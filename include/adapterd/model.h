@@ -239,6 +239,13 @@ struct ad_chunk {
     const struct ad_mix *mix; /* adapters of this sequence; NULL = the base model */
 };
 
+/* Threads of each forward pass (its scratch's pool: the calling thread plus n - 1 helpers, started
+ * by the scratch's first pass); n <= 0: one per online CPU, the default. The forward pass does
+ * all its threading itself and runs OpenBLAS single-threaded inside it: its first pass calls
+ * openblas_set_num_threads(1) for the whole process. Set before the first pass. */
+void ad_model_set_threads(int n);
+int ad_model_threads(void);
+
 /* Reusable per-thread buffers of the forward pass (grown on demand). */
 struct ad_scratch;
 struct ad_scratch *ad_scratch_new(void);

@@ -5,17 +5,22 @@
  * row sit side by side in one buffer ([q | k | v], row stride ld_qkv), which is also what GPT-2's
  * fused c_attn produces, so both families share the attention code.
  *
- * Threads: a pass with few rows (decode) runs its linears and its decode attention on this
- * thread plus the scratch's helper threads (pool.c), as many in all as OpenBLAS is allowed to
- * use; a pass with many rows (prefill, big batches) calls OpenBLAS's sgemm instead. A batch-1
- * decode step makes no BLAS call at all. The adapter deltas (LoRA, DoRA, IA3 output scaling,
- * bias swaps) are pool jobs in every pass, one item per block of up to 8 rows of a group. */
+ * Threads: all of a pass's threading is the scratch's pool (pool.c: this thread plus helpers,
+ * ad_model_set_threads in all), and OpenBLAS runs single-threaded inside its items. A linear
+ * over a few rows (decode) runs on the matvec kernel, one item per block of output rows; over
+ * more rows, each item is an sgemm of a slice of the weight's output columns. Prefill attention
+ * is one item per query head, decode attention one per (KV head, sequence); the adapter deltas
+ * (LoRA, DoRA, IA3 output scaling, bias swaps) one per block of up to 8 rows of a group. So a
+ * step never has two sets of threads waiting for work, and the helpers keep spinning between
+ * the jobs of a pass (the deltas' job right after its linear starts at once). */
 #include <assert.h>
 #include <cblas.h>
 #include <errno.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "adapterd/adapter.h"
 #include "adapterd/model.h"
@@ -37,7 +42,7 @@ enum {
     BUF_SIN, /* [T, hd / 2] */
     BUF_KG,  /* [ctx, KVd] gathered keys of one sequence (prefill chunks) */
     BUF_VG,  /* [ctx, KVd] */
-    BUF_S,   /* [chunk, ctx] attention scores */
+    BUF_S,   /* [chunk, ctx] attention scores, one such block per pool thread */
     BUF_XO,  /* [n_logits, E] rows that produce logits */
     BUF_TMP, /* adapter deltas' work space; during a post_item job, pool thread t owns floats
               * [t AD_MIX_LOCAL_TMP, (t + 1) AD_MIX_LOCAL_TMP) */
@@ -74,6 +79,20 @@ struct ad_scratch {
     struct ad_pool *pool; /* NULL: one thread */
     bool pool_tried;      /* the pool is started by the first pass */
 };
+
+static _Atomic int forward_threads;
+
+void ad_model_set_threads(int n)
+{
+    atomic_store(&forward_threads, n);
+}
+
+int ad_model_threads(void)
+{
+    int n = atomic_load(&forward_threads);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? n : ncpu > 0 ? (int)ncpu : 1;
+}
 
 struct ad_scratch *ad_scratch_new(void)
 {
@@ -139,20 +158,65 @@ static void matvec_item(void *ctx, int item, int thread)
     (void)thread;
 }
 
-/* y[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W^T, one BLAS call. */
+/* Columns [c0, c1) of y[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W^T, one
+ * single-threaded BLAS call. */
 static void blas_linear(const struct ad_site *st, const float *x, int ldx, int n, float *y,
-                        int ldy)
+                        int ldy, int c0, int c1)
 {
     if (st->w_in_out && n == 1)
-        cblas_sgemv(CblasRowMajor, CblasTrans, st->n_in, st->n_out, 1.0f, st->w, st->n_out, x, 1,
-                    0.0f, y, 1);
+        cblas_sgemv(CblasRowMajor, CblasTrans, st->n_in, c1 - c0, 1.0f, st->w + c0, st->n_out,
+                    x, 1, 0.0f, y + c0, 1);
     else if (st->w_in_out)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, st->n_out, st->n_in, 1.0f, x,
-                    ldx, st->w, st->n_out, 0.0f, y, ldy);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, c1 - c0, st->n_in, 1.0f, x,
+                    ldx, st->w + c0, st->n_out, 0.0f, y + c0, ldy);
     else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, st->n_out, st->n_in, 1.0f, x, ldx,
-                    st->w, st->n_in, 0.0f, y, ldy);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, c1 - c0, st->n_in, 1.0f, x, ldx,
+                    st->w + (size_t)c0 * (size_t)st->n_in, st->n_in, 0.0f, y + c0, ldy);
 }
+
+/* Sites over more rows than the matvec kernel takes: each item is one slice of one site, of
+ * its output columns (decode batches: each item packs its columns of W, which dominate) or of
+ * the rows of x (prefill: each item packs its rows of x, which then dominate). Slices are
+ * multiples of 16 wide; the last one takes the rest. */
+struct sgemm_job {
+    const struct ad_site *const *sites;
+    float *const *ys;
+    const float *x;
+    int ldx, n, ldy, slices; /* slices per site */
+    bool by_rows;
+};
+
+static void slice(int n, int k, int slices, int *lo, int *hi)
+{
+    *lo = (int)((int64_t)n * k / slices) & ~15;
+    *hi = k + 1 == slices ? n : (int)((int64_t)n * (k + 1) / slices) & ~15;
+}
+
+static void sgemm_item(void *ctx, int item, int thread)
+{
+    const struct sgemm_job *j = ctx;
+    int i = item / j->slices, k = item % j->slices, lo, hi;
+    const struct ad_site *st = j->sites[i];
+    if (j->by_rows) {
+        slice(j->n, k, j->slices, &lo, &hi);
+        if (hi > lo)
+            blas_linear(st, j->x + (size_t)lo * (size_t)j->ldx, j->ldx, hi - lo,
+                        j->ys[i] + (size_t)lo * (size_t)j->ldy, j->ldy, 0, st->n_out);
+    } else {
+        slice(st->n_out, k, j->slices, &lo, &hi);
+        if (hi > lo)
+            blas_linear(st, j->x, j->ldx, j->n, j->ys[i], j->ldy, lo, hi);
+    }
+    (void)thread;
+}
+
+/* Rows from which an sgemm job slices x instead of W. */
+#define AD_SGEMM_ROW_SPLIT 256
+
+/* Slices per site of an sgemm job: two per thread, so that the threads finish close together
+ * when one of them is late; whole sites (one slice) when there is only one thread. Measured at
+ * batch 32 on the 135M model: two and four per thread were equal, eight slower. */
+#define AD_SGEMM_SLICES_PER_THREAD 2
 
 /* y_i[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W_i^T + b_i for n_sites (<= 3)
  * sites: one pool job for all when n is small, else one BLAS call each. */
@@ -162,7 +226,12 @@ static void linear(struct ad_scratch *s, const struct ad_site *const *sites, int
     bool own = n <= AD_MATVEC_MAX_ROWS;
     for (int i = 0; i < n_sites; i++)
         own = own && !sites[i]->w_in_out; /* GPT-2's Conv1D layout: OpenBLAS's sgemv */
-    if (own) {
+    if (!own) {
+        struct sgemm_job job = {sites, ys, x, ldx, n, ldy, 1, n >= AD_SGEMM_ROW_SPLIT};
+        if (ad_pool_threads(s->pool) > 1)
+            job.slices = AD_SGEMM_SLICES_PER_THREAD * ad_pool_threads(s->pool);
+        ad_pool_run(s->pool, n_sites * job.slices, sgemm_item, &job);
+    } else {
         struct matvec_job job = {.k = s->k, .x = x, .ldx = ldx, .n_x = n, .ldy = ldy,
                                  .n_parts = n_sites};
         int n_items = 0, n_threads = ad_pool_threads(s->pool);
@@ -181,8 +250,6 @@ static void linear(struct ad_scratch *s, const struct ad_site *const *sites, int
     }
     for (int i = 0; i < n_sites; i++) {
         const struct ad_site *st = sites[i];
-        if (!own)
-            blas_linear(st, x, ldx, n, ys[i], ldy);
         if (st->b)
             for (int r = 0; r < n; r++) {
                 float *row = ys[i] + (size_t)r * (size_t)ldy;
@@ -435,38 +502,54 @@ static void kv_gather(const struct ad_kv *kv, float *base, const float *prefix, 
     }
 }
 
+/* One query head of a prefill chunk: scores, causal softmax, weighted values. */
+struct head_job {
+    const struct ad_kernels *k;
+    const float *q, *kg, *vg;
+    float *att, *S; /* S: thread t's scores at S + t * n * nk */
+    int ld_q, ld_att, hd, kvd, group, n, nk, pos0, lo, W;
+    float scale;
+};
+
+static void head_item(void *ctx, int h, int thread)
+{
+    const struct head_job *j = ctx;
+    int hd = j->hd, n = j->n, nk = j->nk, lo = j->lo, W = j->W;
+    const float *qh = j->q + h * hd, *kh = j->kg + (h / j->group) * hd;
+    const float *vh = j->vg + (h / j->group) * hd;
+    float *S = j->S + (size_t)thread * (size_t)n * (size_t)nk;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, j->scale, qh, j->ld_q, kh,
+                j->kvd, 0.0f, S, nk);
+    for (int i = 0; i < n; i++) {
+        int p = j->pos0 + i; /* query position: sees keys (p - W, p] */
+        int klo = W > 0 && p - W + 1 > lo ? p - W + 1 - lo : 0;
+        softmax_range(j->k, S + (size_t)i * nk, nk, klo, p + 1 - lo);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, S, nk, vh, j->kvd,
+                0.0f, j->att + h * hd, j->ld_att);
+}
+
 /* q holds the chunk's n queries (already rotated), one row each; their keys and values are
  * already in the cache at positions [pos0, pos0 + n), pos0 = ch->seq->n_tokens. Writes n att
  * rows. For chunks of more than one token (prefill): the keys and values are gathered, then
- * OpenBLAS's sgemm. */
+ * one pool job, an item per query head (two sgemm calls). */
 static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struct ad_scratch *s,
                          int layer, const struct ad_chunk *ch, const float *q, int ld_q,
                          float *att, int ld_att)
 {
     const struct ad_model_config *c = &m->cfg;
     const struct ad_kv_seq *seq = ch->seq;
-    int hd = c->head_dim, kvd = kv->kv_dim, group = c->n_head / c->n_kv_head;
     int W = c->sliding_window;
     int pos0 = seq->n_tokens, n = ch->n_tokens, hi = pos0 + n;
     int lo = W > 0 && pos0 - W + 1 > 0 ? pos0 - W + 1 : 0;
-    int nk = hi - lo;
-    float *kg = s->buf[BUF_KG], *vg = s->buf[BUF_VG], *S = s->buf[BUF_S];
-    float scale = 1.0f / sqrtf((float)hd);
+    float *kg = s->buf[BUF_KG], *vg = s->buf[BUF_VG];
 
     kv_gather(kv, kv->k, shared_prefix(ch, layer, 0), layer, seq, lo, hi, kg);
     kv_gather(kv, kv->v, shared_prefix(ch, layer, 1), layer, seq, lo, hi, vg);
-    for (int h = 0; h < c->n_head; h++) {
-        const float *qh = q + h * hd, *kh = kg + (h / group) * hd, *vh = vg + (h / group) * hd;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, scale, qh, ld_q, kh, kvd,
-                    0.0f, S, nk);
-        for (int i = 0; i < n; i++) {
-            int p = pos0 + i; /* query position: sees keys (p - W, p] */
-            int klo = W > 0 && p - W + 1 > lo ? p - W + 1 - lo : 0;
-            softmax_range(s->k, S + (size_t)i * nk, nk, klo, p + 1 - lo);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, S, nk, vh, kvd,
-                    0.0f, att + h * hd, ld_att);
-    }
+    struct head_job j = {s->k, q, kg, vg, att, s->buf[BUF_S], ld_q, ld_att, c->head_dim,
+                         kv->kv_dim, c->n_head / c->n_kv_head, n, hi - lo, pos0, lo, W,
+                         1.0f / sqrtf((float)c->head_dim)};
+    ad_pool_run(s->pool, c->n_head, head_item, &j);
 }
 
 /* The one-token chunks of a layer: one pool job whose items are (KV head, chunk) pairs, each
@@ -595,11 +678,12 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     size_t KVd = (size_t)kv->kv_dim, F = (size_t)c->n_ff, half = (size_t)c->head_dim / 2;
     size_t widest = F > Hq + 2 * KVd ? F : Hq + 2 * KVd;
 
-    /* The helper threads: as many threads in all as OpenBLAS may use (main.c decides that),
-     * or just this one if they cannot be started. */
+    /* The helper threads: ad_model_set_threads in all, or just this one if they cannot be
+     * started. OpenBLAS runs single-threaded inside the pool's items. */
     if (!s->pool_tried) {
         s->k = ad_kernels_get();
-        s->pool = ad_pool_new(openblas_get_num_threads());
+        openblas_set_num_threads(1);
+        s->pool = ad_pool_new(ad_model_threads());
         s->pool_tried = true;
     }
     size_t n_threads = (size_t)ad_pool_threads(s->pool);
@@ -610,7 +694,7 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         [BUF_X] = T * E,         [BUF_XN] = T * E,     [BUF_QKV] = T * (Hq + 2 * KVd),
         [BUF_ATT] = T * Hq,      [BUF_Y] = T * E,      [BUF_FA] = T * F,
         [BUF_FB] = T * F,        [BUF_COS] = T * half, [BUF_SIN] = T * half,
-        [BUF_KG] = max_ctx * KVd, [BUF_VG] = max_ctx * KVd, [BUF_S] = max_n * max_ctx,
+        [BUF_KG] = max_ctx * KVd, [BUF_VG] = max_ctx * KVd, [BUF_S] = n_threads * max_n * max_ctx,
         [BUF_XO] = n_out * E,    [BUF_TMP] = tmp,
     };
     for (int i = 0; i < N_BUF; i++)
@@ -656,8 +740,8 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     int T = prepare(m, kv, chunks, n_chunks, s, err);
     if (T < 0)
         return T;
-    /* A pass without BLAS calls keeps the helpers spinning between its jobs (see pool.c). */
-    ad_pool_spin(s->pool, T <= AD_MATVEC_MAX_ROWS && !m->arch->conv1d);
+    /* The helpers spin between the jobs of a pass (see pool.c). */
+    ad_pool_spin(s->pool, true);
 
     int E = c->n_embd, hd = c->head_dim, half = hd / 2, F = c->n_ff;
     int Hq = c->n_head * hd, KVd = kv->kv_dim, ld_qkv = Hq + 2 * KVd;

@@ -1,11 +1,14 @@
 /* A small pool of helper threads for the forward pass: the calling thread and n - 1 helpers
  * share the items of one job (rows of a matrix-vector product, heads of a decode attention).
  *
- * Why not OpenBLAS's threads: at batch 1 every linear is a matrix-vector product of a few
- * microseconds to a few milliseconds, 211 of them per decode step. OpenBLAS's threads wait for
- * work by calling sched_yield, a system call, which is expensive in a VM; measured, a quarter
- * of a batch-1 decode step went there. These helpers wait by spinning on one atomic word (with
- * the pause instruction) for a short while and then sleep on a condition variable.
+ * It is the forward pass's only threading: OpenBLAS runs single-threaded inside its items
+ * (forward.c slices every sgemm). Why not OpenBLAS's threads: at batch 1 every linear is a
+ * matrix-vector product of a few microseconds to a few milliseconds, 211 of them per decode
+ * step. OpenBLAS's threads wait for work by calling sched_yield, a system call, which is
+ * expensive in a VM; measured, a quarter of a batch-1 decode step went there, and in bigger
+ * batches its spinning workers competed with these helpers for the cores. These helpers wait
+ * by spinning on one atomic word (with the pause instruction) for a short while and then sleep
+ * on a condition variable.
  *
  * Work sharing: items are claimed one at a time from an atomic counter, so a helper that is
  * late (asleep, or preempted by another process on a shared machine) does not hold the caller
