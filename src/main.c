@@ -8,6 +8,7 @@
  * (this thread: signals, timers, the adapters directory watch), libmicrohttpd's connection
  * threads, the engine thread (the forward passes: it and `threads` - 1 pool helpers, which
  * also make every BLAS call, OpenBLAS single-threaded). */
+#include <cblas.h>
 #include <errno.h>
 #include <getopt.h>
 #include <ini.h>
@@ -419,8 +420,9 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* The engine's forward passes use `threads` cores (their own pool; OpenBLAS runs
-     * single-threaded inside it). */
+    /* The engine's forward passes use `threads` cores (their own pool). OpenBLAS runs
+     * single-threaded in the whole process, set here before any other thread starts. */
+    openblas_set_num_threads(1);
     ad_model_set_threads((int)d.cfg.threads);
 
     struct ad_err err;

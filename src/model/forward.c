@@ -502,37 +502,48 @@ static void kv_gather(const struct ad_kv *kv, float *base, const float *prefix, 
     }
 }
 
-/* One query head of a prefill chunk: scores, causal softmax, weighted values. */
+/* One block of up to AD_ATTN_QBLOCK queries of one head of a prefill chunk: scores against
+ * the keys the block's queries see (up to its last query's position: a causal chunk's blocks
+ * skip the keys after them, half the work of the whole square on long prompts), causal
+ * softmax, weighted values. */
 struct head_job {
     const struct ad_kernels *k;
     const float *q, *kg, *vg;
     float *att, *S; /* S: thread t's scores at S + t * n * nk */
-    int ld_q, ld_att, hd, kvd, group, n, nk, pos0, lo, W;
+    int ld_q, ld_att, hd, kvd, group, n, nk, pos0, lo, W, n_blocks;
     float scale;
 };
 
-static void head_item(void *ctx, int h, int thread)
+#define AD_ATTN_QBLOCK 64
+
+static void head_item(void *ctx, int item, int thread)
 {
     const struct head_job *j = ctx;
-    int hd = j->hd, n = j->n, nk = j->nk, lo = j->lo, W = j->W;
-    const float *qh = j->q + h * hd, *kh = j->kg + (h / j->group) * hd;
-    const float *vh = j->vg + (h / j->group) * hd;
-    float *S = j->S + (size_t)thread * (size_t)n * (size_t)nk;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, j->scale, qh, j->ld_q, kh,
-                j->kvd, 0.0f, S, nk);
-    for (int i = 0; i < n; i++) {
+    int h = item / j->n_blocks, b = item % j->n_blocks;
+    int hd = j->hd, lo = j->lo, W = j->W;
+    int q0 = b * AD_ATTN_QBLOCK, q1 = q0 + AD_ATTN_QBLOCK < j->n ? q0 + AD_ATTN_QBLOCK : j->n;
+    /* keys [k0, k1) of the gathered [lo, hi): those of positions up to the last query's */
+    int p0 = j->pos0 + q0;
+    int k0 = W > 0 && p0 - W + 1 > lo ? p0 - W + 1 - lo : 0, k1 = j->pos0 + q1 - lo, nk = k1 - k0;
+    const float *qh = j->q + (size_t)q0 * (size_t)j->ld_q + h * hd;
+    const float *kh = j->kg + (size_t)k0 * (size_t)j->kvd + (h / j->group) * hd;
+    const float *vh = j->vg + (size_t)k0 * (size_t)j->kvd + (h / j->group) * hd;
+    float *S = j->S + (size_t)thread * (size_t)j->n * (size_t)j->nk;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q1 - q0, nk, hd, j->scale, qh, j->ld_q,
+                kh, j->kvd, 0.0f, S, nk);
+    for (int i = q0; i < q1; i++) {
         int p = j->pos0 + i; /* query position: sees keys (p - W, p] */
         int klo = W > 0 && p - W + 1 > lo ? p - W + 1 - lo : 0;
-        softmax_range(j->k, S + (size_t)i * nk, nk, klo, p + 1 - lo);
+        softmax_range(j->k, S + (size_t)(i - q0) * nk, nk, klo - k0, p + 1 - lo - k0);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, S, nk, vh, j->kvd,
-                0.0f, j->att + h * hd, j->ld_att);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q1 - q0, hd, nk, 1.0f, S, nk, vh,
+                j->kvd, 0.0f, j->att + (size_t)q0 * (size_t)j->ld_att + h * hd, j->ld_att);
 }
 
 /* q holds the chunk's n queries (already rotated), one row each; their keys and values are
  * already in the cache at positions [pos0, pos0 + n), pos0 = ch->seq->n_tokens. Writes n att
  * rows. For chunks of more than one token (prefill): the keys and values are gathered, then
- * one pool job, an item per query head (two sgemm calls). */
+ * one pool job, an item per block of queries of one head (two sgemm calls). */
 static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struct ad_scratch *s,
                          int layer, const struct ad_chunk *ch, const float *q, int ld_q,
                          float *att, int ld_att)
@@ -546,10 +557,11 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
 
     kv_gather(kv, kv->k, shared_prefix(ch, layer, 0), layer, seq, lo, hi, kg);
     kv_gather(kv, kv->v, shared_prefix(ch, layer, 1), layer, seq, lo, hi, vg);
+    int n_blocks = (n + AD_ATTN_QBLOCK - 1) / AD_ATTN_QBLOCK;
     struct head_job j = {s->k, q, kg, vg, att, s->buf[BUF_S], ld_q, ld_att, c->head_dim,
-                         kv->kv_dim, c->n_head / c->n_kv_head, n, hi - lo, pos0, lo, W,
+                         kv->kv_dim, c->n_head / c->n_kv_head, n, hi - lo, pos0, lo, W, n_blocks,
                          1.0f / sqrtf((float)c->head_dim)};
-    ad_pool_run(s->pool, c->n_head, head_item, &j);
+    ad_pool_run(s->pool, c->n_head * n_blocks, head_item, &j);
 }
 
 /* The one-token chunks of a layer: one pool job whose items are (KV head, chunk) pairs, each

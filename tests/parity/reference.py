@@ -45,7 +45,7 @@ import sys
 import torch
 
 N_STEPS = 16
-PROMPT_LENS = (1, 7, 13, 22)
+PROMPT_LENS = (1, 7, 13, 22, 100)  # 100: prefill attention in blocks of 64 queries
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -77,10 +77,10 @@ CASES = {
         eps=1e-5, theta=10000.0, max_pos=128, sliding_window=5),
     "gpt2_prefixed": dict(
         family="gpt2", dtype="F32", seed=5, prefix="transformer.", std=0.3,
-        n_embd=36, n_head=4, n_layer=3, vocab=263, n_pos=64, n_inner=None),
+        n_embd=36, n_head=4, n_layer=3, vocab=263, n_pos=128, n_inner=None),
     "gpt2_bare_f16": dict(
         family="gpt2", dtype="F16", seed=6, prefix="", legacy_bias=True, std=0.3,
-        n_embd=48, n_head=3, n_layer=2, vocab=211, n_pos=48, n_inner=100),
+        n_embd=48, n_head=3, n_layer=2, vocab=211, n_pos=128, n_inner=100),
 }
 
 # ------------------------------------------------------------------ safetensors I/O
