@@ -8,9 +8,10 @@
  * Threads: all of a pass's threading is the scratch's pool (pool.c: this thread plus helpers,
  * ad_model_set_threads in all), and OpenBLAS runs single-threaded inside its items. A linear
  * over a few rows (decode) runs on the matvec kernel, one item per block of output rows; over
- * more rows, each item is an sgemm of a slice of the weight's output columns. Prefill attention
- * is one item per query head, decode attention one per (KV head, sequence); the adapter deltas
- * (LoRA, DoRA, IA3 output scaling, bias swaps) one per block of up to 8 rows of a group. So a
+ * more rows, each item is an sgemm of a slice of the weight's output columns (or, from 256
+ * rows, of x's rows). Prefill attention is one item per block of queries of one head, decode
+ * attention one per (KV head, sequence); the adapter deltas (LoRA, DoRA, IA3 output scaling,
+ * bias swaps) one per block of up to 8 rows of a group. So a
  * step never has two sets of threads waiting for work, and the helpers keep spinning between
  * the jobs of a pass (the deltas' job right after its linear starts at once). */
 #include <assert.h>
@@ -219,7 +220,8 @@ static void sgemm_item(void *ctx, int item, int thread)
 #define AD_SGEMM_SLICES_PER_THREAD 2
 
 /* y_i[n, n_out] (row stride ldy) = x[n, n_in] (row stride ldx) W_i^T + b_i for n_sites (<= 3)
- * sites: one pool job for all when n is small, else one BLAS call each. */
+ * sites: one pool job for all, on the matvec kernel (up to AD_MATVEC_MAX_ROWS rows) or sgemm
+ * slices. */
 static void linear(struct ad_scratch *s, const struct ad_site *const *sites, int n_sites,
                    const float *x, int ldx, int n, float *const *ys, int ldy)
 {
