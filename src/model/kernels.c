@@ -325,8 +325,8 @@ AD_AVX2 static void silu_mul_avx2(float *a, const float *g, size_t n)
  * on 32 distinct adapters, one row each: 30% faster than four rows of A side by side), each row
  * against every row of x with two partial sums per row of x. B t: B's panels are one sequential
  * stream too; per panel, each row of y accumulates in two registers per half of the panel (even
- * and odd r). NX (rows) and BF16 are constants in every expansion of the inline functions, so
- * the accumulators stay in registers. */
+ * and odd r). NX (rows) and T (the element type) are constants in every expansion of the
+ * inline functions, so the accumulators stay in registers. */
 AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, enum ad_lora_type t)
 {
     if (t == AD_LORA_F32)
@@ -338,8 +338,7 @@ AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, enum ad_lora_type
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_ax_avx2(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, float scale,
+lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T, float scale,
              const float *x, int ldx, float *t)
 {
     int n_in = f->n_in, n16 = n_in & ~15, n8 = n_in & ~7;
@@ -375,9 +374,8 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX,
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_bt_avx2(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, const float *t,
-             float *y, int ldy)
+lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T,
+             const float *t, float *y, int ldy)
 {
     int rank = f->rank;
     for (int o0 = 0; o0 < f->n_out; o0 += AD_LORA_PANEL) {
@@ -413,9 +411,8 @@ lora_bt_avx2(const struct ad_lora_factors *f, const int NX,
 }
 
 AD_AVX2 static inline __attribute__((always_inline)) void
-lora_rows_avx2(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, float scale,
-               const float *x, int ldx, float *y, int ldy, float *t)
+lora_rows_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T,
+               float scale, const float *x, int ldx, float *y, int ldy, float *t)
 {
     lora_ax_avx2(f, NX, T, scale, x, ldx, t);
     lora_bt_avx2(f, NX, T, t, y, ldy);
@@ -605,9 +602,8 @@ AD_AVX512 static inline __m512 lora_ld16(const void *w, size_t i, enum ad_lora_t
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_ax_avx512(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, float scale,
-               const float *x, int ldx, float *t)
+lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T,
+               float scale, const float *x, int ldx, float *t)
 {
     int n_in = f->n_in, n32 = n_in & ~31, n16 = n_in & ~15;
     for (int r = 0; r < f->rank; r++) {
@@ -642,9 +638,8 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX,
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_bt_avx512(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, const float *t,
-               float *y, int ldy)
+lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T,
+               const float *t, float *y, int ldy)
 {
     const int NA = NX == 1 ? 4 : 2; /* partial sums per row of y */
     int rank = f->rank;
@@ -678,9 +673,8 @@ lora_bt_avx512(const struct ad_lora_factors *f, const int NX,
 }
 
 AD_AVX512 static inline __attribute__((always_inline)) void
-lora_rows_avx512(const struct ad_lora_factors *f, const int NX,
-               const enum ad_lora_type T, float scale,
-                 const float *x, int ldx, float *y, int ldy, float *t)
+lora_rows_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora_type T,
+                 float scale, const float *x, int ldx, float *y, int ldy, float *t)
 {
     lora_ax_avx512(f, NX, T, scale, x, ldx, t);
     lora_bt_avx512(f, NX, T, t, y, ldy);
