@@ -63,19 +63,6 @@ static void list_push(struct ad_kv *kv, int32_t b, bool at_head)
 /* ==========================================================================================
  * Published blocks by hash: linear probing, deletion by backward shift (no tombstones). */
 
-static uint64_t chain_hash(struct ad_kv *kv, uint64_t parent, uint64_t mix, const int32_t *tokens)
-{
-    size_t n = (size_t)kv->block_size * sizeof(int32_t);
-    unsigned char out[crypto_shorthash_BYTES];
-    memcpy(kv->hbuf, &parent, 8);
-    memcpy(kv->hbuf + 8, &mix, 8);
-    memcpy(kv->hbuf + 16, tokens, n);
-    crypto_shorthash(out, kv->hbuf, 16 + n, kv->key);
-    uint64_t h;
-    memcpy(&h, out, 8);
-    return h;
-}
-
 uint64_t ad_kv_hash(const struct ad_kv *kv, const void *data, size_t len)
 {
     unsigned char out[crypto_shorthash_BYTES];
@@ -83,6 +70,15 @@ uint64_t ad_kv_hash(const struct ad_kv *kv, const void *data, size_t len)
     uint64_t h;
     memcpy(&h, out, 8);
     return h;
+}
+
+static uint64_t chain_hash(struct ad_kv *kv, uint64_t parent, uint64_t mix, const int32_t *tokens)
+{
+    size_t n = (size_t)kv->block_size * sizeof(int32_t);
+    memcpy(kv->hbuf, &parent, 8);
+    memcpy(kv->hbuf + 8, &mix, 8);
+    memcpy(kv->hbuf + 16, tokens, n);
+    return ad_kv_hash(kv, kv->hbuf, 16 + n);
 }
 
 static const int32_t *tokens_of(const struct ad_kv *kv, int32_t b)
