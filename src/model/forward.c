@@ -86,6 +86,7 @@ static _Atomic int forward_threads;
 void ad_model_set_threads(int n)
 {
     atomic_store(&forward_threads, n);
+    openblas_set_num_threads(1);
 }
 
 int ad_model_threads(void)
@@ -504,6 +505,13 @@ static void kv_gather(const struct ad_kv *kv, float *base, const float *prefix, 
     }
 }
 
+/* The first position a query at position p sees: p - W + 1 under a sliding window of W (> 0),
+ * else 0. */
+static int first_key(int p, int W)
+{
+    return W > 0 && p - W + 1 > 0 ? p - W + 1 : 0;
+}
+
 /* One block of up to AD_ATTN_QBLOCK queries of one head of a prefill chunk: scores against
  * the keys the block's queries see (up to its last query's position: a causal chunk's blocks
  * skip the keys after them, half the work of the whole square on long prompts), causal
@@ -526,7 +534,7 @@ static void head_item(void *ctx, int item, int thread)
     int q0 = b * AD_ATTN_QBLOCK, q1 = q0 + AD_ATTN_QBLOCK < j->n ? q0 + AD_ATTN_QBLOCK : j->n;
     /* keys [k0, k1) of the gathered [lo, hi): those of positions up to the last query's */
     int p0 = j->pos0 + q0;
-    int k0 = W > 0 && p0 - W + 1 > lo ? p0 - W + 1 - lo : 0, k1 = j->pos0 + q1 - lo, nk = k1 - k0;
+    int k0 = first_key(p0, W) - lo, k1 = j->pos0 + q1 - lo, nk = k1 - k0;
     const float *qh = j->q + (size_t)q0 * (size_t)j->ld_q + h * hd;
     const float *kh = j->kg + (size_t)k0 * (size_t)j->kvd + (h / j->group) * hd;
     const float *vh = j->vg + (size_t)k0 * (size_t)j->kvd + (h / j->group) * hd;
@@ -534,9 +542,9 @@ static void head_item(void *ctx, int item, int thread)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, q1 - q0, nk, hd, j->scale, qh, j->ld_q,
                 kh, j->kvd, 0.0f, S, nk);
     for (int i = q0; i < q1; i++) {
-        int p = j->pos0 + i; /* query position: sees keys (p - W, p] */
-        int klo = W > 0 && p - W + 1 > lo ? p - W + 1 - lo : 0;
-        softmax_range(j->k, S + (size_t)(i - q0) * nk, nk, klo - k0, p + 1 - lo - k0);
+        int p = j->pos0 + i; /* query position: sees keys [first_key(p), p] */
+        softmax_range(j->k, S + (size_t)(i - q0) * nk, nk, first_key(p, W) - lo - k0,
+                      p + 1 - lo - k0);
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, q1 - q0, hd, nk, 1.0f, S, nk, vh,
                 j->kvd, 0.0f, j->att + (size_t)q0 * (size_t)j->ld_att + h * hd, j->ld_att);
@@ -554,7 +562,7 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
     const struct ad_kv_seq *seq = ch->seq;
     int W = c->sliding_window;
     int pos0 = seq->n_tokens, n = ch->n_tokens, hi = pos0 + n;
-    int lo = W > 0 && pos0 - W + 1 > 0 ? pos0 - W + 1 : 0;
+    int lo = first_key(pos0, W);
     float *kg = s->buf[BUF_KG], *vg = s->buf[BUF_VG];
 
     kv_gather(kv, kv->k, shared_prefix(ch, layer, 0), layer, seq, lo, hi, kg);
@@ -595,7 +603,7 @@ static void attend_one(void *ctx, int item, int thread)
     const struct ad_chunk *ch = &j->chunks[d->chunk];
     const struct ad_kv_seq *seq = ch->seq;
     int hi = seq->n_tokens + 1, W = c->sliding_window; /* the token's own K/V is at hi - 1 */
-    int lo = W > 0 && hi - W > 0 ? hi - W : 0, B = kv->block_size;
+    int lo = first_key(hi - 1, W), B = kv->block_size;
     size_t ld = (size_t)kv->kv_dim, off = (size_t)kvh * (size_t)hd;
     float scale = 1.0f / sqrtf((float)hd), mx[AD_MAX_GROUP], sum[AD_MAX_GROUP];
     (void)thread;
