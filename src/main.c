@@ -8,7 +8,6 @@
  * (this thread: signals, timers, the adapters directory watch), libmicrohttpd's connection
  * threads, the engine thread (the forward passes: it and `threads` - 1 pool helpers, which
  * also make every BLAS call, OpenBLAS single-threaded). */
-#include <cblas.h>
 #include <errno.h>
 #include <getopt.h>
 #include <ini.h>
@@ -420,9 +419,8 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* The engine's forward passes use `threads` cores (their own pool). OpenBLAS runs
-     * single-threaded in the whole process, set here before any other thread starts. */
-    openblas_set_num_threads(1);
+    /* The engine's forward passes use `threads` cores (their own pool); OpenBLAS becomes
+     * single-threaded in the whole process, here before any other thread starts. */
     ad_model_set_threads((int)d.cfg.threads);
 
     struct ad_err err;

@@ -241,8 +241,9 @@ struct ad_chunk {
 
 /* Threads of each forward pass (its scratch's pool: the calling thread plus n - 1 helpers, started
  * by the scratch's first pass); n <= 0: one per online CPU, the default. The forward pass does
- * all its threading itself and runs OpenBLAS single-threaded inside it: its first pass calls
- * openblas_set_num_threads(1) for the whole process. Set before the first pass. */
+ * all its threading itself and runs OpenBLAS single-threaded inside it: this call, and else the
+ * first pass, calls openblas_set_num_threads(1) for the whole process. Set before the first
+ * pass, and before starting threads that call BLAS. */
 void ad_model_set_threads(int n);
 int ad_model_threads(void);
 
