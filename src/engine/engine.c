@@ -371,10 +371,14 @@ static bool admit(struct ad_engine *e)
             if (!pp)
                 break; /* every waiting adapter is at max_per_adapter */
             struct ad_request *r = *pp;
-            int hit = match_prefix(e, r);
             /* a prefix takes no block; keep a block of headroom per running sequence for its
-             * next decode */
-            int need = ad_kv_blocks_for(&e->kv, r->n_tokens + 1) - r->seq.n_blocks;
+             * next decode. The prompt is not looked up (hashed) when not even a hit on all its
+             * whole blocks would make it fit: a full pool does not cost a lookup per step. */
+            int need = ad_kv_blocks_for(&e->kv, r->n_tokens + 1);
+            bool may_fit =
+                need - (r->n_tokens - 1) / e->kv.block_size <= e->kv.n_free - e->n_running;
+            int hit = may_fit ? match_prefix(e, r) : -1;
+            need -= r->seq.n_blocks;
             if (need > e->kv.n_free - e->n_running) {
                 ad_kv_seq_release(&e->kv, &r->seq); /* the blocks found stay published */
                 r->n_cached = 0;
