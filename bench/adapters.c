@@ -223,7 +223,7 @@ static int ad_bench_load(const struct ad_model *m, const char *dir, int reps,
     /* One untimed load: the file comes from the page cache in every timed one. */
     for (int i = -1; i < reps; i++) {
         double t0 = ad_now();
-        if (ad_adapter_load(m, dir, "bench", &a[0], &err) < 0)
+        if (ad_adapter_load(m, dir, "bench", 0, &a[0], &err) < 0)
             goto fail;
         if (i >= 0)
             ms[i] = (ad_now() - t0) * 1e3;
@@ -233,7 +233,7 @@ static int ad_bench_load(const struct ad_model *m, const char *dir, int reps,
     malloc_trim(0); /* give back what the timed loads freed, so the copies need new pages */
     size_t rss0 = ad_rss();
     for (int i = 0; i < AD_BENCH_RSS_COPIES; i++)
-        if (ad_adapter_load(m, dir, "bench", &a[i], &err) < 0)
+        if (ad_adapter_load(m, dir, "bench", 0, &a[i], &err) < 0)
             goto fail;
     size_t rss1 = ad_rss();
     res->rss_bytes = rss1 > rss0 ? (rss1 - rss0) / AD_BENCH_RSS_COPIES : 0;
@@ -451,7 +451,7 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     for (int i = 0; i < 2 * AD_BENCH_MAX_B; i++) {
         char name[32];
         snprintf(name, sizeof(name), "lora-%d", i);
-        if (ad_adapter_load(d->m, i < AD_BENCH_MAX_B ? r16 : r16_bf16, name, &lora[i], &err) < 0) {
+        if (ad_adapter_load(d->m, i < AD_BENCH_MAX_B ? r16 : r16_bf16, name, 0, &lora[i], &err) < 0) {
             fprintf(stderr, "bench-adapters: %s\n", err.msg);
             return -1;
         }

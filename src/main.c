@@ -47,6 +47,7 @@ struct config {
     long max_concurrent;
     long prefix_cache;
     long adapter_budget_mb;
+    char lora_dtype[8];
     long max_body_kb;
     long max_upload_mb;
     long max_connections;
@@ -64,51 +65,69 @@ static const struct option_def {
     const char *dflt;
     bool reloadable;
     const char *help;
+    const char *choices; /* OPT_STR: the values allowed, separated by spaces (NULL: any) */
 } options[] = {
 #define S(f) offsetof(struct config, f), sizeof(((struct config *)0)->f)
     {"model", OPT_STR, S(model), 0, 0, "models/demo", false,
-     "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"},
+     "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)", NULL},
     {"adapters", OPT_STR, S(adapters), 0, 0, "adapters", false,
-     "adapter store: one PEFT directory per adapter; created if missing"},
+     "adapter store: one PEFT directory per adapter; created if missing", NULL},
     {"listen", OPT_STR, S(listen), 0, 0, "127.0.0.1:8080", false,
-     "HOST:PORT to listen on ([::1]:8080 for IPv6); ignored under socket activation"},
+     "HOST:PORT to listen on ([::1]:8080 for IPv6); ignored under socket activation", NULL},
     {"api_key_file", OPT_STR, S(api_key_file), 0, 0, "", false,
-     "file holding the API key for every route but /health (empty: no authentication)"},
+     "file holding the API key for every route but /health (empty: no authentication)", NULL},
     {"admin_key_file", OPT_STR, S(admin_key_file), 0, 0, "", false,
-     "file holding the key for uploads, deletes and training (empty: the API key)"},
-    {"log_level", OPT_STR, S(log_level), 0, 0, "info", true, "error, warn, info or debug"},
+     "file holding the key for uploads, deletes and training (empty: the API key)", NULL},
+    {"log_level", OPT_STR, S(log_level), 0, 0, "info", true, "error, warn, info or debug",
+     "error warn info debug"},
     {"threads", OPT_LONG, S(threads), 0, 256, "0", false,
-     "threads of the engine's forward passes (0: one per core)"},
+     "threads of the engine's forward passes (0: one per core)", NULL},
     {"kv_cache_mb", OPT_LONG, S(kv_cache_mb), 1, 1 << 20, "512", false,
-     "memory for the KV cache of all sequences"},
+     "memory for the KV cache of all sequences", NULL},
     {"kv_block_size", OPT_LONG, S(kv_block_size), 1, 1024, "16", false,
-     "tokens per KV cache block"},
+     "tokens per KV cache block", NULL},
     {"max_batch_tokens", OPT_LONG, S(max_batch_tokens), 1, 1 << 20, "512", false,
-     "tokens per forward pass (prefill chunks + decodes)"},
-    {"max_seqs", OPT_LONG, S(max_seqs), 1, 4096, "64", false, "sequences running at once"},
+     "tokens per forward pass (prefill chunks + decodes)", NULL},
+    {"max_seqs", OPT_LONG, S(max_seqs), 1, 4096, "64", false, "sequences running at once", NULL},
     {"max_queue", OPT_LONG, S(max_queue), 0, 1 << 20, "1024", false,
-     "requests waiting before new ones get 429"},
+     "requests waiting before new ones get 429", NULL},
     {"max_concurrent", OPT_LONG, S(max_concurrent), 0, 4096, "0", false,
      "sequences of one adapter running at once (0: max_seqs); free slots go to the adapter "
-     "with the fewest running, so a busy adapter cannot starve the others"},
+     "with the fewest running, so a busy adapter cannot starve the others", NULL},
     {"prefix_cache", OPT_LONG, S(prefix_cache), 0, 1, "1", false,
      "1: a prompt that starts like an earlier one (same adapters) reuses its KV cache blocks "
-     "instead of computing them again; 0: off"},
+     "instead of computing them again; 0: off", NULL},
     {"adapter_budget_mb", OPT_LONG, S(adapter_budget_mb), 0, 1 << 20, "2048", false,
-     "memory for resident adapters; unused ones are evicted LRU and reloaded (0: no bound)"},
+     "memory for resident adapters; unused ones are evicted LRU and reloaded (0: no bound)", NULL},
+    {"lora_dtype", OPT_STR, S(lora_dtype), 0, 0, "auto", false,
+     "LoRA factors in memory: auto (exactly as the file stores them) or int8 (8 bits with a "
+     "scale per row: half the bytes of BF16, approximate; docs/adapters.md)", "auto int8"},
     {"max_body_kb", OPT_LONG, S(max_body_kb), 1, 1 << 20, "4096", false,
-     "largest JSON request body"},
+     "largest JSON request body", NULL},
     {"max_upload_mb", OPT_LONG, S(max_upload_mb), 1, 1 << 20, "4096", false,
-     "largest adapter upload (streamed to disk)"},
+     "largest adapter upload (streamed to disk)", NULL},
     {"max_connections", OPT_LONG, S(max_connections), 1, 65536, "512", false,
-     "concurrent HTTP connections"},
+     "concurrent HTTP connections", NULL},
     {"max_tokens_default", OPT_LONG, S(max_tokens_default), 1, 1 << 20, "256", false,
-     "max_tokens of a completion that gives none"},
+     "max_tokens of a completion that gives none", NULL},
     {"shutdown_grace_s", OPT_LONG, S(shutdown_grace_s), 0, 3600, "30", false,
-     "on SIGTERM, how long requests in flight may take before they are cancelled"},
+     "on SIGTERM, how long requests in flight may take before they are cancelled", NULL},
 #undef S
 };
 #define N_OPTIONS (sizeof(options) / sizeof(options[0]))
+
+/* Whether value is one of the space-separated words of list. */
+static bool word_in(const char *list, const char *value)
+{
+    size_t n = strlen(value);
+    for (const char *p = list; *p;) {
+        size_t w = strcspn(p, " ");
+        if (w == n && !strncmp(p, value, n))
+            return true;
+        p += w + (p[w] == ' ');
+    }
+    return false;
+}
 
 static int set_option(struct config *cfg, const char *name, const char *value, char *msg,
                       size_t msg_len)
@@ -121,6 +140,10 @@ static int set_option(struct config *cfg, const char *name, const char *value, c
         if (o->type == OPT_STR) {
             if (strlen(value) >= o->size) {
                 snprintf(msg, msg_len, "%s: value too long", name);
+                return -EINVAL;
+            }
+            if (o->choices && !word_in(o->choices, value)) {
+                snprintf(msg, msg_len, "%s: '%s' is not one of: %s", name, value, o->choices);
                 return -EINVAL;
             }
             memcpy(field, value, strlen(value) + 1);
@@ -462,8 +485,9 @@ int main(int argc, char **argv)
     } else {
         log_warn("%s has no tokenizer.json: prompts must be token ids", d.cfg.model);
     }
+    unsigned load_flags = !strcmp(d.cfg.lora_dtype, "int8") ? AD_ADAPTER_LORA_INT8 : 0;
     if (ad_registry_new(d.model, d.cfg.adapters, (size_t)d.cfg.adapter_budget_mb << 20,
-                        &d.registry, &err) < 0) {
+                        load_flags, &d.registry, &err) < 0) {
         log_error("%s", err.msg);
         goto out;
     }

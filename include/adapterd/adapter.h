@@ -98,18 +98,28 @@ struct ad_adapter {
 
 #define AD_BN_ACT_RELU 100
 
+/* Flags of the loaders: how an adapter is held in memory. */
+enum {
+    /* LoRA factors as 8-bit integers with a scale per row of A and per output of B (symmetric,
+     * round to nearest: each element within half a step, max |row| / 254, of the file's value),
+     * instead of as the file stores them. A quarter of F32's bytes and half of BF16's, so a
+     * batch of many adapters reads half the bytes per step and the budget holds twice as many;
+     * the deltas differ from the file's by that rounding (docs/adapters.md). */
+    AD_ADAPTER_LORA_INT8 = 1u << 0,
+};
+
 /* Loads an adapter directory (adapter_config.json + adapter_model.safetensors, as Hugging Face
  * PEFT writes it, or an AdapterHub bottleneck adapter with adapter.safetensors) and validates it
- * against model. Returns 0 and a new adapter (one reference), or -EINVAL / -ENOTSUP / -ENOENT with
- * err naming the file, key and reason. */
-int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
+ * against model; flags: AD_ADAPTER_* above, or 0. Returns 0 and a new adapter (one reference), or
+ * -EINVAL / -ENOTSUP / -ENOENT with err naming the file, key and reason. */
+int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name, unsigned flags,
                     struct ad_adapter **ret, struct ad_err *err);
 
 /* The same from a config text and an in-memory safetensors image (uploads, fuzzing). The image
  * is borrowed for the call only. */
 int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
-                        size_t weights_len, const char *name, struct ad_adapter **ret,
-                        struct ad_err *err);
+                        size_t weights_len, const char *name, unsigned flags,
+                        struct ad_adapter **ret, struct ad_err *err);
 
 /* References: _ref returns a; _unref frees on the last reference and returns NULL. Thread-safe. */
 struct ad_adapter *ad_adapter_ref(struct ad_adapter *a);

@@ -20,38 +20,49 @@
 /* Rows one call of the LoRA kernel takes at most. */
 #define AD_LORA_ROWS 4
 
-/* The element types of LoRA factors: float, or 16-bit exactly as a BF16 or F16 file stores
- * them (BF16: the upper half of a float; F16: IEEE half). */
-enum ad_lora_type { AD_LORA_F32, AD_LORA_BF16, AD_LORA_F16 };
+/* The element types of LoRA factors: float, 16-bit exactly as a BF16 or F16 file stores them
+ * (BF16: the upper half of a float; F16: IEEE half), or 8-bit integers with a scale per row of A
+ * and per output (row) of B (quantized at load, lora_dtype = int8: a quarter of F32's bytes). */
+enum ad_lora_type { AD_LORA_F32, AD_LORA_BF16, AD_LORA_F16, AD_LORA_I8 };
 
 /* LoRA factors as the kernel reads them. B is packed in panels of AD_LORA_PANEL
  * outputs, so that the kernel reads it as one sequential stream: element (o, r) of B [n_out,
- * rank] is at ((o / PANEL) * rank + r) * PANEL + o % PANEL, and the last panel is zero-padded. */
+ * rank] is at ((o / PANEL) * rank + r) * PANEL + o % PANEL, and the last panel is zero-padded.
+ * An I8 element is its integer times the scale of its row of A (a_scale[r]) or of its output
+ * (b_scale[o]). */
 struct ad_lora_factors {
     int rank, n_in, n_out;
     enum ad_lora_type type;
-    const void *a;  /* [rank, n_in], row-major */
-    const void *bp; /* [ceil(n_out / PANEL), rank, PANEL] */
+    const void *a;        /* [rank, n_in], row-major */
+    const void *bp;       /* [ceil(n_out / PANEL), rank, PANEL] */
+    const float *a_scale; /* I8: [rank]; else NULL */
+    const float *b_scale; /* I8: [ceil(n_out / PANEL) PANEL], the padding 0; else NULL */
 };
 
-/* Element (r, i) of A and (o, r) of B as floats (loading, export, tests; not for hot loops). */
+/* Element i of a factor as stored, as a float (an I8 element without its scale). For loading,
+ * export and tests, not for hot loops. */
 static inline float ad_lora_elem(const void *w, size_t i, enum ad_lora_type t)
 {
     if (t == AD_LORA_F32)
         return ((const float *)w)[i];
+    if (t == AD_LORA_I8)
+        return (float)((const int8_t *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
     return t == AD_LORA_F16 ? ad_f16_to_f32(h) : ad_bf16_to_f32(h);
 }
 
+/* Element (r, i) of A and (o, r) of B, scales applied. */
 static inline float ad_lora_a_at(const struct ad_lora_factors *f, int r, int i)
 {
-    return ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type);
+    float v = ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type);
+    return f->a_scale ? v * f->a_scale[r] : v;
 }
 
 static inline float ad_lora_b_at(const struct ad_lora_factors *f, int o, int r)
 {
-    return ad_lora_elem(f->bp, ((size_t)(o / AD_LORA_PANEL) * (size_t)f->rank + (size_t)r) *
-                                       AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->type);
+    float v = ad_lora_elem(f->bp, ((size_t)(o / AD_LORA_PANEL) * (size_t)f->rank + (size_t)r) *
+                                          AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->type);
+    return f->b_scale ? v * f->b_scale[o] : v;
 }
 
 struct ad_kernels {

@@ -18,9 +18,10 @@ struct ad_registry;
 
 /* Creates a registry over dir (created if missing) for model m (borrowed; must outlive the
  * registry). byte_budget bounds the bytes of resident adapters (0 = no bound): unreferenced ones
- * are evicted least recently used first, and reloaded from disk when asked for. */
+ * are evicted least recently used first, and reloaded from disk when asked for. load_flags
+ * (AD_ADAPTER_* of adapter.h) are passed to every load. */
 int ad_registry_new(const struct ad_model *m, const char *dir, size_t byte_budget,
-                    struct ad_registry **ret, struct ad_err *err);
+                    unsigned load_flags, struct ad_registry **ret, struct ad_err *err);
 void ad_registry_free(struct ad_registry *r);
 
 /* Called for each adapter directory that fails to load during a scan. */

@@ -15,6 +15,7 @@ struct load_ctx {
     json_t *cfg;                /* adapter_config.json (for AdapterHub: its "config" object) */
     const struct ad_st_file *st;
     bool *used;                 /* [n_tensors]: consumed by a loader */
+    unsigned flags;             /* AD_ADAPTER_* of adapter.h */
     struct ad_err *err;
 };
 

@@ -121,9 +121,13 @@ static const struct ad_tensor *b_of(struct load_ctx *c, const struct ad_tensor *
     return take ? ctx_take(c, key) : ad_st_find(c->st, key);
 }
 
-/* BF16 or F16 when both tensors are (resident as the file stores them), else F32. */
-static enum ad_lora_type type_of(const struct ad_tensor *ta, const struct ad_tensor *tb)
+/* I8 when the loader is asked to (AD_ADAPTER_LORA_INT8); else BF16 or F16 when both tensors
+ * are (resident as the file stores them), else F32. */
+static enum ad_lora_type type_of(const struct load_ctx *c, const struct ad_tensor *ta,
+                                 const struct ad_tensor *tb)
 {
+    if (c->flags & AD_ADAPTER_LORA_INT8)
+        return AD_LORA_I8;
     if (ta->dtype == AD_DTYPE_BF16 && tb->dtype == AD_DTYPE_BF16)
         return AD_LORA_BF16;
     if (ta->dtype == AD_DTYPE_F16 && tb->dtype == AD_DTYPE_F16)
@@ -131,11 +135,28 @@ static enum ad_lora_type type_of(const struct ad_tensor *ta, const struct ad_ten
     return AD_LORA_F32;
 }
 
-static size_t factor_bytes(int rank, int n_in, int n_out, enum ad_lora_type t)
+static size_t elem_bytes(enum ad_lora_type t)
 {
-    size_t panels = (size_t)(n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL;
-    return ((size_t)rank * (size_t)n_in + panels * (size_t)rank * AD_LORA_PANEL) *
-           (t == AD_LORA_F32 ? sizeof(float) : sizeof(uint16_t));
+    return t == AD_LORA_F32 ? sizeof(float) : t == AD_LORA_I8 ? 1 : sizeof(uint16_t);
+}
+
+#define ROUND64(n) (((n) + 63) & ~(size_t)63)
+
+/* A site's place in the arena: A, B's panels, then (I8) A's row scales and B's output scales;
+ * each part starts on a cache line. */
+struct factor_layout {
+    size_t bp, a_scale, b_scale, total; /* offsets from A's start, and the whole size */
+};
+
+static struct factor_layout factor_layout(int rank, int n_in, int n_out, enum ad_lora_type t)
+{
+    size_t panels = (size_t)(n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL, es = elem_bytes(t);
+    struct factor_layout l;
+    l.bp = ROUND64((size_t)rank * (size_t)n_in * es);
+    l.a_scale = l.bp + ROUND64(panels * (size_t)rank * AD_LORA_PANEL * es);
+    l.b_scale = l.a_scale + (t == AD_LORA_I8 ? ROUND64((size_t)rank * sizeof(float)) : 0);
+    l.total = l.b_scale + (t == AD_LORA_I8 ? ROUND64(panels * AD_LORA_PANEL * sizeof(float)) : 0);
+    return l;
 }
 
 /* Sizes the arena from the tensors' names and shapes before anything is loaded, so that the
@@ -157,8 +178,8 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
             ta->shape[0] < 1 || ta->shape[0] > AD_MIX_LOCAL_TMP / AD_LORA_ROWS ||
             !(s = ad_model_find_site(c->m, module)) || !(tb = b_of(c, ta, false)))
             continue;
-        size[s - c->m->sites] = factor_bytes((int)ta->shape[0], s->n_in, s->n_out,
-                                             type_of(ta, tb));
+        size[s - c->m->sites] = factor_layout((int)ta->shape[0], s->n_in, s->n_out,
+                                              type_of(c, ta, tb)).total;
     }
     for (int i = 0; i < n_sites; i++) {
         ar->off[i] = size[i] ? total : SIZE_MAX;
@@ -170,9 +191,36 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
     return 0;
 }
 
+/* Symmetric 8-bit quantization of v[i * stride], i < n, into q[i * qstride]: q = round(v / s)
+ * with s = max |v| / 127 (0 for a row of zeros). Returns s, or -1 if a value is not finite. */
+static float quantize(const float *v, size_t n, size_t stride, int8_t *q, size_t qstride)
+{
+    float amax = 0;
+    for (size_t i = 0; i < n; i++) {
+        float a = fabsf(v[i * stride]);
+        if (!isfinite(a))
+            return -1;
+        amax = a > amax ? a : amax;
+    }
+    float s = amax / 127.0f;
+    for (size_t i = 0; i < n; i++) {
+        float r = s > 0 ? v[i * stride] / s : 0;
+        q[i * qstride] = (int8_t)lrintf(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    return s;
+}
+
+/* Where element (o, k) of B [n_out, rank] goes in its panels (kernels.h). */
+static size_t panel_index(int o, int k, int rank)
+{
+    return ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
+           (size_t)(o % AD_LORA_PANEL);
+}
+
 /* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h), into the
  * site's place in the arena: BF16 or F16 when both tensors are (resident exactly as stored,
- * half the bytes a batch of many adapters reads per step), else F32. */
+ * half the bytes a batch of many adapters reads per step), I8 when asked (a row scale each),
+ * else F32. */
 static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_site_delta *d,
                         int rank, const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
@@ -182,40 +230,61 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
 
     if ((r = ctx_shape(c, ta, rank, s->n_in)) < 0 || (r = ctx_shape(c, tb, s->n_out, rank)) < 0)
         return r;
-    enum ad_lora_type type = type_of(ta, tb);
-    bool half = type != AD_LORA_F32;
+    enum ad_lora_type type = type_of(c, ta, tb);
+    bool half = type == AD_LORA_BF16 || type == AD_LORA_F16, i8 = type == AD_LORA_I8;
     if (off == SIZE_MAX) /* plan_arena skipped a tensor this function accepts: a bug */
         return ad_err_set(c->err, -EINVAL, "tensor '%s': no room planned for it", ta->name);
-    size_t es = half ? sizeof(uint16_t) : sizeof(float), n_a = (size_t)rank * (size_t)s->n_in;
-    char *a = ar->base + off, *bp = a + n_a * es;
+    struct factor_layout l = factor_layout(rank, s->n_in, s->n_out, type);
+    size_t es = elem_bytes(type), n_a = (size_t)rank * (size_t)s->n_in;
+    size_t padded = (size_t)(s->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * AD_LORA_PANEL;
+    char *a = ar->base + off, *bp = a + l.bp;
+    float *a_scale = i8 ? (float *)(void *)(a + l.a_scale) : NULL;
+    float *b_scale = i8 ? (float *)(void *)(a + l.b_scale) : NULL;
+    float *a32 = i8 ? malloc(n_a * sizeof(float)) : NULL;
     float *b32 = half ? NULL : malloc((size_t)tb->n_elems * sizeof(float));
-    if (!half && !b32)
+    if ((i8 && !a32) || (!half && !b32)) {
+        free(a32);
+        free(b32);
         return ad_err_set(c->err, -ENOMEM, "out of memory");
+    }
     if (half)
         memcpy(a, ta->data, n_a * es);
     else
-        ad_tensor_to_f32(ta, (float *)(void *)a);
+        ad_tensor_to_f32(ta, i8 ? a32 : (float *)(void *)a);
     if (b32)
         ad_tensor_to_f32(tb, b32);
-    for (int o = 0; o < s->n_out; o++)
-        for (int k = 0; k < rank; k++) {
-            size_t from = (size_t)o * (size_t)rank + (size_t)k;
-            size_t to = ((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
-                        (size_t)(o % AD_LORA_PANEL);
-            if (half)
-                memcpy((uint16_t *)(void *)bp + to, (const uint16_t *)tb->data + from,
-                       sizeof(uint16_t));
-            else
-                ((float *)(void *)bp)[to] = b32[from];
-        }
-    for (int o = s->n_out; o % AD_LORA_PANEL; o++) /* the last panel's padding */
-        for (int k = 0; k < rank; k++)
-            memset(bp + (((size_t)(o / AD_LORA_PANEL) * (size_t)rank + (size_t)k) * AD_LORA_PANEL +
-                         (size_t)(o % AD_LORA_PANEL)) * es,
-                   0, es);
+    memset(bp, 0, l.a_scale - l.bp); /* the last panel's padding */
+    if (i8) {
+        r = 0;
+        for (int k = 0; k < rank && r == 0; k++)
+            if ((a_scale[k] = quantize(a32 + (size_t)k * (size_t)s->n_in, (size_t)s->n_in, 1,
+                                       (int8_t *)a + (size_t)k * (size_t)s->n_in, 1)) < 0)
+                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite", ta->name);
+        for (size_t o = 0; o < padded && r == 0; o++)
+            b_scale[o] = 0;
+        for (int o = 0; o < s->n_out && r == 0; o++)
+            if ((b_scale[o] = quantize(b32 + (size_t)o * (size_t)rank, (size_t)rank, 1,
+                                       (int8_t *)bp + panel_index(o, 0, rank),
+                                       AD_LORA_PANEL)) < 0)
+                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite", tb->name);
+    } else {
+        for (int o = 0; o < s->n_out; o++)
+            for (int k = 0; k < rank; k++) {
+                size_t from = (size_t)o * (size_t)rank + (size_t)k, to = panel_index(o, k, rank);
+                if (half)
+                    memcpy((uint16_t *)(void *)bp + to, (const uint16_t *)tb->data + from,
+                           sizeof(uint16_t));
+                else
+                    ((float *)(void *)bp)[to] = b32[from];
+            }
+    }
+    free(a32);
     free(b32);
+    if (r < 0)
+        return r;
     d->lora = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
-                                       .type = type, .a = a, .bp = bp};
+                                       .type = type, .a = a, .bp = bp, .a_scale = a_scale,
+                                       .b_scale = b_scale};
     return 0;
 }
 

@@ -284,10 +284,10 @@ enum ad_adapter_kind ad_adapter_config_kind(const char *peft_type)
 }
 
 int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
-                        size_t weights_len, const char *name, struct ad_adapter **ret,
-                        struct ad_err *err)
+                        size_t weights_len, const char *name, unsigned flags,
+                        struct ad_adapter **ret, struct ad_err *err)
 {
-    struct load_ctx c = {.m = m, .err = err};
+    struct load_ctx c = {.m = m, .flags = flags, .err = err};
     json_error_t jerr;
     json_t *root;
     int r;
@@ -363,7 +363,7 @@ out:
     return r;
 }
 
-int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
+int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name, unsigned flags,
                     struct ad_adapter **ret, struct ad_err *err)
 {
     static const char *const weight_files[] = {"adapter_model.safetensors", "adapter.safetensors"};
@@ -395,7 +395,7 @@ int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
     }
     if (r < 0)
         goto out;
-    r = ad_adapter_load_mem(m, config, map.data, map.size, name, ret, err);
+    r = ad_adapter_load_mem(m, config, map.data, map.size, name, flags, ret, err);
     if (r < 0)
         ad_err_prefix(err, "%s", dir);
 out:

@@ -37,6 +37,7 @@ struct ad_registry {
     const struct ad_model *m;
     char dir[2048];
     size_t budget;
+    unsigned load_flags; /* AD_ADAPTER_* for every load */
     pthread_mutex_t lock; /* guards everything below */
     struct entry *entries; /* sorted by name */
     size_t n, cap;
@@ -154,7 +155,7 @@ static void unref_all(struct ad_adapter **list, size_t n)
  * Lifetime and scan */
 
 int ad_registry_new(const struct ad_model *m, const char *dir, size_t byte_budget,
-                    struct ad_registry **ret, struct ad_err *err)
+                    unsigned load_flags, struct ad_registry **ret, struct ad_err *err)
 {
     struct ad_registry *r;
 
@@ -169,6 +170,7 @@ int ad_registry_new(const struct ad_model *m, const char *dir, size_t byte_budge
     }
     r->m = m;
     r->budget = byte_budget;
+    r->load_flags = load_flags;
     pthread_mutex_init(&r->lock, NULL);
     *ret = r;
     return 0;
@@ -274,7 +276,7 @@ int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void 
         }
         struct ad_adapter *a;
         struct ad_err err;
-        if (ad_adapter_load(r->m, path, name, &a, &err) < 0) {
+        if (ad_adapter_load(r->m, path, name, r->load_flags, &a, &err) < 0) {
             if (on_error)
                 on_error(ud, name, &err);
             continue;
@@ -345,7 +347,7 @@ int ad_registry_get(struct ad_registry *r, const char *name, struct ad_adapter *
         struct ad_adapter *a;
         int rc = ad_path_join(path, sizeof(path), r->dir, name);
         if (rc >= 0)
-            rc = ad_adapter_load(r->m, path, name, &a, err);
+            rc = ad_adapter_load(r->m, path, name, r->load_flags, &a, err);
         if (rc < 0)
             return rc;
         pthread_mutex_lock(&r->lock);
@@ -403,7 +405,7 @@ int ad_registry_install(struct ad_registry *r, const char *name, const char *sta
     }
     rc = ad_fsync_dir(staged);
     if (rc >= 0)
-        rc = ad_adapter_load(r->m, staged, name, &a, err); /* validate before touching anything */
+        rc = ad_adapter_load(r->m, staged, name, r->load_flags, &a, err); /* validate before touching anything */
     else
         ad_err_set(err, rc, "%s: %s", staged, strerror(-rc));
     if (rc < 0)

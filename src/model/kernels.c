@@ -106,7 +106,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
             float s = 0;
             for (int i = 0; i < f->n_in; i++)
                 s += ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type) * xm[i];
-            t[r] = scale * s;
+            t[r] = scale * (f->a_scale ? s * f->a_scale[r] : s);
         }
         for (int o = 0; o < f->n_out; o++) {
             size_t p = (size_t)(o / AD_LORA_PANEL) * (size_t)f->rank * AD_LORA_PANEL +
@@ -114,7 +114,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
             float s = 0;
             for (int r = 0; r < f->rank; r++)
                 s += t[r] * ad_lora_elem(f->bp, p + (size_t)r * AD_LORA_PANEL, f->type);
-            ym[o] += s;
+            ym[o] += f->b_scale ? s * f->b_scale[o] : s;
         }
     }
 }
@@ -304,20 +304,21 @@ AD_AVX2 static void silu_mul_avx2(float *a, const float *g, size_t n)
 
 /* The body of a build's lora entry: calls rows(f, NX, T, ...) with the row count NX and the
  * element type T as constants, so that each combination is compiled on its own. */
+/* The body of a build's lora entry: calls rows(f, NX, T, ...) with the row count NX and the
+ * element type T as constants, so that each combination is compiled on its own. */
+#define LORA_CASE(rows, nx, type)                                                              \
+    case (nx) * 4 + (int)(type): rows(f, nx, type, scale, x, ldx, y, ldy, t); break
+#define LORA_CASES(rows, nx)                                                                   \
+    LORA_CASE(rows, nx, AD_LORA_F32);                                                          \
+    LORA_CASE(rows, nx, AD_LORA_BF16);                                                         \
+    LORA_CASE(rows, nx, AD_LORA_F16);                                                          \
+    LORA_CASE(rows, nx, AD_LORA_I8)
 #define LORA_DISPATCH(rows)                                                                    \
-    switch (n_x * 3 + (int)f->type) {                                                          \
-    case 3: rows(f, 1, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;                          \
-    case 4: rows(f, 1, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;                         \
-    case 5: rows(f, 1, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;                          \
-    case 6: rows(f, 2, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;                          \
-    case 7: rows(f, 2, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;                         \
-    case 8: rows(f, 2, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;                          \
-    case 9: rows(f, 3, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;                          \
-    case 10: rows(f, 3, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;                        \
-    case 11: rows(f, 3, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;                         \
-    case 12: rows(f, 4, AD_LORA_F32, scale, x, ldx, y, ldy, t); break;                         \
-    case 13: rows(f, 4, AD_LORA_BF16, scale, x, ldx, y, ldy, t); break;                        \
-    case 14: rows(f, 4, AD_LORA_F16, scale, x, ldx, y, ldy, t); break;                         \
+    switch (n_x * 4 + (int)f->type) {                                                          \
+        LORA_CASES(rows, 1);                                                                   \
+        LORA_CASES(rows, 2);                                                                   \
+        LORA_CASES(rows, 3);                                                                   \
+        LORA_CASES(rows, 4);                                                                   \
     default: break; /* n_x outside [1, AD_LORA_ROWS] */                                        \
     }
 
@@ -331,6 +332,9 @@ AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, enum ad_lora_type
 {
     if (t == AD_LORA_F32)
         return _mm256_loadu_ps((const float *)w + i);
+    if (t == AD_LORA_I8)
+        return _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
     if (t == AD_LORA_F16)
         return _mm256_cvtph_ps(h);
@@ -368,7 +372,7 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_t
             for (int j = n8; j < n_in; j++)
                 sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
-            t[m * f->rank + r] = scale * sum;
+            t[m * f->rank + r] = scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] : sum);
         }
     }
 }
@@ -396,6 +400,10 @@ lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_t
         for (int m = 0; m < NX; m++) {
             float *ym = y + (size_t)m * (size_t)ldy + (size_t)o0;
             __m256 l = _mm256_add_ps(lo[m][0], lo[m][1]), h = _mm256_add_ps(hi[m][0], hi[m][1]);
+            if (T == AD_LORA_I8) {
+                l = _mm256_mul_ps(l, _mm256_loadu_ps(f->b_scale + o0));
+                h = _mm256_mul_ps(h, _mm256_loadu_ps(f->b_scale + o0 + 8));
+            }
             if (n == AD_LORA_PANEL) {
                 _mm256_storeu_ps(ym, _mm256_add_ps(_mm256_loadu_ps(ym), l));
                 _mm256_storeu_ps(ym + 8, _mm256_add_ps(_mm256_loadu_ps(ym + 8), h));
@@ -595,6 +603,9 @@ AD_AVX512 static inline __m512 lora_ld16(const void *w, size_t i, enum ad_lora_t
 {
     if (t == AD_LORA_F32)
         return _mm512_loadu_ps((const float *)w + i);
+    if (t == AD_LORA_I8)
+        return _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
     if (t == AD_LORA_F16)
         return _mm512_cvtph_ps(h);
@@ -632,7 +643,7 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora
             for (int j = n16; j < n_in; j++)
                 sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
-            t[m * f->rank + r] = scale * sum;
+            t[m * f->rank + r] = scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] : sum);
         }
     }
 }
@@ -667,6 +678,8 @@ lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora
             __m512 sum = acc[m][0];
             for (int j = 1; j < NA; j++)
                 sum = _mm512_add_ps(sum, acc[m][j]);
+            if (T == AD_LORA_I8)
+                sum = _mm512_mul_ps(sum, _mm512_loadu_ps(f->b_scale + o0));
             _mm512_mask_storeu_ps(ym, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, ym), sum));
         }
     }

@@ -17,6 +17,7 @@ For each base model ("llama", "gpt2", "qwen2") this writes OUTDIR/<base>/:
                                     "n_vocab": V,
                                     "runs": [{"name": run, "adapters": [{"name": a,
                                               "weight": w}, ...],
+                                              "lora_dtype": "auto" | "int8",
                                               "prefill": "runs/<run>.prefill.f32",
                                               "decode": "runs/<run>.decode.f32"}, ...]}
   runs/<run>.prefill.f32           little-endian float32 logits of every real prompt
@@ -100,7 +101,8 @@ Forward maths (shared/PEFT-FORMATS.md sections 2-7)
   bitfit / bias="all" / modules_to_save: the saved tensors replace the base tensors.
 
 Runs and composition: every base has a run "base" (no adapter), one run per adapter
-(named like it, weight 1.0) and composition runs.  A composition of LoRA adapters with
+(named like it, weight 1.0), composition runs, and "<adapter>@int8" runs of some LoRA
+adapters with adapterd's lora_dtype = int8 (factors held as 8-bit rows, int8_rows).  A composition of LoRA adapters with
 weights w_i is defined as
         y = base(x) + sum_i w_i * s_i * B_i (A_i x)
 on every module any of them targets.  Weights other than 1.0 are only defined (and only
@@ -147,6 +149,7 @@ PEFT_VERSION = "0.20.0"
 ADAPTERS_VERSION = "adapters.1.2.0"
 PEFT_PREFIX = "base_model.model."
 CHECK_TOL = 1e-9        # float64 agreement of two formulations of the same maths
+INT8_MIN_OFF = 1e-3     # an int8 run's least distance from its file's run: 10x test-adapters' 1e-4
 MIN_MEAN_EFFECT = 0.02  # mean |logit - base logit| an adapter run must reach
 
 # --------------------------------------------------------------------------- bases
@@ -557,14 +560,26 @@ def make_lora(base, name, a_std=0.15, b_std=0.15, bias_std=0.1, mts_std=0.05, dt
     return Adapter(name, "lora", config, tensors, dtype)
 
 
-def lora_effects(base, adapter, weight):
-    """Reads a LoRA file back: deltas per module, replacement tensors."""
+def int8_rows(t):
+    """adapterd's lora_dtype = int8 (include/adapterd/adapter.h): every row of a factor (A
+    [r, in], B [out, r]) held as 8-bit integers q = round(v / s), ties to even, with
+    s = max |row| / 127 in float32; the factor is q * s."""
+    t = f32(t)
+    s = t.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(t / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+    return q * s
+
+
+def lora_effects(base, adapter, weight, int8=False):
+    """Reads a LoRA file back: deltas per module, replacement tensors; int8: the factors as
+    adapterd holds them with lora_dtype = int8."""
     fx, config, tensors = Effects(), adapter.config, adapter.tensors
     suffix = ".lora_A.weight"
+    hold = int8_rows if int8 else (lambda t: t)
     for key in (k for k in tensors if k.endswith(suffix)):
         module = key[len(PEFT_PREFIX):-len(suffix)]
-        A = f64(tensors[key])
-        B = f64(tensors[peft_key(module, "lora_B.weight")])
+        A = f64(hold(tensors[key]))
+        B = f64(hold(tensors[peft_key(module, "lora_B.weight")]))
         s = lora_scale(config, module, A.shape[0])  # rank from the tensor shape
         magnitude = tensors.get(peft_key(module, "lora_magnitude_vector"))
         if magnitude is None:
@@ -839,6 +854,14 @@ ADAPTERS = {
     },
 }
 
+# Runs with adapterd's lora_dtype = int8 ("<adapter>@int8"): the same files, loaded with 8-bit
+# factors; the reference quantizes them the same way (int8_rows).
+INT8_RUNS = {
+    "llama": ["lora_rslora_all", "lora_bf16", "lora_f16", "dora", "mts"],
+    "gpt2": ["lora_all", "lora_bias_all", "dora"],
+    "qwen2": ["lora_all", "dora_bias_all"],
+}
+
 COMPOSITIONS = {
     "llama": {"mix_lora": [("lora_list", 0.7), ("lora_rslora_all", -0.4)],
               "mix_bf16": [("lora_bf16", 0.8), ("lora_list", 0.5)]},
@@ -962,17 +985,26 @@ def run_base(name, outdir):
 
     runs = [("base", [])] + [(a, [(a, 1.0)]) for a in adapters]
     runs += list(COMPOSITIONS[name].items())
+    runs += [(f"{a}@int8", [(a, 1.0)]) for a in INT8_RUNS[name]]
     ref_runs, base_logits = [], None
     for run, members in runs:
-        fx = Effects()
+        fx, int8 = Effects(), run.endswith("@int8")
         for aname, weight in members:
             a = adapters[aname]
-            fx.add(EFFECTS[a.kind](base, a, weight))
+            fx.add(lora_effects(base, a, weight, int8=True) if int8
+                   else EFFECTS[a.kind](base, a, weight))
         logits = [base.forward(fx, seq) for seq in seqs]
         for seq, t in zip(seqs, logits):
             assert t.shape == (len(seq), base.vocab) and torch.isfinite(t).all()
         if base_logits is None:
             base_logits = logits
+        if int8:  # near the file's own run, but far enough from it for the test to tell them
+            (a, wt), = members
+            exact = [base.forward(lora_effects(base, adapters[a], wt), seq) for seq in seqs]
+            moved = max((e - b).abs().max().item() for e, b in zip(exact, base_logits))
+            off = max((g - e).abs().max().item() for g, e in zip(logits, exact))
+            assert INT8_MIN_OFF < off < 0.1 * moved, f"{name}/{run}: int8 {off:g}, LoRA {moved:g}"
+            print(f"{name}/{run}: {off:.3g} from the file's run, whose LoRA moves {moved:.3g}")
         self_check(base, [(adapters[a], wt) for a, wt in members], fx, prompts, seqs,
                    logits, base_logits, f"{name}/{run}")
 
@@ -984,7 +1016,7 @@ def run_base(name, outdir):
             t.contiguous().to(torch.float32).numpy().astype("<f4").tofile(path)
         ref_runs.append({"name": run,
                          "adapters": [{"name": a, "weight": wt} for a, wt in members],
-                         **files})
+                         "lora_dtype": "int8" if int8 else "auto", **files})
         print(f"{name}/{run} ok", flush=True)
 
     parity.write_json(os.path.join(d, "ref.json"),

@@ -110,6 +110,7 @@ int main(int argc, char **argv)
 {
     static struct run runs[MAX_RUNS];
     struct ad_adapter *loaded[MAX_RUNS * AD_MIX_MAX];
+    unsigned loaded_flags[MAX_RUNS * AD_MIX_MAX];
     struct ad_model *m;
     struct ad_err err;
     json_error_t jerr;
@@ -154,21 +155,24 @@ int main(int argc, char **argv)
         json_t *jr = json_array_get(jruns, (size_t)i), *ja = json_object_get(jr, "adapters");
         struct run *r = &runs[i];
         r->name = json_string_value(json_object_get(jr, "name"));
+        const char *dtype = json_string_value(json_object_get(jr, "lora_dtype"));
+        unsigned flags = dtype && !strcmp(dtype, "int8") ? AD_ADAPTER_LORA_INT8 : 0;
         for (size_t k = 0; k < json_array_size(ja); k++) {
             json_t *e = json_array_get(ja, k);
             const char *an = json_string_value(json_object_get(e, "name"));
             struct ad_adapter *a = NULL;
             for (int j = 0; j < n_loaded && !a; j++)
-                if (!strcmp(loaded[j]->name, an))
+                if (!strcmp(loaded[j]->name, an) && loaded_flags[j] == flags)
                     a = loaded[j];
             if (!a) {
                 char dir[4096];
                 snprintf(dir, sizeof(dir), "%s/adapters/%s", case_dir, an);
-                if (ad_adapter_load(m, dir, an, &a, &err) < 0) {
+                if (ad_adapter_load(m, dir, an, flags, &a, &err) < 0) {
                     printf("%-28s load FAIL: %s\n", r->name, err.msg);
                     fail = 1;
                     break;
                 }
+                loaded_flags[n_loaded] = flags;
                 loaded[n_loaded++] = a;
             }
             r->mix.a[r->mix.n] = a;

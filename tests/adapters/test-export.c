@@ -388,7 +388,7 @@ int main(int argc, char **argv)
             if (!a) {
                 char dir[4200];
                 snprintf(dir, sizeof(dir), "%s/adapters/%s", case_dir, an);
-                if (ad_adapter_load(m, dir, an, &a, &err) < 0) {
+                if (ad_adapter_load(m, dir, an, 0, &a, &err) < 0) {
                     fprintf(stderr, "%s: %s\n", an, err.msg);
                     return 1;
                 }
@@ -424,6 +424,12 @@ int main(int argc, char **argv)
         json_t *jr = json_array_get(jruns, (size_t)i);
         if (r->n == 0) {
             printf("%-6s %-16s skipped (no adapter to merge)\n", m->id, r->name);
+            continue;
+        }
+        const char *dtype = json_string_value(json_object_get(jr, "lora_dtype"));
+        if (dtype && strcmp(dtype, "auto")) { /* the daemon's in-memory form, not the files' */
+            printf("%-6s %-16s skipped (lora_dtype %s: export merges the files as they are)\n",
+                   m->id, r->name, dtype);
             continue;
         }
         if (!r->mergeable) {

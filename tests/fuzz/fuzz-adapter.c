@@ -30,8 +30,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     memcpy(config, data, (size_t)(nul - data));
     config[nul - data] = '\0';
-    int r = ad_adapter_load_mem(m, config, nul + 1, size - (size_t)(nul - data) - 1, "fuzz", &a,
-                                &err);
+    /* odd sizes hold LoRA factors as int8 (AD_ADAPTER_LORA_INT8), even ones as stored */
+    unsigned flags = size % 2 ? AD_ADAPTER_LORA_INT8 : 0;
+    int r = ad_adapter_load_mem(m, config, nul + 1, size - (size_t)(nul - data) - 1, "fuzz",
+                                flags, &a, &err);
     if (getenv("FUZZ_VERBOSE")) /* to check that seeds load: FUZZ_VERBOSE=1 replay-adapter DIR */
         fprintf(stderr, "%s\n", r == 0 ? "loaded" : err.msg);
     if (r == 0) {

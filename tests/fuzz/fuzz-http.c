@@ -137,7 +137,7 @@ void fz_http_init(void)
     if (!mkdtemp(fz.registry_dir))
         die("mkdtemp: %s", strerror(errno));
     atexit(cleanup);
-    if (ad_registry_new(fz.model, fz.registry_dir, 0, &fz.registry, &err) < 0)
+    if (ad_registry_new(fz.model, fz.registry_dir, 0, 0, &fz.registry, &err) < 0)
         die("%s", err.msg);
     install_fixture(0);
     install_fixture(1);

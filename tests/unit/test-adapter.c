@@ -20,8 +20,18 @@ struct tensor {
     float value;    /* every element; < 0 for a ramp 0.01 * i */
 };
 
-/* The dtype load() writes tensors in (F32, BF16 or F16). */
+/* The dtype load() writes tensors in (F32, BF16 or F16), and the flags it loads with. */
 static enum ad_dtype load_dtype = AD_DTYPE_F32;
+static unsigned load_flags;
+
+/* Element j of a tensor that load() writes with value < 0 (a ramp), as the file holds it. */
+static float ramp(int j)
+{
+    float v = 0.01f * (float)(j % 97) - 0.4f;
+    return load_dtype == AD_DTYPE_F16    ? ad_f16_to_f32(ad_f32_to_f16(v))
+           : load_dtype == AD_DTYPE_BF16 ? ad_bf16_to_f32(ad_f32_to_bf16(v))
+                                         : v;
+}
 
 /* Writes an adapter directory under the model's and loads it. Returns the load's result. */
 static int load(const char *name, const char *config, const struct tensor *t, size_t n,
@@ -52,7 +62,7 @@ static int load(const char *name, const char *config, const struct tensor *t, si
     CHECK(f);
     fputs(config, f);
     fclose(f);
-    return ad_adapter_load(model, dir, name, ret, err);
+    return ad_adapter_load(model, dir, name, load_flags, ret, err);
 }
 
 static const struct ad_site_delta *delta(const struct ad_adapter *a, const char *module)
@@ -140,8 +150,10 @@ static void test_replaced_and_adapted(void)
 
 /* One row at a time and eight rows at once give the deltas B A x computed here, for F32, BF16
  * and F16 files; 16-bit factors stay 16-bit (half the resident bytes: A [8, 24] and B packed in
- * one panel of 16 outputs x rank 8). */
-static void test_lora_rows(enum ad_dtype dtype)
+ * one panel of 16 outputs x rank 8). With AD_ADAPTER_LORA_INT8 (flags), the factors are 8-bit
+ * with a scale per row of A and per output of B: each value within half a step of the file's,
+ * the step its row's largest magnitude / 127. */
+static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
 {
     static const struct tensor t[] = {
         {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", 8, 24, -1},
@@ -149,16 +161,38 @@ static void test_lora_rows(enum ad_dtype dtype)
     };
     struct ad_adapter *a;
     struct ad_err err;
+    char name[64];
+    bool i8 = flags & AD_ADAPTER_LORA_INT8;
+    snprintf(name, sizeof(name), "lora-rows-%d%s", (int)dtype, i8 ? "-i8" : "");
     load_dtype = dtype;
-    CHECK_INT(load(dtype == AD_DTYPE_BF16 ? "lora-rows-bf16"
-                   : dtype == AD_DTYPE_F16 ? "lora-rows-f16" : "lora-rows",
-                   "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a, &err),
+    load_flags = flags;
+    CHECK_INT(load(name, "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 4}", t, 2, &a,
+                   &err),
               ==, 0);
-    load_dtype = AD_DTYPE_F32;
     const struct ad_site_delta *d = delta(a, "model.layers.0.mlp.down_proj");
-    CHECK_INT(d->lora.type, ==, dtype == AD_DTYPE_BF16  ? AD_LORA_BF16
-                                : dtype == AD_DTYPE_F16 ? AD_LORA_F16 : AD_LORA_F32);
-    CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_F32 ? 4 : 2));
+    CHECK_INT(d->lora.type, ==, i8                      ? AD_LORA_I8
+                                : dtype == AD_DTYPE_BF16 ? AD_LORA_BF16
+                                : dtype == AD_DTYPE_F16  ? AD_LORA_F16 : AD_LORA_F32);
+    if (i8) { /* A, B, then 8 and 16 float scales, each part on its own cache line */
+        CHECK_INT(a->bytes, ==, 8 * 24 + 8 * AD_LORA_PANEL + 64 + 64);
+        for (int r = 0; r < 8; r++) {
+            float amax = 0;
+            for (int j = 0; j < 24; j++)
+                amax = fabsf(ramp(r * 24 + j)) > amax ? fabsf(ramp(r * 24 + j)) : amax;
+            CHECK_NEAR(d->lora.a_scale[r], amax / 127, 1e-9);
+            for (int j = 0; j < 24; j++)
+                CHECK_NEAR(ad_lora_a_at(&d->lora, r, j), ramp(r * 24 + j),
+                           d->lora.a_scale[r] / 2 * 1.0001);
+        }
+        for (int o = 0; o < 16; o++)
+            for (int r = 0; r < 8; r++)
+                CHECK_NEAR(ad_lora_b_at(&d->lora, o, r), ramp(o * 8 + r),
+                           d->lora.b_scale[o] / 2 * 1.0001);
+    } else {
+        CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_F32 ? 4 : 2));
+    }
+    load_dtype = AD_DTYPE_F32;
+    load_flags = 0;
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {0.75f}};
     float x[8][24], one[8][16] = {{0}}, many[8][16] = {{0}}, tmp[256];
     for (int i = 0; i < 8; i++)
@@ -188,9 +222,11 @@ int main(void)
     model = tiny_model(model_dir);
     test_bias_replacement();
     test_replaced_and_adapted();
-    test_lora_rows(AD_DTYPE_F32);
-    test_lora_rows(AD_DTYPE_BF16);
-    test_lora_rows(AD_DTYPE_F16);
+    for (unsigned flags = 0; flags <= AD_ADAPTER_LORA_INT8; flags += AD_ADAPTER_LORA_INT8) {
+        test_lora_rows(AD_DTYPE_F32, flags);
+        test_lora_rows(AD_DTYPE_BF16, flags);
+        test_lora_rows(AD_DTYPE_F16, flags);
+    }
     ad_model_free(model);
     CHECK_INT(ad_rm_rf(model_dir), ==, 0);
     printf("adapter: ok\n");

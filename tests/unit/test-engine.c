@@ -218,7 +218,7 @@ static void test_prefix_cache(const struct ad_model *m, const struct ad_engine_c
         }
 
     /* the same files loaded again: a new version, nothing of the old one's is found */
-    CHECK_INT(ad_adapter_load(m, lora_dir, "lora1", &lora_v2, &err), ==, 0);
+    CHECK_INT(ad_adapter_load(m, lora_dir, "lora1", 0, &lora_v2, &err), ==, 0);
     run_one(e, prompt, 13, lora_v2, n_tok, &res);
     CHECK_INT(res.n_cached, ==, 0);
     /* the old version still finds its own: all 3 whole blocks of this prompt (its tokens up to
@@ -249,10 +249,10 @@ int main(void)
 
     snprintf(p, sizeof(p), "%s/lora1", mdir);
     tiny_lora(p, 2, 0.3f);
-    CHECK_INT(ad_adapter_load(m, p, "lora1", &adapters[1], &err), ==, 0);
+    CHECK_INT(ad_adapter_load(m, p, "lora1", 0, &adapters[1], &err), ==, 0);
     snprintf(p, sizeof(p), "%s/lora2", mdir);
     tiny_lora(p, 4, -0.2f);
-    CHECK_INT(ad_adapter_load(m, p, "lora2", &adapters[2], &err), ==, 0);
+    CHECK_INT(ad_adapter_load(m, p, "lora2", 0, &adapters[2], &err), ==, 0);
 
     /* all six together (base, lora1, lora2 interleaved) vs each decoded alone by hand */
     run_all(m, &cfg, adapters, n_tok, res, &st);
@@ -313,7 +313,7 @@ int main(void)
             pre[i] = (i * 7 + 3) % 40;
         snprintf(p, sizeof(p), "%s/prefix", mdir);
         tiny_prefix(m, p, pre, 16);
-        CHECK_INT(ad_adapter_load(m, p, "prefix", &pa, &err), ==, 0);
+        CHECK_INT(ad_adapter_load(m, p, "prefix", 0, &pa, &err), ==, 0);
         CHECK_INT(ad_engine_new(m, &pc, &pe, &err), ==, 0);
         for (int i = 0; i < 2; i++) {
             init_result(&pres[i]);

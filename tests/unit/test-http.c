@@ -63,7 +63,7 @@ int main(void)
     struct ad_model *m = tiny_model(mdir);
     snprintf(adir, sizeof(adir), "%s/adapters", mdir);
     struct ad_registry *reg;
-    CHECK_INT(ad_registry_new(m, adir, 0, &reg, &err), ==, 0);
+    CHECK_INT(ad_registry_new(m, adir, 0, 0, &reg, &err), ==, 0);
     struct ad_engine *e;
     struct ad_engine_config ec = {.kv_blocks = 16, .kv_block_size = 4, .max_batch_tokens = 64,
                                   .max_seqs = 4, .max_queue = 4, .prefix_cache = true};

@@ -1,6 +1,6 @@
 /* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512), against plain
- * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16 and F16
- * factors, shapes with and without vector-width tails, B packed in panels with a partial last
+ * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16, F16 and
+ * I8 factors (scales per row of A and per output of B), shapes with and without vector-width tails, B packed in panels with a partial last
  * panel; decode attention for head sizes with their own code (64, 128) and others, query heads
  * sharing a KV head, positions in runs of many lengths (the online softmax across runs) and
  * scores far apart (the rescaling when a run raises the maximum).
@@ -19,12 +19,18 @@ static float frand(unsigned *state)
     return (float)((*state >> 8) & 0xffff) / 32768.0f - 1.0f;
 }
 
-/* v as the factor type stores it (the value the kernel must see) into w[i]. */
-static float store(void *w, size_t i, enum ad_lora_type t, float v)
+/* v as the factor type stores it into w[i]; returns the value the kernel must see. I8: v
+ * rounded to a multiple of scale (|v| <= 127 scale), which multiplies it back. */
+static float store(void *w, size_t i, enum ad_lora_type t, float v, float scale)
 {
     if (t == AD_LORA_F32) {
         ((float *)w)[i] = v;
         return v;
+    }
+    if (t == AD_LORA_I8) {
+        int8_t q = (int8_t)lrintf(v / scale);
+        ((int8_t *)w)[i] = q;
+        return (float)q * scale;
     }
     uint16_t h = t == AD_LORA_F16 ? ad_f32_to_f16(v) : ad_f32_to_bf16(v);
     ((uint16_t *)w)[i] = h;
@@ -36,33 +42,46 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
                        enum ad_lora_type type, unsigned seed)
 {
     int panels = (n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL, ldx = n_in + 3, ldy = n_out + 5;
-    size_t es = type == AD_LORA_F32 ? 4 : 2, n_bp = (size_t)panels * (size_t)rank * AD_LORA_PANEL;
+    size_t es = type == AD_LORA_F32 ? 4 : type == AD_LORA_I8 ? 1 : 2;
+    size_t n_bp = (size_t)panels * (size_t)rank * AD_LORA_PANEL;
     float *a32 = malloc((size_t)rank * n_in * sizeof(float));
     float *b32 = malloc((size_t)n_out * rank * sizeof(float)); /* [n_out, rank] as in PEFT */
     void *a = malloc((size_t)rank * n_in * es), *bp = calloc(n_bp, es);
     float *x = malloc((size_t)n_x * ldx * sizeof(float));
     float *y = malloc((size_t)n_x * ldy * sizeof(float)), *y0 = malloc((size_t)n_x * ldy * 4);
     float *t = malloc((size_t)n_x * rank * sizeof(float));
+    /* I8: a scale per row of A and per output of B (the padding's too, as the loader has it) */
+    float *a_scale = malloc((size_t)rank * sizeof(float));
+    float *b_scale = calloc((size_t)panels * AD_LORA_PANEL, sizeof(float));
     float scale = 0.625f;
-    CHECK(a32 && b32 && a && bp && x && y && y0 && t);
+    CHECK(a32 && b32 && a && bp && x && y && y0 && t && a_scale && b_scale);
 
+    for (int r = 0; r < rank; r++)
+        a_scale[r] = (1.5f + frand(&seed)) / 127.0f; /* rows of different sizes */
+    for (int o = 0; o < n_out; o++)
+        b_scale[o] = (1.5f + frand(&seed)) / 127.0f;
     for (int i = 0; i < rank * n_in; i++)
-        a32[i] = store(a, (size_t)i, type, frand(&seed));
+        a32[i] = store(a, (size_t)i, type, frand(&seed), a_scale[i / n_in]);
     for (int o = 0; o < n_out; o++)
         for (int r = 0; r < rank; r++) {
             size_t at = ((size_t)(o / AD_LORA_PANEL) * rank + r) * AD_LORA_PANEL +
                         o % AD_LORA_PANEL;
-            b32[(size_t)o * rank + r] = store(bp, at, type, frand(&seed));
+            b32[(size_t)o * rank + r] = store(bp, at, type, frand(&seed), b_scale[o]);
         }
     for (int i = 0; i < n_x * ldx; i++)
         x[i] = frand(&seed);
     for (int i = 0; i < n_x * ldy; i++)
         y[i] = y0[i] = frand(&seed);
 
-    struct ad_lora_factors f = {rank, n_in, n_out, type, a, bp};
+    bool i8 = type == AD_LORA_I8;
+    struct ad_lora_factors f = {rank, n_in, n_out, type, a, bp, i8 ? a_scale : NULL,
+                                i8 ? b_scale : NULL};
     for (int o = 0; o < n_out; o++) /* the accessors read the layout the test wrote */
         for (int r = 0; r < rank; r++)
             CHECK(ad_lora_b_at(&f, o, r) == b32[(size_t)o * rank + r]);
+    for (int r = 0; r < rank; r++)
+        for (int i = 0; i < n_in; i++)
+            CHECK(ad_lora_a_at(&f, r, i) == a32[(size_t)r * n_in + i]);
     k->lora(&f, scale, x, ldx, n_x, y, ldy, t);
 
     for (int m = 0; m < n_x; m++) {
@@ -85,6 +104,7 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
         }
     }
     free(a32), free(b32), free(a), free(bp), free(x), free(y), free(y0), free(t);
+    free(a_scale), free(b_scale);
 }
 
 static void check_matvec(const struct ad_kernels *k, int n_in, int n_out, int n_x, unsigned seed)
@@ -175,7 +195,7 @@ int main(void)
         CHECK_STR(k->name, names[b]);
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
             for (int n_x = 1; n_x <= AD_LORA_ROWS; n_x++)
-                for (int t = AD_LORA_F32; t <= AD_LORA_F16; t++)
+                for (int t = AD_LORA_F32; t <= AD_LORA_I8; t++)
                     check_lora(k, shapes[s][0], shapes[s][1], shapes[s][2], n_x,
                                (enum ad_lora_type)t, (unsigned)(s * 31 + n_x * 7 + t));
         for (int n_x = 1; n_x <= 4; n_x++) {

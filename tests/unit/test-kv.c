@@ -42,7 +42,7 @@ static void test_shared_prefix(void)
         pre[i] = (i * 7 + 3) % V;
     snprintf(path, sizeof(path), "%s/prefix", dir);
     tiny_prefix(m, path, pre, N_PREFIX);
-    CHECK_INT(ad_adapter_load(m, path, "prefix", &a, &err), ==, 0);
+    CHECK_INT(ad_adapter_load(m, path, "prefix", 0, &a, &err), ==, 0);
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {1.0f}};
     CHECK_INT(ad_mix_n_prefix(&mix), ==, N_PREFIX);
 

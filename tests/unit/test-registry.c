@@ -97,7 +97,7 @@ int main(void)
     CHECK_INT(mkdir(p, 0755), ==, 0);
 
     /* scan */
-    CHECK_INT(ad_registry_new(m, adir, 0, &r, &err), ==, 0);
+    CHECK_INT(ad_registry_new(m, adir, 0, 0, &r, &err), ==, 0);
     CHECK_INT(ad_registry_scan(r, on_error, NULL), ==, 1);
     CHECK_INT(n_errors, ==, 1);
     CHECK(!exists(".stage-left"));
@@ -165,7 +165,7 @@ int main(void)
     ad_registry_free(r);
 
     /* budget: room for one adapter; the other is evicted and reloaded on demand */
-    CHECK_INT(ad_registry_new(m, adir, one + one / 2, &r, &err), ==, 0);
+    CHECK_INT(ad_registry_new(m, adir, one + one / 2, 0, &r, &err), ==, 0);
     CHECK_INT(ad_registry_put(r, "c", config, weights, wlen, &created, &err), ==, 0);
     CHECK_INT(ad_registry_scan(r, NULL, NULL), ==, 2); /* "a" on disk, "c" */
     CHECK(ad_registry_resident_bytes(r) <= one + one / 2);
@@ -197,7 +197,7 @@ int main(void)
 
     /* a budget smaller than one adapter: the first is loaded and checked at scan, the others
      * registered from their configs and loaded (and checked) when first asked for */
-    CHECK_INT(ad_registry_new(m, adir, 1, &r, &err), ==, 0);
+    CHECK_INT(ad_registry_new(m, adir, 1, 0, &r, &err), ==, 0);
     n_errors = 0;
     int n_scanned = ad_registry_scan(r, on_error, NULL);
     size_t n_info, n_resident = 0;
