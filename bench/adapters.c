@@ -254,7 +254,16 @@ out:
 /* ==========================================================================================
  * Decode: base against LoRA, steps interleaved */
 
-enum { SC_B1_BASE, SC_B1_LORA, SC_B32_BASE, SC_B32_SAME, SC_B32_DIFF, SC_B32_DIFF_BF16, N_SC };
+enum {
+    SC_B1_BASE,
+    SC_B1_LORA,
+    SC_B32_BASE,
+    SC_B32_SAME,
+    SC_B32_DIFF,
+    SC_B32_DIFF_BF16,
+    SC_B32_DIFF_I8,
+    N_SC
+};
 
 static const struct {
     int batch;
@@ -266,6 +275,7 @@ static const struct {
     [SC_B32_SAME] = {32, "rank-16 LoRA, same adapter on every row"},
     [SC_B32_DIFF] = {32, "rank-16 LoRA, a different adapter per row"},
     [SC_B32_DIFF_BF16] = {32, "rank-16 LoRA, BF16 files, different per row"},
+    [SC_B32_DIFF_I8] = {32, "rank-16 LoRA, lora_dtype int8, different per row"},
 };
 
 struct ad_scenario {
@@ -440,18 +450,21 @@ static int ad_part_load(const struct ad_model *m, const struct ad_bench_opts *o,
 }
 
 /* Loads the rank-16 files r16 (F32) and r16_bf16 32 times each (64 distinct adapters in
- * memory; BF16 factors stay BF16), sets up the scenarios and runs them: batch 1 (base, LoRA) in
- * turns, then batch 32 (base, same, distinct F32, distinct BF16). */
+ * memory; BF16 factors stay BF16), and r16_bf16 32 more times with 8-bit factors
+ * (AD_ADAPTER_LORA_INT8), sets up the scenarios and runs them: batch 1 (base, LoRA) in turns,
+ * then batch 32 (base, same, distinct F32, distinct BF16, distinct int8). */
 static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, const char *r16,
                           const char *r16_bf16, struct ad_adapter **lora)
 {
     const struct ad_model_config *c = &d->m->cfg;
     struct ad_err err = {0};
 
-    for (int i = 0; i < 2 * AD_BENCH_MAX_B; i++) {
+    for (int i = 0; i < 3 * AD_BENCH_MAX_B; i++) {
         char name[32];
         snprintf(name, sizeof(name), "lora-%d", i);
-        if (ad_adapter_load(d->m, i < AD_BENCH_MAX_B ? r16 : r16_bf16, name, 0, &lora[i], &err) < 0) {
+        unsigned flags = i >= 2 * AD_BENCH_MAX_B ? AD_ADAPTER_LORA_INT8 : 0;
+        if (ad_adapter_load(d->m, i < AD_BENCH_MAX_B ? r16 : r16_bf16, name, flags, &lora[i],
+                            &err) < 0) {
             fprintf(stderr, "bench-adapters: %s\n", err.msg);
             return -1;
         }
@@ -461,7 +474,7 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     d->logits = malloc((size_t)AD_BENCH_MAX_B * (size_t)c->n_vocab * sizeof(float));
     d->tokens = malloc((size_t)AD_BENCH_MAX_B * (size_t)o->prompt * sizeof(int32_t));
     if (!d->scratch || !d->logits || !d->tokens ||
-        ad_kv_init(&d->kv, c, 4 * AD_BENCH_MAX_B * per_seq, AD_BENCH_BLOCK) < 0) {
+        ad_kv_init(&d->kv, c, 5 * AD_BENCH_MAX_B * per_seq, AD_BENCH_BLOCK) < 0) {
         fprintf(stderr, "bench-adapters: out of memory\n");
         return -1;
     }
@@ -472,9 +485,11 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     for (int k = 0; k < N_SC; k++) {
         struct ad_scenario *sc = &d->sc[k];
         bool on = k == SC_B1_LORA || k == SC_B32_SAME || k == SC_B32_DIFF ||
-                  k == SC_B32_DIFF_BF16;
-        bool distinct = k == SC_B32_DIFF || k == SC_B32_DIFF_BF16;
-        int first = k == SC_B32_DIFF_BF16 ? AD_BENCH_MAX_B : 0; /* the BF16 copies */
+                  k == SC_B32_DIFF_BF16 || k == SC_B32_DIFF_I8;
+        bool distinct = k == SC_B32_DIFF || k == SC_B32_DIFF_BF16 || k == SC_B32_DIFF_I8;
+        /* the BF16 copies, then the int8 ones */
+        int first = k == SC_B32_DIFF_BF16 ? AD_BENCH_MAX_B
+                    : k == SC_B32_DIFF_I8 ? 2 * AD_BENCH_MAX_B : 0;
         sc->step = calloc((size_t)o->steps, sizeof(double));
         if (!sc->step)
             return -1;
@@ -489,16 +504,16 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
     if ((o->only_batch != 32 &&
          ad_bench_decode(d, SC_B1_BASE, SC_B1_LORA, o->prompt, o->steps) < 0) ||
         (o->only_batch != 1 &&
-         ad_bench_decode(d, SC_B32_BASE, SC_B32_DIFF_BF16, o->prompt, o->steps) < 0))
+         ad_bench_decode(d, SC_B32_BASE, SC_B32_DIFF_I8, o->prompt, o->steps) < 0))
         return -1;
 
     printf("\n== decode: %d-token prompts, then %d steps of one token per sequence; the "
            "scenarios of a batch size take turns step by step\n",
            o->prompt, o->steps);
     printf("LoRA weights read per step: %.1f MB per distinct adapter (F32 file), %.1f MB (BF16 "
-           "file), base weights %.1f MB\n",
+           "file), %.1f MB (int8), base weights %.1f MB\n",
            ad_mb((double)lora[0]->bytes), ad_mb((double)lora[AD_BENCH_MAX_B]->bytes),
-           ad_mb((double)d->m->weight_bytes));
+           ad_mb((double)lora[2 * AD_BENCH_MAX_B]->bytes), ad_mb((double)d->m->weight_bytes));
     printf("%5s  %-44s %9s %9s %11s %11s\n", "batch", "rows", "p50 ms", "mean ms", "ratio p50",
            "ratio mean");
     for (int k = 0; k < N_SC; k++) {
@@ -518,7 +533,7 @@ int main(int argc, char **argv)
     struct ad_bench_opts o;
     struct ad_model *m = NULL;
     struct ad_decode d = {0};
-    struct ad_adapter *lora[2 * AD_BENCH_MAX_B] = {NULL};
+    struct ad_adapter *lora[3 * AD_BENCH_MAX_B] = {NULL};
     struct ad_load_result load[AD_N_RANKS * 2] = {{0}};
     struct ad_err err = {0};
     static char adir[AD_N_RANKS * 2][PATH_MAX];
@@ -597,7 +612,7 @@ out:
     ad_scratch_free(d.scratch);
     free(d.logits);
     free(d.tokens);
-    for (int i = 0; i < 2 * AD_BENCH_MAX_B; i++)
+    for (int i = 0; i < 3 * AD_BENCH_MAX_B; i++)
         ad_adapter_unref(lora[i]);
     ad_model_free(m);
     if (tmp[0])

@@ -5,7 +5,7 @@
  *   bench-serve --adapterd PATH [--mkmodel PATH] [--work DIR] [--model-src DIR]
  *               [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] [--window S]
  *               [--zipf-streams N]
- *               [--kinds-streams N] [--part all|streams|zipf|kinds|prefix]
+ *               [--kinds-streams N] [--part all|streams|int8|zipf|kinds|prefix]
  *
  * It prepares, once, under --work (default /tmp/adapterd-bench-serve):
  *   - a model directory whose config.json and model.safetensors are symlinks to the
@@ -101,7 +101,7 @@ struct bs_opts {
     double window;     /* seconds of each closed-loop measurement */
     int zipf_streams;  /* concurrent streams of the closed loops */
     int kinds_streams; /* concurrent streams of the mixed-kinds burst */
-    bool streams, zipf, kinds, prefix;
+    bool streams, int8, zipf, kinds, prefix;
 };
 
 /* ==========================================================================================
@@ -1394,7 +1394,9 @@ static int bs_run_pair(struct bs_client *c, int n, const char *const *names,
 static const int bs_levels[] = {1, 4, 16, 32};
 #define BS_N_LEVELS ((int)(sizeof(bs_levels) / sizeof(bs_levels[0])))
 
-static int bs_part_streams(const struct bs_opts *o, struct bs_client *c, double ratio[])
+/* Part 1 (and 1b, the daemon with lora_dtype = int8: what says which). */
+static int bs_part_streams(const struct bs_opts *o, struct bs_client *c, const char *what,
+                           double ratio[])
 {
     const char *names[BS_MAX_STREAMS];
     char buf[BS_MAX_STREAMS][16];
@@ -1422,7 +1424,7 @@ static int bs_part_streams(const struct bs_opts *o, struct bs_client *c, double 
             if ((r = bs_run_pair(c, bs_levels[l], set, &base[l], &mixed[l])) < 0)
                 return r;
         }
-    printf("\n== 1. decode throughput: base, and every stream on a different rank-16 LoRA\n");
+    printf("\n== %s\n", what);
     printf("streams started together; aggregate tokens/s while all of them decode; best of %d "
            "rounds (+%d repeated: others >= %.2f); TTFT in ms\n", o->rounds, extra, BS_CLEAN);
     printf("streams | base tok/s | mixed tok/s | mixed/base | base TTFT p50/max | mixed TTFT "
@@ -1700,7 +1702,7 @@ static void bs_usage(FILE *f)
                "                   [--rounds N] [--zipf-rounds N] [--prompt N] [--tokens N] "
                "[--window S]\n"
                "                   [--zipf-streams N] [--zipf-fixed N] [--kinds-streams N] "
-               "[--part all|streams|zipf|kinds|prefix]\n");
+               "[--part all|streams|int8|zipf|kinds|prefix]\n");
 }
 
 static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
@@ -1717,8 +1719,8 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
     *o = (struct bs_opts){.work = "/tmp/adapterd-bench-serve",
                           .model_src = "/tmp/adapterd-bench-135m", .rounds = 3, .zipf_rounds = 3,
                           .zipf_fixed = 5, .prompt = 64, .tokens = 64, .window = 20,
-                          .zipf_streams = 16, .kinds_streams = 16, .streams = true, .zipf = true,
-                          .kinds = true, .prefix = true};
+                          .zipf_streams = 16, .kinds_streams = 16, .streams = true, .int8 = true,
+                          .zipf = true, .kinds = true, .prefix = true};
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         int r = 0;
         switch (c) {
@@ -1736,10 +1738,11 @@ static int bs_parse_args(int argc, char **argv, struct bs_opts *o)
         case 'k': r = bench_parse_int(optarg, 1, BS_MAX_STREAMS, &o->kinds_streams); break;
         case 'P':
             o->streams = !strcmp(optarg, "all") || !strcmp(optarg, "streams");
+            o->int8 = !strcmp(optarg, "all") || !strcmp(optarg, "int8");
             o->zipf = !strcmp(optarg, "all") || !strcmp(optarg, "zipf");
             o->kinds = !strcmp(optarg, "all") || !strcmp(optarg, "kinds");
             o->prefix = !strcmp(optarg, "all") || !strcmp(optarg, "prefix");
-            r = o->streams || o->zipf || o->kinds || o->prefix ? 0 : -EINVAL;
+            r = o->streams || o->int8 || o->zipf || o->kinds || o->prefix ? 0 : -EINVAL;
             break;
         case 'h': bs_usage(stdout); exit(0);
         default: return -EINVAL;
@@ -1758,6 +1761,7 @@ int main(int argc, char **argv)
     struct bs_daemon d = {0};
     char mk[PATH_MAX], la0[128], la1[128];
     double ratio[BS_N_LEVELS] = {NAN, NAN, NAN, NAN}, zipf_ratio = NAN, kinds_ratio = NAN;
+    double ratio8[BS_N_LEVELS] = {NAN, NAN, NAN, NAN};
     double prefix_ratio[2] = {NAN, NAN};
     long long file_bytes = 0, adapter_bytes = -1;
     int rc = 1, r = 0;
@@ -1821,12 +1825,25 @@ int main(int argc, char **argv)
         snprintf(c.url, sizeof(c.url), "%s/v1/completions", d.base);
         printf("daemon on store-a (%d LoRA + %d x %d other kinds, adapter_budget_mb %d) healthy "
                "after %.1f s\n", BS_N_LORA, BS_N_KIND, BS_N_KINDS - 1, BS_BUDGET_A, d.startup_s);
-        if (o.streams && (r = bs_part_streams(&o, &c, ratio)) < 0)
+        if (o.streams && (r = bs_part_streams(&o, &c, "1. decode throughput: base, and every "
+                                              "stream on a different rank-16 LoRA", ratio)) < 0)
             goto out;
         fflush(stdout);
         if (o.kinds && (r = bs_part_kinds(&o, &c, &kinds_ratio)) < 0)
             goto out;
         adapter_bytes = bs_adapter_bytes(&d, "lora-00");
+        bs_daemon_stop(&d);
+        fflush(stdout);
+    }
+    if (o.int8) { /* part 1 again, the daemon holding LoRA factors in 8 bits */
+        if ((r = bs_daemon_start(&o, &p, p.store_a, BS_BUDGET_A, "lora_dtype=int8", &d)) < 0)
+            goto out;
+        snprintf(c.url, sizeof(c.url), "%s/v1/completions", d.base);
+        printf("\ndaemon on store-a with --set lora_dtype=int8 healthy after %.1f s; lora-00 "
+               "resident: %.1f MB\n", d.startup_s, (double)bs_adapter_bytes(&d, "lora-00") / 1e6);
+        if ((r = bs_part_streams(&o, &c, "1b. the same, the daemon with lora_dtype = int8 (8-bit "
+                                 "factors)", ratio8)) < 0)
+            goto out;
         bs_daemon_stop(&d);
         fflush(stdout);
     }
@@ -1850,6 +1867,11 @@ int main(int argc, char **argv)
             if (bs_levels[l] >= 16)
                 printf("mixed/base at %d streams: %.3f (goal >= 0.90: %s)\n", bs_levels[l],
                        ratio[l], ratio[l] >= 0.90 ? "met" : "missed");
+    if (o.int8)
+        for (int l = 0; l < BS_N_LEVELS; l++)
+            if (bs_levels[l] >= 16)
+                printf("mixed/base at %d streams, lora_dtype int8: %.3f (goal >= 0.90: %s)\n",
+                       bs_levels[l], ratio8[l], ratio8[l] >= 0.90 ? "met" : "missed");
     if (o.zipf)
         printf("2000 adapters (Zipf, 10%% resident) / %d adapters: %.3f (goal >= 0.90: %s)\n",
                o.zipf_fixed, zipf_ratio, zipf_ratio >= 0.90 ? "met" : "missed");

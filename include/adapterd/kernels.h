@@ -21,22 +21,23 @@
 #define AD_LORA_ROWS 4
 
 /* The element types of LoRA factors: float, 16-bit exactly as a BF16 or F16 file stores them
- * (BF16: the upper half of a float; F16: IEEE half), or 8-bit integers with a scale per row of A
- * and per output (row) of B (quantized at load, lora_dtype = int8: a quarter of F32's bytes). */
+ * (BF16: the upper half of a float; F16: IEEE half), or 8-bit integers with a scale per rank
+ * component: per row of A and per column of B (quantized at load, lora_dtype = int8: a quarter
+ * of F32's bytes; the kernel folds both scales into t = A x, so B t costs what it does in F32). */
 enum ad_lora_type { AD_LORA_F32, AD_LORA_BF16, AD_LORA_F16, AD_LORA_I8 };
 
 /* LoRA factors as the kernel reads them. B is packed in panels of AD_LORA_PANEL
  * outputs, so that the kernel reads it as one sequential stream: element (o, r) of B [n_out,
  * rank] is at ((o / PANEL) * rank + r) * PANEL + o % PANEL, and the last panel is zero-padded.
- * An I8 element is its integer times the scale of its row of A (a_scale[r]) or of its output
- * (b_scale[o]). */
+ * An I8 element is its integer times the scale of its rank component r: a_scale[r] for A's row
+ * r, b_scale[r] for B's column r. */
 struct ad_lora_factors {
     int rank, n_in, n_out;
     enum ad_lora_type type;
     const void *a;        /* [rank, n_in], row-major */
     const void *bp;       /* [ceil(n_out / PANEL), rank, PANEL] */
     const float *a_scale; /* I8: [rank]; else NULL */
-    const float *b_scale; /* I8: [ceil(n_out / PANEL) PANEL], the padding 0; else NULL */
+    const float *b_scale; /* I8: [rank]; else NULL */
 };
 
 /* Element i of a factor as stored, as a float (an I8 element without its scale). For loading,
@@ -62,7 +63,7 @@ static inline float ad_lora_b_at(const struct ad_lora_factors *f, int o, int r)
 {
     float v = ad_lora_elem(f->bp, ((size_t)(o / AD_LORA_PANEL) * (size_t)f->rank + (size_t)r) *
                                           AD_LORA_PANEL + (size_t)(o % AD_LORA_PANEL), f->type);
-    return f->b_scale ? v * f->b_scale[o] : v;
+    return f->b_scale ? v * f->b_scale[r] : v;
 }
 
 struct ad_kernels {

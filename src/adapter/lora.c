@@ -142,8 +142,8 @@ static size_t elem_bytes(enum ad_lora_type t)
 
 #define ROUND64(n) (((n) + 63) & ~(size_t)63)
 
-/* A site's place in the arena: A, B's panels, then (I8) A's row scales and B's output scales;
- * each part starts on a cache line. */
+/* A site's place in the arena: A, B's panels, then (I8) the scales of A's rows and of B's
+ * columns; each part starts on a cache line. */
 struct factor_layout {
     size_t bp, a_scale, b_scale, total; /* offsets from A's start, and the whole size */
 };
@@ -154,8 +154,8 @@ static struct factor_layout factor_layout(int rank, int n_in, int n_out, enum ad
     struct factor_layout l;
     l.bp = ROUND64((size_t)rank * (size_t)n_in * es);
     l.a_scale = l.bp + ROUND64(panels * (size_t)rank * AD_LORA_PANEL * es);
-    l.b_scale = l.a_scale + (t == AD_LORA_I8 ? ROUND64((size_t)rank * sizeof(float)) : 0);
-    l.total = l.b_scale + (t == AD_LORA_I8 ? ROUND64(panels * AD_LORA_PANEL * sizeof(float)) : 0);
+    l.b_scale = l.a_scale + (t == AD_LORA_I8 ? (size_t)rank * sizeof(float) : 0);
+    l.total = l.a_scale + (t == AD_LORA_I8 ? ROUND64(2 * (size_t)rank * sizeof(float)) : 0);
     return l;
 }
 
@@ -191,9 +191,9 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
     return 0;
 }
 
-/* Symmetric 8-bit quantization of v[i * stride], i < n, into q[i * qstride]: q = round(v / s)
- * with s = max |v| / 127 (0 for a row of zeros). Returns s, or -1 if a value is not finite. */
-static float quantize(const float *v, size_t n, size_t stride, int8_t *q, size_t qstride)
+/* The scale of symmetric 8-bit quantization of v[i * stride], i < n: max |v| / 127 (0 for
+ * zeros), or -1 if a value is not finite. */
+static float int8_scale(const float *v, size_t n, size_t stride)
 {
     float amax = 0;
     for (size_t i = 0; i < n; i++) {
@@ -202,12 +202,14 @@ static float quantize(const float *v, size_t n, size_t stride, int8_t *q, size_t
             return -1;
         amax = a > amax ? a : amax;
     }
-    float s = amax / 127.0f;
-    for (size_t i = 0; i < n; i++) {
-        float r = s > 0 ? v[i * stride] / s : 0;
-        q[i * qstride] = (int8_t)lrintf(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-    }
-    return s;
+    return amax / 127.0f;
+}
+
+/* v as an 8-bit integer of scale s: round(v / s), ties to even (|v| <= 127 s). */
+static int8_t int8_of(float v, float s)
+{
+    float r = s > 0 ? v / s : 0;
+    return (int8_t)lrintf(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
 }
 
 /* Where element (o, k) of B [n_out, rank] goes in its panels (kernels.h). */
@@ -236,7 +238,6 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
         return ad_err_set(c->err, -EINVAL, "tensor '%s': no room planned for it", ta->name);
     struct factor_layout l = factor_layout(rank, s->n_in, s->n_out, type);
     size_t es = elem_bytes(type), n_a = (size_t)rank * (size_t)s->n_in;
-    size_t padded = (size_t)(s->n_out + AD_LORA_PANEL - 1) / AD_LORA_PANEL * AD_LORA_PANEL;
     char *a = ar->base + off, *bp = a + l.bp;
     float *a_scale = i8 ? (float *)(void *)(a + l.a_scale) : NULL;
     float *b_scale = i8 ? (float *)(void *)(a + l.b_scale) : NULL;
@@ -254,19 +255,23 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
     if (b32)
         ad_tensor_to_f32(tb, b32);
     memset(bp, 0, l.a_scale - l.bp); /* the last panel's padding */
-    if (i8) {
+    if (i8) { /* a scale per rank component k: A's row k, B's column k */
         r = 0;
-        for (int k = 0; k < rank && r == 0; k++)
-            if ((a_scale[k] = quantize(a32 + (size_t)k * (size_t)s->n_in, (size_t)s->n_in, 1,
-                                       (int8_t *)a + (size_t)k * (size_t)s->n_in, 1)) < 0)
-                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite", ta->name);
-        for (size_t o = 0; o < padded && r == 0; o++)
-            b_scale[o] = 0;
-        for (int o = 0; o < s->n_out && r == 0; o++)
-            if ((b_scale[o] = quantize(b32 + (size_t)o * (size_t)rank, (size_t)rank, 1,
-                                       (int8_t *)bp + panel_index(o, 0, rank),
-                                       AD_LORA_PANEL)) < 0)
-                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite", tb->name);
+        for (int k = 0; k < rank && r == 0; k++) {
+            const float *ak = a32 + (size_t)k * (size_t)s->n_in;
+            a_scale[k] = int8_scale(ak, (size_t)s->n_in, 1);
+            b_scale[k] = int8_scale(b32 + k, (size_t)s->n_out, (size_t)rank);
+            if (a_scale[k] < 0 || b_scale[k] < 0) {
+                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite",
+                               a_scale[k] < 0 ? ta->name : tb->name);
+                break;
+            }
+            for (int i = 0; i < s->n_in; i++)
+                ((int8_t *)a)[(size_t)k * (size_t)s->n_in + (size_t)i] = int8_of(ak[i], a_scale[k]);
+            for (int o = 0; o < s->n_out; o++)
+                ((int8_t *)bp)[panel_index(o, k, rank)] =
+                    int8_of(b32[(size_t)o * (size_t)rank + (size_t)k], b_scale[k]);
+        }
     } else {
         for (int o = 0; o < s->n_out; o++)
             for (int k = 0; k < rank; k++) {

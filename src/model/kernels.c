@@ -106,7 +106,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
             float s = 0;
             for (int i = 0; i < f->n_in; i++)
                 s += ad_lora_elem(f->a, (size_t)r * (size_t)f->n_in + (size_t)i, f->type) * xm[i];
-            t[r] = scale * (f->a_scale ? s * f->a_scale[r] : s);
+            t[r] = scale * (f->a_scale ? s * f->a_scale[r] * f->b_scale[r] : s);
         }
         for (int o = 0; o < f->n_out; o++) {
             size_t p = (size_t)(o / AD_LORA_PANEL) * (size_t)f->rank * AD_LORA_PANEL +
@@ -114,7 +114,7 @@ static void lora_c(const struct ad_lora_factors *f, float scale, const float *x,
             float s = 0;
             for (int r = 0; r < f->rank; r++)
                 s += t[r] * ad_lora_elem(f->bp, p + (size_t)r * AD_LORA_PANEL, f->type);
-            ym[o] += f->b_scale ? s * f->b_scale[o] : s;
+            ym[o] += s;
         }
     }
 }
@@ -327,7 +327,8 @@ AD_AVX2 static void silu_mul_avx2(float *a, const float *g, size_t n)
  * against every row of x with two partial sums per row of x. B t: B's panels are one sequential
  * stream too; per panel, each row of y accumulates in two registers per half of the panel (even
  * and odd r). NX (rows) and T (the element type) are constants in every expansion of the
- * inline functions, so the accumulators stay in registers. */
+ * inline functions, so the accumulators stay in registers. I8: the scales of each rank
+ * component (A's row, B's column) multiply its element of t, so B t has no scale to apply. */
 AD_AVX2 static inline __m256 lora_ld8(const void *w, size_t i, enum ad_lora_type t)
 {
     if (t == AD_LORA_F32)
@@ -372,7 +373,8 @@ lora_ax_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_t
             for (int j = n8; j < n_in; j++)
                 sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
-            t[m * f->rank + r] = scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] : sum);
+            t[m * f->rank + r] =
+                scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] * f->b_scale[r] : sum);
         }
     }
 }
@@ -400,10 +402,6 @@ lora_bt_avx2(const struct ad_lora_factors *f, const int NX, const enum ad_lora_t
         for (int m = 0; m < NX; m++) {
             float *ym = y + (size_t)m * (size_t)ldy + (size_t)o0;
             __m256 l = _mm256_add_ps(lo[m][0], lo[m][1]), h = _mm256_add_ps(hi[m][0], hi[m][1]);
-            if (T == AD_LORA_I8) {
-                l = _mm256_mul_ps(l, _mm256_loadu_ps(f->b_scale + o0));
-                h = _mm256_mul_ps(h, _mm256_loadu_ps(f->b_scale + o0 + 8));
-            }
             if (n == AD_LORA_PANEL) {
                 _mm256_storeu_ps(ym, _mm256_add_ps(_mm256_loadu_ps(ym), l));
                 _mm256_storeu_ps(ym + 8, _mm256_add_ps(_mm256_loadu_ps(ym + 8), h));
@@ -643,7 +641,8 @@ lora_ax_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora
             for (int j = n16; j < n_in; j++)
                 sum += ad_lora_elem(f->a, row + (size_t)j, T) *
                        x[(size_t)m * (size_t)ldx + (size_t)j];
-            t[m * f->rank + r] = scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] : sum);
+            t[m * f->rank + r] =
+                scale * (T == AD_LORA_I8 ? sum * f->a_scale[r] * f->b_scale[r] : sum);
         }
     }
 }
@@ -678,8 +677,6 @@ lora_bt_avx512(const struct ad_lora_factors *f, const int NX, const enum ad_lora
             __m512 sum = acc[m][0];
             for (int j = 1; j < NA; j++)
                 sum = _mm512_add_ps(sum, acc[m][j]);
-            if (T == AD_LORA_I8)
-                sum = _mm512_mul_ps(sum, _mm512_loadu_ps(f->b_scale + o0));
             _mm512_mask_storeu_ps(ym, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, ym), sum));
         }
     }

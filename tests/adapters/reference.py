@@ -561,9 +561,10 @@ def make_lora(base, name, a_std=0.15, b_std=0.15, bias_std=0.1, mts_std=0.05, dt
 
 
 def int8_rows(t):
-    """adapterd's lora_dtype = int8 (include/adapterd/adapter.h): every row of a factor (A
-    [r, in], B [out, r]) held as 8-bit integers q = round(v / s), ties to even, with
-    s = max |row| / 127 in float32; the factor is q * s."""
+    """adapterd's lora_dtype = int8 (include/adapterd/adapter.h) for one factor: every row
+    held as 8-bit integers q = round(v / s), ties to even, with s = max |row| / 127 in
+    float32; the factor is q * s. A is quantized by rows, B [out, r] by columns (int8_rows of
+    B.T): a scale per rank component."""
     t = f32(t)
     s = t.abs().amax(dim=1, keepdim=True) / 127
     q = torch.where(s > 0, torch.round(t / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
@@ -579,7 +580,7 @@ def lora_effects(base, adapter, weight, int8=False):
     for key in (k for k in tensors if k.endswith(suffix)):
         module = key[len(PEFT_PREFIX):-len(suffix)]
         A = f64(hold(tensors[key]))
-        B = f64(hold(tensors[peft_key(module, "lora_B.weight")]))
+        B = f64(hold(tensors[peft_key(module, "lora_B.weight")].T).T)
         s = lora_scale(config, module, A.shape[0])  # rank from the tensor shape
         magnitude = tensors.get(peft_key(module, "lora_magnitude_vector"))
         if magnitude is None:
@@ -855,7 +856,7 @@ ADAPTERS = {
 }
 
 # Runs with adapterd's lora_dtype = int8 ("<adapter>@int8"): the same files, loaded with 8-bit
-# factors; the reference quantizes them the same way (int8_rows).
+# factors; the reference quantizes them the same way (int8_rows: A's rows, B's columns).
 INT8_RUNS = {
     "llama": ["lora_rslora_all", "lora_bf16", "lora_f16", "dora", "mts"],
     "gpt2": ["lora_all", "lora_bias_all", "dora"],

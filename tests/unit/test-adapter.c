@@ -151,8 +151,8 @@ static void test_replaced_and_adapted(void)
 /* One row at a time and eight rows at once give the deltas B A x computed here, for F32, BF16
  * and F16 files; 16-bit factors stay 16-bit (half the resident bytes: A [8, 24] and B packed in
  * one panel of 16 outputs x rank 8). With AD_ADAPTER_LORA_INT8 (flags), the factors are 8-bit
- * with a scale per row of A and per output of B: each value within half a step of the file's,
- * the step its row's largest magnitude / 127. */
+ * with a scale per rank component (A's row, B's column): each value within half a step of the
+ * file's, the step the component's largest magnitude / 127. */
 static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
 {
     static const struct tensor t[] = {
@@ -173,8 +173,8 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
     CHECK_INT(d->lora.type, ==, i8                      ? AD_LORA_I8
                                 : dtype == AD_DTYPE_BF16 ? AD_LORA_BF16
                                 : dtype == AD_DTYPE_F16  ? AD_LORA_F16 : AD_LORA_F32);
-    if (i8) { /* A, B, then 8 and 16 float scales, each part on its own cache line */
-        CHECK_INT(a->bytes, ==, 8 * 24 + 8 * AD_LORA_PANEL + 64 + 64);
+    if (i8) { /* A, B, then 8 + 8 float scales, each part on its own cache line */
+        CHECK_INT(a->bytes, ==, 8 * 24 + 8 * AD_LORA_PANEL + 64);
         for (int r = 0; r < 8; r++) {
             float amax = 0;
             for (int j = 0; j < 24; j++)
@@ -184,10 +184,15 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
                 CHECK_NEAR(ad_lora_a_at(&d->lora, r, j), ramp(r * 24 + j),
                            d->lora.a_scale[r] / 2 * 1.0001);
         }
-        for (int o = 0; o < 16; o++)
-            for (int r = 0; r < 8; r++)
+        for (int r = 0; r < 8; r++) {
+            float amax = 0;
+            for (int o = 0; o < 16; o++)
+                amax = fabsf(ramp(o * 8 + r)) > amax ? fabsf(ramp(o * 8 + r)) : amax;
+            CHECK_NEAR(d->lora.b_scale[r], amax / 127, 1e-9);
+            for (int o = 0; o < 16; o++)
                 CHECK_NEAR(ad_lora_b_at(&d->lora, o, r), ramp(o * 8 + r),
-                           d->lora.b_scale[o] / 2 * 1.0001);
+                           d->lora.b_scale[r] / 2 * 1.0001);
+        }
     } else {
         CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_F32 ? 4 : 2));
     }

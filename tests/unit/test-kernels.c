@@ -1,6 +1,6 @@
 /* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512), against plain
  * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16, F16 and
- * I8 factors (scales per row of A and per output of B), shapes with and without vector-width tails, B packed in panels with a partial last
+ * I8 factors (scales per row of A and per column of B), shapes with and without vector-width tails, B packed in panels with a partial last
  * panel; decode attention for head sizes with their own code (64, 128) and others, query heads
  * sharing a KV head, positions in runs of many lengths (the online softmax across runs) and
  * scores far apart (the rescaling when a run raises the maximum).
@@ -50,23 +50,23 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
     float *x = malloc((size_t)n_x * ldx * sizeof(float));
     float *y = malloc((size_t)n_x * ldy * sizeof(float)), *y0 = malloc((size_t)n_x * ldy * 4);
     float *t = malloc((size_t)n_x * rank * sizeof(float));
-    /* I8: a scale per row of A and per output of B (the padding's too, as the loader has it) */
+    /* I8: a scale per rank component (A's row, B's column) */
     float *a_scale = malloc((size_t)rank * sizeof(float));
-    float *b_scale = calloc((size_t)panels * AD_LORA_PANEL, sizeof(float));
+    float *b_scale = malloc((size_t)rank * sizeof(float));
     float scale = 0.625f;
     CHECK(a32 && b32 && a && bp && x && y && y0 && t && a_scale && b_scale);
 
-    for (int r = 0; r < rank; r++)
-        a_scale[r] = (1.5f + frand(&seed)) / 127.0f; /* rows of different sizes */
-    for (int o = 0; o < n_out; o++)
-        b_scale[o] = (1.5f + frand(&seed)) / 127.0f;
+    for (int r = 0; r < rank; r++) { /* components of different sizes */
+        a_scale[r] = (1.5f + frand(&seed)) / 127.0f;
+        b_scale[r] = (1.5f + frand(&seed)) / 127.0f;
+    }
     for (int i = 0; i < rank * n_in; i++)
         a32[i] = store(a, (size_t)i, type, frand(&seed), a_scale[i / n_in]);
     for (int o = 0; o < n_out; o++)
         for (int r = 0; r < rank; r++) {
             size_t at = ((size_t)(o / AD_LORA_PANEL) * rank + r) * AD_LORA_PANEL +
                         o % AD_LORA_PANEL;
-            b32[(size_t)o * rank + r] = store(bp, at, type, frand(&seed), b_scale[o]);
+            b32[(size_t)o * rank + r] = store(bp, at, type, frand(&seed), b_scale[r]);
         }
     for (int i = 0; i < n_x * ldx; i++)
         x[i] = frand(&seed);
