@@ -11,8 +11,9 @@
 'use strict';
 
 const {
-    assert, fs, path, OpenAI, Template, sleep, TMP, MODEL, CTX, CHATML, ONLY, makeModel,
-    makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon, assertError, readSSE, close,
+    assert, fs, path, spawnSync, OpenAI, Template, sleep, TMP, ADAPTERD, MODEL, CTX, CHATML, ONLY,
+    makeModel, makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon, assertError, readSSE,
+    close,
 } = require('./lib.js');
 
 /* ------------------------------------------------------------------------------------------
@@ -472,6 +473,42 @@ test('prefix cache: a prompt seen before computes only its new blocks, same outp
         await s.stop();
     }
     assert.equal((await d.api('DELETE', '/v1/adapters/pc-lora')).status, 204);
+});
+
+test('lora_dtype = int8: the same upload in a quarter of the F32 bytes, answers close to exact', async (d) => {
+    const lora = makeLora(path.join(TMP, 'i8-lora'), { seed: 41 });
+    const prompt = 'Eight bits per factor';
+    const ask = (daemon, model = 'i8-lora') => daemon.api('POST', '/v1/completions', {
+        model, prompt, max_tokens: 0, echo: true, logprobs: 1,
+    }).then((r) => {
+        assert.equal(r.status, 200, r.text);
+        return r.json.choices[0].logprobs.token_logprobs.slice(1); // the first token has none
+    });
+    const bytes = async (daemon) => (await daemon.api('GET', '/v1/models')).json.data
+        .find((m) => m.id === 'i8-lora').bytes;
+    assert.equal((await d.upload('i8-lora', lora)).status, 201);
+    const exact = await ask(d), exactBytes = await bytes(d);
+    const s = await new Daemon(['--set', 'lora_dtype=int8']).ready();
+    try {
+        assert.equal((await s.upload('i8-lora', lora)).status, 201);
+        const got = await ask(s), got8 = await bytes(s);
+        // A [4, 64] and B [64 or 32, 4] as bytes instead of floats, plus 8 scales per site
+        assert.ok(got8 < exactBytes / 3 && got8 > exactBytes / 5, `${got8} vs ${exactBytes}`);
+        // near the exact answers, next to how far the adapter moves them from the base's
+        const base = await ask(s, 'model');
+        assert.equal(got.length, exact.length);
+        const dist = (a, b) => Math.max(...a.map((v, i) => Math.abs(v - b[i])));
+        const off = dist(got, exact), moved = dist(exact, base);
+        assert.ok(off > 1e-5 && off < 0.1 * moved, `int8 ${off} from exact, LoRA moves ${moved}`);
+    } finally {
+        await s.stop();
+    }
+    // a value that is not a choice stops the daemon at startup, naming the choices
+    const bad = spawnSync(ADAPTERD, ['--model', MODEL, '--set', 'lora_dtype=int4',
+                                     '--dump-config'], { encoding: 'utf8' });
+    assert.notEqual(bad.status, 0);
+    assert.match(bad.stderr, /lora_dtype: 'int4' is not one of: auto int8/);
+    assert.equal((await d.api('DELETE', '/v1/adapters/i8-lora')).status, 204);
 });
 
 test('a full queue: 429 with Retry-After, and the queued requests still complete', async () => {

@@ -313,7 +313,7 @@ function writeAdapter(dir, config, tensors) {
 }
 
 module.exports = {
-    assert, fs, os, path, spawn, OpenAI, Template, sleep, TMP, MODEL, HIDDEN, KV_DIM, LAYERS, CTX,
-    CHATML, ONLY, makeModel, makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon,
-    assertError, readSSE, close, rng,
+    assert, fs, os, path, spawn, spawnSync, OpenAI, Template, sleep, TMP, ADAPTERD, MODEL, HIDDEN,
+    KV_DIM, LAYERS, CTX, CHATML, ONLY, makeModel, makeLora, makeIA3, makePrompt, makePrefix,
+    makeBitfit, Daemon, assertError, readSSE, close, rng,
 };
