@@ -21,7 +21,8 @@
  *     loads each directory on its own).
  * Then it starts the daemon (fork + exec, 127.0.0.1, a free port) on store-a, measures, stops
  * it, starts it again on store-z with adapter_budget_mb set to hold 10% of the 2,000, measures,
- * and stops it. Every request is a /v1/completions stream ("stream": true) of --prompt random
+ * and stops it (part 1b, int8, does part 1 again on a daemon started with lora_dtype=int8 on
+ * store-a). Every request is a /v1/completions stream ("stream": true) of --prompt random
  * token ids with max_tokens --tokens, ignore_eos and temperature 0, so every stream produces
  * exactly --tokens tokens; arrival times are taken in the client (libcurl multi, one thread)
  * when each SSE chunk arrives. Last, the prefix part starts the daemon on store-a twice, with
