@@ -102,9 +102,10 @@ struct ad_adapter {
 enum {
     /* LoRA factors as 8-bit integers with a scale per rank component, A's row and B's column
      * (symmetric, round to nearest: each element within half a step, max |row or column| / 254,
-     * of the file's value), instead of as the file stores them. A quarter of F32's bytes and half of BF16's, so a
-     * batch of many adapters reads half the bytes per step and the budget holds twice as many;
-     * the deltas differ from the file's by that rounding (docs/adapters.md). */
+     * of the file's value), instead of as the file stores them. A quarter of F32's bytes and
+     * half of BF16's, so a batch of many adapters reads half the bytes per step and the budget
+     * holds twice as many; the deltas differ from the file's by that rounding
+     * (docs/adapters.md). */
     AD_ADAPTER_LORA_INT8 = 1u << 0,
 };
 

@@ -221,8 +221,8 @@ static size_t panel_index(int o, int k, int rank)
 
 /* A [rank, n_in] as the file has it and B [n_out, rank] packed in panels (kernels.h), into the
  * site's place in the arena: BF16 or F16 when both tensors are (resident exactly as stored,
- * half the bytes a batch of many adapters reads per step), I8 when asked (a row scale each),
- * else F32. */
+ * half the bytes a batch of many adapters reads per step), I8 when asked (a scale per rank
+ * component), else F32. */
 static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_site_delta *d,
                         int rank, const struct ad_tensor *ta, const struct ad_tensor *tb)
 {
@@ -254,10 +254,9 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
         ad_tensor_to_f32(ta, i8 ? a32 : (float *)(void *)a);
     if (b32)
         ad_tensor_to_f32(tb, b32);
-    memset(bp, 0, l.a_scale - l.bp); /* the last panel's padding */
+    memset(bp, 0, l.a_scale - l.bp); /* B with the last panel's padding */
     if (i8) { /* a scale per rank component k: A's row k, B's column k */
-        r = 0;
-        for (int k = 0; k < rank && r == 0; k++) {
+        for (int k = 0; k < rank; k++) {
             const float *ak = a32 + (size_t)k * (size_t)s->n_in;
             a_scale[k] = int8_scale(ak, (size_t)s->n_in, 1);
             b_scale[k] = int8_scale(b32 + k, (size_t)s->n_out, (size_t)rank);
@@ -266,8 +265,9 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
                                a_scale[k] < 0 ? ta->name : tb->name);
                 break;
             }
+            int8_t *qa = (int8_t *)a + (size_t)k * (size_t)s->n_in;
             for (int i = 0; i < s->n_in; i++)
-                ((int8_t *)a)[(size_t)k * (size_t)s->n_in + (size_t)i] = int8_of(ak[i], a_scale[k]);
+                qa[i] = int8_of(ak[i], a_scale[k]);
             for (int o = 0; o < s->n_out; o++)
                 ((int8_t *)bp)[panel_index(o, k, rank)] =
                     int8_of(b32[(size_t)o * (size_t)rank + (size_t)k], b_scale[k]);

@@ -404,8 +404,8 @@ int ad_registry_install(struct ad_registry *r, const char *name, const char *sta
         goto out;
     }
     rc = ad_fsync_dir(staged);
-    if (rc >= 0)
-        rc = ad_adapter_load(r->m, staged, name, r->load_flags, &a, err); /* validate before touching anything */
+    if (rc >= 0) /* validate before touching anything */
+        rc = ad_adapter_load(r->m, staged, name, r->load_flags, &a, err);
     else
         ad_err_set(err, rc, "%s: %s", staged, strerror(-rc));
     if (rc < 0)
