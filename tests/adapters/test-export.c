@@ -427,7 +427,8 @@ int main(int argc, char **argv)
             continue;
         }
         const char *dtype = json_string_value(json_object_get(jr, "lora_dtype"));
-        if (dtype && strcmp(dtype, "auto")) { /* the daemon's in-memory form, not the files' */
+        CHECK(!dtype || !strcmp(dtype, "auto") || !strcmp(dtype, "int8"));
+        if (dtype && !strcmp(dtype, "int8")) { /* the daemon's in-memory form, not the files' */
             printf("%-6s %-16s skipped (lora_dtype %s: export merges the files as they are)\n",
                    m->id, r->name, dtype);
             continue;

@@ -148,6 +148,21 @@ static void test_replaced_and_adapted(void)
     ad_adapter_unref(a);
 }
 
+/* Rank component k of an int8 LoRA, A's row (of_a) or B's column: n values, value i from the
+ * file's tensor element first + i * stride (ramp); the scale is their largest magnitude / 127,
+ * and each held value is within half of it of the file's. */
+static void check_component(const struct ad_lora_factors *f, bool of_a, int k, int n, int first,
+                            int stride, float scale)
+{
+    float amax = 0;
+    for (int i = 0; i < n; i++)
+        amax = fabsf(ramp(first + i * stride)) > amax ? fabsf(ramp(first + i * stride)) : amax;
+    CHECK_NEAR(scale, amax / 127, 1e-9);
+    for (int i = 0; i < n; i++)
+        CHECK_NEAR(of_a ? ad_lora_a_at(f, k, i) : ad_lora_b_at(f, i, k), ramp(first + i * stride),
+                   scale / 2 * 1.0001);
+}
+
 /* One row at a time and eight rows at once give the deltas B A x computed here, for F32, BF16
  * and F16 files; 16-bit factors stay 16-bit (half the resident bytes: A [8, 24] and B packed in
  * one panel of 16 outputs x rank 8). With AD_ADAPTER_LORA_INT8 (flags), the factors are 8-bit
@@ -176,22 +191,8 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
     if (i8) { /* A, B, then 8 + 8 float scales, each part on its own cache line */
         CHECK_INT(a->bytes, ==, 8 * 24 + 8 * AD_LORA_PANEL + 64);
         for (int r = 0; r < 8; r++) {
-            float amax = 0;
-            for (int j = 0; j < 24; j++)
-                amax = fabsf(ramp(r * 24 + j)) > amax ? fabsf(ramp(r * 24 + j)) : amax;
-            CHECK_NEAR(d->lora.a_scale[r], amax / 127, 1e-9);
-            for (int j = 0; j < 24; j++)
-                CHECK_NEAR(ad_lora_a_at(&d->lora, r, j), ramp(r * 24 + j),
-                           d->lora.a_scale[r] / 2 * 1.0001);
-        }
-        for (int r = 0; r < 8; r++) {
-            float amax = 0;
-            for (int o = 0; o < 16; o++)
-                amax = fabsf(ramp(o * 8 + r)) > amax ? fabsf(ramp(o * 8 + r)) : amax;
-            CHECK_NEAR(d->lora.b_scale[r], amax / 127, 1e-9);
-            for (int o = 0; o < 16; o++)
-                CHECK_NEAR(ad_lora_b_at(&d->lora, o, r), ramp(o * 8 + r),
-                           d->lora.b_scale[r] / 2 * 1.0001);
+            check_component(&d->lora, true, r, 24, r * 24, 1, d->lora.a_scale[r]);  /* A's row */
+            check_component(&d->lora, false, r, 16, r, 8, d->lora.b_scale[r]); /* B's column */
         }
     } else {
         CHECK_INT(a->bytes, ==, (8 * 24 + 8 * AD_LORA_PANEL) * (dtype == AD_DTYPE_F32 ? 4 : 2));
