@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "adapterd/blas.h"
 #include "adapterd/engine.h"
 #include "adapterd/http.h"
 #include "adapterd/model.h"
@@ -381,7 +382,9 @@ int main(int argc, char **argv)
     const char *flag_names[64], *flag_values[64];
     char set_buf[64][512];
     int n_flags = 0;
+    struct ad_blas_choice blas;
 
+    ad_blas_startup(argv, &blas); /* first: it may execute adapterd again (adapterd/blas.h) */
     config_defaults(&d.cfg);
     while ((o = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
         if (n_flags >= 64) {
@@ -435,6 +438,7 @@ int main(int argc, char **argv)
         return 2;
     }
     apply_log_level(d.cfg.log_level);
+    ad_log(blas.warn ? AD_LOG_WARN : AD_LOG_INFO, "BLAS: %s", blas.msg);
     char *api_key = NULL, *admin_key = NULL;
     if (read_key(d.cfg.api_key_file, &api_key, msg, sizeof(msg)) < 0 ||
         read_key(d.cfg.admin_key_file, &admin_key, msg, sizeof(msg)) < 0) {
