@@ -256,6 +256,8 @@ struct daemon {
     uv_fs_event_t watch;
     uv_timer_t rescan, watchdog;
     const char *config_file; /* NULL: defaults and flags only */
+    const char *const *flag_names, *const *flag_values; /* the command line's, after the file */
+    int n_flags;
     struct config cfg;
     struct ad_model *model;
     struct ad_tokenizer *tok;
@@ -310,7 +312,10 @@ static void on_signal(uv_signal_t *s, int signum)
             struct config fresh;
             char msg[400];
             config_defaults(&fresh);
-            if (config_load_file(&fresh, d->config_file, msg, sizeof(msg)) < 0) {
+            int rc = config_load_file(&fresh, d->config_file, msg, sizeof(msg));
+            for (int i = 0; rc >= 0 && i < d->n_flags; i++) /* flags still override the file */
+                rc = set_option(&fresh, d->flag_names[i], d->flag_values[i], msg, sizeof(msg));
+            if (rc < 0) {
                 log_error("%s; keeping the running configuration", msg);
             } else {
                 /* the reloadable options only; the others need a restart */
@@ -433,6 +438,9 @@ int main(int argc, char **argv)
         config_dump(&d.cfg, stdout);
         return 0;
     }
+    d.flag_names = flag_names;
+    d.flag_values = flag_values;
+    d.n_flags = n_flags;
     if (parse_listen(d.cfg.listen, host, sizeof(host), &port) < 0) {
         fprintf(stderr, "adapterd: listen: '%s' is not HOST:PORT\n", d.cfg.listen);
         return 2;

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "adapterd/adapter.h"
+#include "adapterd/blas.h"
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
 #include "adapterd/util.h"
@@ -822,8 +823,10 @@ static int export(const struct options *o, struct ad_err *err)
         size_t n = strlen(tmp);
         while (n > 1 && tmp[n - 1] == '/')
             tmp[--n] = '\0';
-        if ((r = ad_adapter_load(m, o->adapter_dir[k], basename(tmp), 0, &mix.a[k], err)) < 0)
+        if ((r = ad_adapter_load(m, o->adapter_dir[k], basename(tmp), 0, &mix.a[k], err)) < 0) {
+            ad_err_prefix(err, "%s", o->adapter_dir[k]);
             goto fail;
+        }
         mix.w[k] = o->weight[k];
         mix.n++;
         const char *why = why_not_mergeable(mix.a[k]->kind);
@@ -864,7 +867,11 @@ int main(int argc, char **argv)
     static struct options o;
     struct ad_err err = {0};
     int r;
+    struct ad_blas_choice blas;
 
+    ad_blas_startup(argv, &blas); /* first: it may execute the tool again (adapterd/blas.h) */
+    if (blas.warn)
+        fprintf(stderr, PROG ": BLAS: %s\n", blas.msg);
     r = parse_args(argc, argv, &o, &err);
     if (r < 0) {
         fprintf(stderr, PROG ": error: %s\n", err.msg);

@@ -111,8 +111,9 @@ enum {
 
 /* Loads an adapter directory (adapter_config.json + adapter_model.safetensors, as Hugging Face
  * PEFT writes it, or an AdapterHub bottleneck adapter with adapter.safetensors) and validates it
- * against model; flags: AD_ADAPTER_* above, or 0. Returns 0 and a new adapter (one reference), or
- * -EINVAL / -ENOTSUP / -ENOENT with err naming the file, key and reason. */
+ * against model; flags: AD_ADAPTER_* above, or 0. The files must be regular files, not symbolic
+ * links. Returns 0 and a new adapter (one reference), or -EINVAL / -ENOTSUP / -ENOENT with err
+ * naming the file (relative to dir: messages never show where dir is), key and reason. */
 int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name, unsigned flags,
                     struct ad_adapter **ret, struct ad_err *err);
 

@@ -40,14 +40,19 @@ int ad_registry_get(struct ad_registry *r, const char *name, struct ad_adapter *
 /* Installs a complete adapter directory staged by the caller inside the registry (see
  * ad_registry_stage_dir) under name: validates it against the model, then swaps it into place
  * atomically (the old version, if any, stays valid for its holders). The staged directory is
- * consumed either way. Returns 0 with *ret_created telling whether the name is new, or -EINVAL
- * / -ENOTSUP (validation: nothing changed) or another -errno. */
+ * consumed either way (ad_registry_unstage). Returns 0 with *ret_created telling whether the name
+ * is new, or -EINVAL / -ENOTSUP (validation: nothing changed), -EAGAIN (the staged directory
+ * vanished: retry) or another -errno. Messages name the adapter, never a server path. */
 int ad_registry_install(struct ad_registry *r, const char *name, const char *staged,
                         bool *ret_created, struct ad_err *err);
 
 /* A new empty staging directory inside the registry, for files to install (uploads stream into
- * it). Writes its path to buf. Leftovers are removed by the next scan. */
+ * it). Writes its path to buf. Until ad_registry_install or ad_registry_unstage consumes it, no
+ * scan touches it; leftovers of a crash are removed by a later scan. Returns 0, -ENOSPC,
+ * -EAGAIN (too many in progress) or -EIO/-ENOMEM. */
 int ad_registry_stage_dir(struct ad_registry *r, char *buf, size_t size, struct ad_err *err);
+/* Removes a staging directory from ad_registry_stage_dir that will not be installed. */
+void ad_registry_unstage(struct ad_registry *r, const char *staged);
 
 /* Writes a config text and a weights image to a staging directory and installs them. */
 int ad_registry_put(struct ad_registry *r, const char *name, const char *config_json,

@@ -42,6 +42,10 @@ struct ad_mmap {
 /* Maps path read-only. Returns 0 or -errno (err says which file and why). An empty file maps
  * to data == NULL, size == 0. Unmap with ad_mmap_fini. */
 int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err);
+/* The same for the file name inside the directory open at dirfd, which must be a regular file
+ * and not a symbolic link (O_NOFOLLOW): for files a client names (adapter directories). Errors
+ * name `name`, not the directory. */
+int ad_mmap_init_at(struct ad_mmap *m, int dirfd, const char *name, struct ad_err *err);
 void ad_mmap_fini(struct ad_mmap *m);
 
 /* n bytes (not zeroed; free() them), from 2 MB on aligned to 2 MB and in transparent huge pages
@@ -53,6 +57,10 @@ void *ad_alloc_large(size_t n);
  * refused with -E2BIG. Returns 0 or -errno. */
 int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
                  struct ad_err *err);
+/* The same for the file name inside the directory open at dirfd: a regular file, not a
+ * symbolic link (O_NOFOLLOW); errors name `name` only. */
+int ad_read_file_at(int dirfd, const char *name, size_t max_bytes, char **ret_buf,
+                    size_t *ret_len, struct ad_err *err);
 
 /* Removes path and everything below it (no error if it does not exist). Returns 0 or -errno. */
 int ad_rm_rf(const char *path);

@@ -3,7 +3,9 @@
  *
  * Writes are crash-safe: a new version is staged in a hidden directory, fsync'd and validated,
  * then swapped with the old one by one renameat2(RENAME_EXCHANGE), so the name always holds a
- * complete adapter. Hidden leftovers of interrupted writes are removed by the next scan. */
+ * complete adapter. Hidden leftovers of interrupted writes (a crash, or another process sharing
+ * the store that died) are removed by a scan once nothing has touched them for STALE_SECONDS;
+ * a staging directory this process is still writing is never touched. */
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
@@ -13,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "adapterd/registry.h"
@@ -20,6 +23,8 @@
 
 #define STAGE_PREFIX ".stage-"
 #define TRASH_PREFIX ".trash-"
+#define STALE_SECONDS 600
+#define MAX_LIVE_STAGES 4096
 
 struct entry {
     char name[65];
@@ -43,6 +48,8 @@ struct ad_registry {
     size_t n, cap;
     uint64_t clock;
     size_t resident;
+    char (*live)[16]; /* names of this process's staging directories still in use */
+    size_t n_live;
 };
 
 /* ==========================================================================================
@@ -60,6 +67,12 @@ bool ad_registry_name_ok(const char *name)
             return false;
     }
     return true;
+}
+
+static int bad_name(const char *name, struct ad_err *err)
+{
+    return ad_err_set(err, -EINVAL, "'%.80s' is not a valid adapter name (1-64 of A-Z a-z 0-9 "
+                      ". _ -, not starting with '.')", name);
 }
 
 static size_t lower_bound(const struct ad_registry *r, const char *name)
@@ -183,6 +196,7 @@ void ad_registry_free(struct ad_registry *r)
     for (size_t i = 0; i < r->n; i++)
         ad_adapter_unref(r->entries[i].a);
     free(r->entries);
+    free(r->live);
     pthread_mutex_destroy(&r->lock);
     free(r);
 }
@@ -213,6 +227,39 @@ static int peek_config(const char *dir, enum ad_adapter_kind *kind, int *rank, s
     return rc;
 }
 
+static bool is_live(struct ad_registry *r, const char *name)
+{
+    bool live = false;
+    pthread_mutex_lock(&r->lock);
+    for (size_t i = 0; i < r->n_live && !live; i++)
+        live = !strcmp(r->live[i], name);
+    pthread_mutex_unlock(&r->lock);
+    return live;
+}
+
+/* The newest modification time of a directory and the files in it. */
+static time_t newest_mtime(const char *path)
+{
+    struct stat st;
+    time_t t = stat(path, &st) == 0 ? st.st_mtime : 0;
+    DIR *d = opendir(path);
+    struct dirent *de;
+    while (d && (de = readdir(d)))
+        if (strcmp(de->d_name, "..") &&
+            fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_mtime > t)
+            t = st.st_mtime;
+    if (d)
+        closedir(d);
+    return t;
+}
+
+/* A staging or trash directory nobody writes: not one of this process's, and untouched for
+ * STALE_SECONDS (another process sharing the store may be writing it). */
+static bool is_stale(struct ad_registry *r, const char *path, const char *name)
+{
+    return !is_live(r, name) && time(NULL) - newest_mtime(path) > STALE_SECONDS;
+}
+
 int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void *ud)
 {
     DIR *d = opendir(r->dir);
@@ -232,8 +279,9 @@ int ad_registry_scan(struct ad_registry *r, ad_registry_error_fn on_error, void 
         const char *name = de->d_name;
         if (!strncmp(name, STAGE_PREFIX, strlen(STAGE_PREFIX)) ||
             !strncmp(name, TRASH_PREFIX, strlen(TRASH_PREFIX))) {
-            if (ad_path_join(path, sizeof(path), r->dir, name) == 0)
-                ad_rm_rf(path); /* an interrupted write: the name still holds a whole adapter */
+            /* an interrupted write (the name still holds a whole adapter), or one in progress */
+            if (ad_path_join(path, sizeof(path), r->dir, name) == 0 && is_stale(r, path, name))
+                ad_rm_rf(path);
             continue;
         }
         if (!ad_registry_name_ok(name) || ad_path_join(path, sizeof(path), r->dir, name) < 0)
@@ -348,8 +396,10 @@ int ad_registry_get(struct ad_registry *r, const char *name, struct ad_adapter *
         int rc = ad_path_join(path, sizeof(path), r->dir, name);
         if (rc >= 0)
             rc = ad_adapter_load(r->m, path, name, r->load_flags, &a, err);
-        if (rc < 0)
+        if (rc < 0) {
+            ad_err_prefix(err, "adapter '%s'", name);
             return rc;
+        }
         pthread_mutex_lock(&r->lock);
         e = find(r, name);
         if (!e || e->version != version) {
@@ -376,13 +426,46 @@ int ad_registry_get(struct ad_registry *r, const char *name, struct ad_adapter *
 /* ==========================================================================================
  * Writes */
 
+/* The base name of a staging path inside the registry's directory. */
+static const char *stage_name(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
 int ad_registry_stage_dir(struct ad_registry *r, char *buf, size_t size, struct ad_err *err)
 {
     if (snprintf(buf, size, "%s/" STAGE_PREFIX "XXXXXX", r->dir) >= (int)size)
-        return ad_err_set(err, -ENAMETOOLONG, "path too long");
-    if (!mkdtemp(buf))
-        return ad_err_set(err, -errno, "%s: %s", r->dir, strerror(errno));
-    return 0;
+        return ad_err_set(err, -ENAMETOOLONG, "cannot stage: the adapters directory's path is "
+                          "too long");
+    pthread_mutex_lock(&r->lock);
+    int rc = 0;
+    if (!r->live) /* allocated on first use */
+        r->live = malloc(MAX_LIVE_STAGES * sizeof(*r->live));
+    if (!r->live)
+        rc = ad_err_set(err, -ENOMEM, "cannot stage: out of memory");
+    else if (r->n_live == MAX_LIVE_STAGES)
+        rc = ad_err_set(err, -EAGAIN, "cannot stage: %d uploads in progress; retry later",
+                        MAX_LIVE_STAGES);
+    else if (!mkdtemp(buf))
+        rc = ad_err_set(err, errno == ENOSPC || errno == EDQUOT ? -ENOSPC : -EIO,
+                        "cannot stage: %s", strerror(errno));
+    else
+        snprintf(r->live[r->n_live++], sizeof(r->live[0]), "%s", stage_name(buf));
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+void ad_registry_unstage(struct ad_registry *r, const char *staged)
+{
+    ad_rm_rf(staged);
+    pthread_mutex_lock(&r->lock);
+    for (size_t i = 0; i < r->n_live; i++)
+        if (!strcmp(r->live[i], stage_name(staged))) {
+            memcpy(r->live[i], r->live[--r->n_live], sizeof(r->live[0]));
+            break;
+        }
+    pthread_mutex_unlock(&r->lock);
 }
 
 int ad_registry_install(struct ad_registry *r, const char *name, const char *staged,
@@ -394,20 +477,24 @@ int ad_registry_install(struct ad_registry *r, const char *name, const char *sta
     int rc;
 
     if (!ad_registry_name_ok(name)) {
-        rc = ad_err_set(err, -EINVAL, "'%.80s' is not a valid adapter name (1-64 of "
-                        "A-Z a-z 0-9 . _ -, not starting with '.')", name);
+        rc = bad_name(name, err);
         goto out;
     }
     rc = ad_path_join(target, sizeof(target), r->dir, name);
     if (rc < 0) {
-        ad_err_set(err, rc, "path too long");
+        ad_err_set(err, rc, "cannot install '%s': the adapters directory's path is too long",
+                   name);
         goto out;
     }
+    /* A staging directory that vanished is the server's failure, not the client's: -EAGAIN,
+     * "retry", never -ENOENT (which would read as an unknown adapter). */
     rc = ad_fsync_dir(staged);
-    if (rc >= 0) /* validate before touching anything */
-        rc = ad_adapter_load(r->m, staged, name, r->load_flags, &a, err);
-    else
-        ad_err_set(err, rc, "%s: %s", staged, strerror(-rc));
+    if (rc < 0) {
+        ad_err_set(err, -EAGAIN, "cannot stage '%s' (%s); retry", name, strerror(-rc));
+        rc = -EAGAIN;
+        goto out;
+    }
+    rc = ad_adapter_load(r->m, staged, name, r->load_flags, &a, err); /* validate first */
     if (rc < 0)
         goto out;
 
@@ -441,7 +528,7 @@ int ad_registry_install(struct ad_registry *r, const char *name, const char *sta
     if (rc < 0)
         ad_err_set(err, rc, "installing '%s': %s", name, strerror(-rc));
 out:
-    ad_rm_rf(staged); /* the old version after an exchange, or the rejected upload */
+    ad_registry_unstage(r, staged); /* the old version after an exchange, or the rejected one */
     ad_adapter_unref(a);
     ad_adapter_unref(old);
     unref_all(drop, n_drop);
@@ -459,8 +546,7 @@ int ad_registry_put(struct ad_registry *r, const char *name, const char *config_
     int rc;
 
     if (!ad_registry_name_ok(name))
-        return ad_err_set(err, -EINVAL, "'%.80s' is not a valid adapter name (1-64 of "
-                          "A-Z a-z 0-9 . _ -, not starting with '.')", name);
+        return bad_name(name, err);
     rc = ad_registry_stage_dir(r, staged, sizeof(staged), err);
     if (rc < 0)
         return rc;
@@ -471,8 +557,8 @@ int ad_registry_put(struct ad_registry *r, const char *name, const char *config_
         rc = ad_write_file(path, weights, weights_len);
     }
     if (rc < 0) {
-        ad_rm_rf(staged);
-        return ad_err_set(err, rc, "staging '%s': %s", name, strerror(-rc));
+        ad_registry_unstage(r, staged);
+        return ad_err_set(err, rc, "cannot stage '%s': %s", name, strerror(-rc));
     }
     return ad_registry_install(r, name, staged, ret_created, err);
 }
@@ -485,22 +571,24 @@ int ad_registry_delete(struct ad_registry *r, const char *name, struct ad_err *e
 
     if (!ad_registry_name_ok(name) || ad_path_join(target, sizeof(target), r->dir, name) < 0)
         return ad_err_set(err, -ENOENT, "adapter '%.80s' does not exist", name);
-    if (snprintf(trash, sizeof(trash), "%s/" TRASH_PREFIX "%s", r->dir, name) >=
-        (int)sizeof(trash))
-        return ad_err_set(err, -ENAMETOOLONG, "path too long");
+    /* The directory is renamed over a new empty one of a unique name (a rename may replace an
+     * empty directory), so that deletes of the same name never share a trash directory. */
+    if (snprintf(trash, sizeof(trash), "%s/" TRASH_PREFIX "XXXXXX", r->dir) >= (int)sizeof(trash))
+        return ad_err_set(err, -ENAMETOOLONG, "deleting '%s': path too long", name);
+    if (!mkdtemp(trash))
+        return ad_err_set(err, -EIO, "deleting '%s': %s", name, strerror(errno));
     pthread_mutex_lock(&r->lock);
     struct entry *e = find(r, name);
     if (!e) {
         rc = ad_err_set(err, -ENOENT, "adapter '%s' does not exist", name);
     } else if (rename(target, trash) < 0 && errno != ENOENT) {
-        rc = ad_err_set(err, -errno, "deleting '%s': %s", name, strerror(errno));
+        rc = ad_err_set(err, -EIO, "deleting '%s': %s", name, strerror(errno));
     } else {
         ad_fsync_dir(r->dir);
         a = remove_entry(r, e);
     }
     pthread_mutex_unlock(&r->lock);
-    if (rc == 0)
-        ad_rm_rf(trash);
+    ad_rm_rf(trash);
     ad_adapter_unref(a);
     return rc;
 }

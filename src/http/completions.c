@@ -295,6 +295,21 @@ static int get_number(json_t *req, const char *key, double lo, double hi, double
     return 0;
 }
 
+/* An integer field: a JSON integer, or a number with no fraction (2.0, as pydantic takes it). */
+static int get_int(json_t *req, const char *key, double lo, double hi, double dflt, double *out,
+                   char *msg, size_t msg_len)
+{
+    json_t *v = json_object_get(req, key);
+    if (v && json_is_real(v) && json_real_value(v) != floor(json_real_value(v))) {
+        snprintf(msg, msg_len, "'%s' must be an integer in [%g, %g]", key, lo, hi);
+        return -EINVAL;
+    }
+    int rc = get_number(req, key, lo, hi, dflt, out, msg, msg_len);
+    if (rc < 0)
+        snprintf(msg, msg_len, "'%s' must be an integer in [%g, %g]", key, lo, hi);
+    return rc;
+}
+
 static int get_bool(json_t *req, const char *key, bool dflt, bool *out, char *msg, size_t len)
 {
     json_t *v = json_object_get(req, key);
@@ -422,6 +437,39 @@ static int prompt_ids(struct completion *cp, json_t *p, bool add_special, struct
 }
 
 /* Chat messages through the model's chat template, recognised by family. */
+/* OpenAI's stream_options: null, or with "stream": true an object of booleans (include_usage;
+ * vLLM's continuous_usage_stats; include_obfuscation). The usage always comes with the last
+ * chunk here, so their values change nothing, but a value of another shape is the client's
+ * mistake and is answered as one. */
+static int check_stream_options(json_t *so, bool stream, char *msg, size_t msg_len)
+{
+    const char *key;
+    json_t *v;
+    if (!so || json_is_null(so))
+        return 0;
+    if (!json_is_object(so)) {
+        snprintf(msg, msg_len, "'stream_options' must be an object");
+        return -EINVAL;
+    }
+    if (!stream) {
+        snprintf(msg, msg_len, "'stream_options' is only allowed with \"stream\": true");
+        return -EINVAL;
+    }
+    json_object_foreach(so, key, v) {
+        if (strcmp(key, "include_usage") && strcmp(key, "continuous_usage_stats") &&
+            strcmp(key, "include_obfuscation")) {
+            snprintf(msg, msg_len, "'stream_options.%.40s' is not a known option (include_usage)",
+                     key);
+            return -EINVAL;
+        }
+        if (!json_is_boolean(v) && !json_is_null(v)) {
+            snprintf(msg, msg_len, "'stream_options.%.40s' must be true or false", key);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
 int chat_render(const char *tmpl, const char *bos, const char *eos, json_t *messages, char **ret,
                 char *msg, size_t msg_len);
 
@@ -433,7 +481,8 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
     int rc;
 
     json_t *n_field = json_object_get(req, "n");
-    if (n_field && !json_is_null(n_field) && json_number_value(n_field) != 1) {
+    if (n_field && !json_is_null(n_field) &&
+        (!json_is_number(n_field) || json_number_value(n_field) != 1)) {
         snprintf(msg, msg_len, "only n = 1 is supported");
         return -EINVAL;
     }
@@ -464,12 +513,12 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
         }
     }
     *base = (struct ad_request_params){.temperature = 1.0f, .top_p = 1.0f, .n_logprobs = -1};
-    if ((rc = get_number(req, cp->chat ? "max_completion_tokens" : "max_tokens", 0, 1 << 24,
-                         h->cfg.max_tokens_default, &v, msg, msg_len)) < 0)
+    if ((rc = get_int(req, cp->chat ? "max_completion_tokens" : "max_tokens", 0, 1 << 24,
+                      h->cfg.max_tokens_default, &v, msg, msg_len)) < 0)
         return rc;
     if (cp->chat && !json_object_get(req, "max_completion_tokens") &&
-        (rc = get_number(req, "max_tokens", 0, 1 << 24, h->cfg.max_tokens_default, &v, msg,
-                         msg_len)) < 0)
+        (rc = get_int(req, "max_tokens", 0, 1 << 24, h->cfg.max_tokens_default, &v, msg,
+                      msg_len)) < 0)
         return rc;
     base->max_tokens = (int)v;
     if ((rc = get_number(req, "temperature", 0, 100, 1.0, &v, msg, msg_len)) < 0)
@@ -478,17 +527,19 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
     if ((rc = get_number(req, "top_p", 1e-9, 1, 1, &v, msg, msg_len)) < 0)
         return rc;
     base->top_p = (float)v;
-    if ((rc = get_number(req, "top_k", -1, 1 << 24, 0, &v, msg, msg_len)) < 0)
+    if ((rc = get_int(req, "top_k", -1, 1 << 24, 0, &v, msg, msg_len)) < 0)
         return rc;
     base->top_k = v < 0 ? 0 : (int)v;
-    if ((rc = get_number(req, "min_tokens", 0, 1 << 24, 0, &v, msg, msg_len)) < 0)
+    if ((rc = get_int(req, "min_tokens", 0, 1 << 24, 0, &v, msg, msg_len)) < 0)
         return rc;
     base->min_tokens = (int)v;
-    if ((rc = get_number(req, "seed", -9.2e18, 9.2e18, 0, &v, msg, msg_len)) < 0)
+    json_t *seed = json_object_get(req, "seed");
+    if ((rc = get_int(req, "seed", -9.2e18, 9.2e18, 0, &v, msg, msg_len)) < 0)
         return rc;
-    base->seed = json_is_integer(json_object_get(req, "seed"))
-                     ? (uint64_t)json_integer_value(json_object_get(req, "seed"))
-                     : (uint64_t)ad_now() * 1000003u + (uint64_t)atomic_load(&h->next_id);
+    base->seed = json_is_integer(seed) ? (uint64_t)json_integer_value(seed)
+                 : json_is_real(seed)  ? (uint64_t)(int64_t)v
+                                       : (uint64_t)ad_now() * 1000003u +
+                                            (uint64_t)atomic_load(&h->next_id);
     if ((rc = get_bool(req, "ignore_eos", false, &base->ignore_eos, msg, msg_len)) < 0 ||
         (rc = get_bool(req, "stream", false, &cp->stream, msg, msg_len)) < 0 ||
         (rc = get_bool(req, "echo", false, &cp->echo, msg, msg_len)) < 0 ||
@@ -496,15 +547,18 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
                        msg_len)) < 0 ||
         (rc = get_bool(req, "return_token_ids", !h->deps.tok, &cp->return_ids, msg, msg_len)) < 0)
         return rc;
+    if ((rc = check_stream_options(json_object_get(req, "stream_options"), cp->stream, msg,
+                                   msg_len)) < 0)
+        return rc;
     if (cp->chat) {
         bool lp;
         if ((rc = get_bool(req, "logprobs", false, &lp, msg, msg_len)) < 0 ||
-            (rc = get_number(req, "top_logprobs", 0, AD_MAX_LOGPROBS, 0, &v, msg, msg_len)) < 0)
+            (rc = get_int(req, "top_logprobs", 0, AD_MAX_LOGPROBS, 0, &v, msg, msg_len)) < 0)
             return rc;
         cp->n_logprobs = lp ? (int)v : -1;
         cp->echo = false;
     } else {
-        if ((rc = get_number(req, "logprobs", 0, AD_MAX_LOGPROBS, -1, &v, msg, msg_len)) < 0)
+        if ((rc = get_int(req, "logprobs", 0, AD_MAX_LOGPROBS, -1, &v, msg, msg_len)) < 0)
             return rc;
         cp->n_logprobs = (int)v;
     }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "adapterd/engine.h"
@@ -345,7 +346,7 @@ void upload_abort(struct conn *c)
         MHD_destroy_post_processor(c->pp);
     c->pp = NULL;
     if (c->stage[0])
-        ad_rm_rf(c->stage);
+        ad_registry_unstage(c->h->deps.registry, c->stage);
     c->stage[0] = '\0';
 }
 
@@ -369,15 +370,15 @@ enum MHD_Result route_adapter_put(struct conn *c, const char *name)
     bool created;
     int rc;
 
+    if (!ad_registry_name_ok(name)) /* nothing was staged for it (server.c) */
+        return http_error(c, 400, "'%.80s' is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ "
+                          "-, not starting with '.')", name);
     if (!c->pp) {
         if (c->upload_rc < 0)
             return http_error(c, http_status_of(c->upload_rc), "%s", c->upload_err.msg);
         return http_error(c, 415, "upload the adapter as multipart/form-data: curl -X PUT "
                           "-F config=@adapter_config.json -F weights=@adapter_model.safetensors");
     }
-    if (!ad_registry_name_ok(name))
-        return http_error(c, 400, "'%.80s' is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ "
-                          "-, not starting with '.')", name);
     if (c->upload_rc < 0)
         return http_error(c, http_status_of(c->upload_rc), "%s", c->upload_err.msg);
     /* MHD_NO: the body ended before the closing boundary (a cut upload) */
@@ -414,19 +415,29 @@ enum MHD_Result route_adapter_put(struct conn *c, const char *name)
     return installed(c, name, created);
 }
 
-/* Copies a file in 1 MiB pieces (an adapter may be larger than the memory to spare). */
-static int copy_file(const char *from, const char *to, struct ad_err *err)
+/* Copies the regular file `name` of directory from (the client's path: errors may quote it;
+ * never through a symlink) into directory `to` (a staging directory: errors do not quote it),
+ * in 1 MiB pieces (an adapter may be larger than the memory to spare). */
+static int copy_file(const char *from, const char *name, const char *to, struct ad_err *err)
 {
-    int in = open(from, O_RDONLY | O_CLOEXEC), out = -1, rc = 0;
+    char path[4200];
+    int in = -1, out = -1, rc = 0;
     char *buf = malloc(1 << 20);
-    if (in < 0 || !buf) {
-        rc = ad_err_set(err, in < 0 ? -errno : -ENOMEM, "%.200s: %s", from,
-                        in < 0 ? strerror(errno) : "out of memory");
+    if (!buf)
+        return ad_err_set(err, -ENOMEM, "out of memory");
+    snprintf(path, sizeof(path), "%s/%s", from, name);
+    in = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    struct stat st;
+    if (in < 0 || fstat(in, &st) < 0 || !S_ISREG(st.st_mode)) {
+        rc = ad_err_set(err, in < 0 && errno != ELOOP ? -errno : -EINVAL, "%.200s: %s", path,
+                        in < 0 && errno == ELOOP ? "a symbolic link (adapter files must be "
+                        "regular files)" : in < 0 ? strerror(errno) : "not a regular file");
         goto out;
     }
-    out = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    snprintf(path, sizeof(path), "%s/%s", to, name);
+    out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (out < 0) {
-        rc = ad_err_set(err, -errno, "cannot stage '%.200s'", to);
+        rc = ad_err_set(err, -EIO, "cannot stage %s: %s", name, strerror(errno));
         goto out;
     }
     for (;;) {
@@ -434,20 +445,20 @@ static int copy_file(const char *from, const char *to, struct ad_err *err)
         if (n == 0)
             break;
         if (n < 0) {
-            rc = ad_err_set(err, -errno, "%.200s: %s", from, strerror(errno));
+            rc = ad_err_set(err, -errno, "%.200s/%s: %s", from, name, strerror(errno));
             goto out;
         }
         for (ssize_t off = 0; off < n;) {
             ssize_t w = write(out, buf + off, (size_t)(n - off));
             if (w < 0) {
-                rc = ad_err_set(err, -errno, "cannot stage '%.200s'", to);
+                rc = ad_err_set(err, -EIO, "cannot stage %s: %s", name, strerror(errno));
                 goto out;
             }
             off += w;
         }
     }
     if (fsync(out) < 0)
-        rc = ad_err_set(err, -errno, "cannot stage '%.200s'", to);
+        rc = ad_err_set(err, -EIO, "cannot stage %s: %s", name, strerror(errno));
 out:
     if (in >= 0)
         close(in);
@@ -486,12 +497,11 @@ enum MHD_Result route_vllm_load(struct conn *c)
                                         "adapter.safetensors"};
     int n_copied = 0;
     for (size_t i = 0; rc >= 0 && i < 3; i++) {
-        char from[4200], to[4200];
+        char from[4200];
         snprintf(from, sizeof(from), "%s/%s", path, files[i]);
-        snprintf(to, sizeof(to), "%s/%s", stage, files[i]);
-        if (access(from, F_OK) != 0)
+        if (faccessat(AT_FDCWD, from, F_OK, AT_SYMLINK_NOFOLLOW) != 0)
             continue;
-        rc = copy_file(from, to, &err);
+        rc = copy_file(path, files[i], stage, &err);
         n_copied += rc >= 0;
     }
     if (rc >= 0 && n_copied < 2)
@@ -500,7 +510,7 @@ enum MHD_Result route_vllm_load(struct conn *c)
     if (rc >= 0)
         rc = ad_registry_install(c->h->deps.registry, name, stage, &created, &err);
     else if (stage[0])
-        ad_rm_rf(stage);
+        ad_registry_unstage(c->h->deps.registry, stage);
     if (rc < 0) /* a path the caller gave that cannot be read is the caller's error */
         return http_error(c, rc == -ENOENT || rc == -EACCES || rc == -EISDIR || rc == -ENOTDIR
                                  ? 400 : http_status_of(rc), "%s", err.msg);

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sodium.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "adapterd/registry.h"
 #include "internal.h"
 
 /* ==========================================================================================
@@ -103,6 +105,8 @@ unsigned http_status_of(int rc)
         return 429;
     case -ENOMEM:
     case -ESHUTDOWN:
+    case -EAGAIN: /* e.g. a staging directory that vanished: retry */
+    case -ENOSPC:
         return 503;
     default:
         return 500;
@@ -217,20 +221,23 @@ static void metrics_request(struct metrics *m, int status, double seconds)
 /* ==========================================================================================
  * Dispatch */
 
+/* Whether the request carries `Authorization: Bearer <want>` (the scheme in any case, RFC 9110
+ * 11.1). Both keys are hashed to 32 bytes first and compared in constant time, so neither the
+ * comparison nor the keys' lengths show through timing. */
 static bool key_ok(struct conn *c, const char *want)
 {
+    unsigned char hw[32], hg[32];
     if (!want)
         return true;
     const char *auth = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Authorization");
-    if (!auth || strncmp(auth, "Bearer ", 7))
+    if (!auth || strncasecmp(auth, "Bearer ", 7))
         return false;
-    /* constant-time comparison */
     const char *got = auth + 7;
-    size_t n = strlen(want), m = strlen(got);
-    unsigned char diff = (unsigned char)(n != m);
-    for (size_t i = 0; i < n; i++)
-        diff |= (unsigned char)(want[i] ^ (i < m ? got[i] : 0));
-    return diff == 0;
+    while (*got == ' ')
+        got++;
+    crypto_generichash(hw, sizeof(hw), (const unsigned char *)want, strlen(want), NULL, 0);
+    crypto_generichash(hg, sizeof(hg), (const unsigned char *)got, strlen(got), NULL, 0);
+    return sodium_memcmp(hw, hg, sizeof(hw)) == 0;
 }
 
 static bool is_admin_route(const char *method, const char *url)
@@ -323,10 +330,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         atomic_fetch_add(&h->in_flight, 1);
         *con_cls = c;
         const char *ct = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Type");
-        /* uploads stream to disk, and only from a client holding the admin key */
+        /* uploads stream to disk, and only from a client holding the admin key, to a valid
+         * name (route_adapter_put answers the other cases) */
         if (!strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && ct &&
             !strncasecmp(ct, "multipart/form-data", 19) && auth_status(c, method, url) == 0 &&
-            atomic_load(&h->ready)) {
+            atomic_load(&h->ready) && ad_registry_name_ok(url + 13)) {
             if (upload_begin(c, &c->upload_err) < 0)
                 c->upload_rc = c->upload_err.code ? c->upload_err.code : -EIO;
         }
@@ -393,6 +401,36 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
 /* ==========================================================================================
  * Lifetime */
 
+static int hexval(char ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
+/* Decodes %XX in a URL in place, as libmicrohttpd's own unescaper does, except %00: a NUL would
+ * cut the C string the handlers see (PUT /v1/adapters/a%00b would name 'a'), so it stays as the
+ * three characters and fails whatever validation the route does. Returns the new length. */
+static size_t unescape(void *cls, struct MHD_Connection *mc, char *s)
+{
+    char *out = s;
+    (void)cls;
+    (void)mc;
+    for (const char *p = s; *p; p++) {
+        int hi, lo;
+        if (p[0] == '%' && (hi = hexval(p[1])) >= 0 && (lo = hexval(p[2])) >= 0 &&
+            (hi | lo) != 0) {
+            *out++ = (char)(hi << 4 | lo);
+            p += 2;
+        } else {
+            *out++ = *p;
+        }
+    }
+    *out = '\0';
+    return (size_t)(out - s);
+}
+
 /* libmicrohttpd's own messages (mostly clients that went away) at debug level. */
 static void mhd_logger(void *cls, const char *fmt, va_list ap)
 {
@@ -413,8 +451,10 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
                      MHD_USE_ITC | MHD_USE_ERROR_LOG;
 
-    if (!h)
+    if (!h || sodium_init() < 0) {
+        free(h);
         return ad_err_set(err, -ENOMEM, "out of memory");
+    }
     h->cfg = *cfg;
     if (deps)
         h->deps = *deps;
@@ -439,7 +479,7 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
     h->daemon = MHD_start_daemon(
         flags, (uint16_t)(cfg->listen_fd < 0 ? cfg->port : 0), NULL, NULL, on_request, h,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger,
-        NULL, MHD_OPTION_CONNECTION_LIMIT,
+        NULL, MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
         cfg->listen_fd >= 0 ? MHD_OPTION_LISTEN_SOCKET : MHD_OPTION_SOCK_ADDR,
         cfg->listen_fd >= 0 ? (intptr_t)cfg->listen_fd : (intptr_t)&ss, MHD_OPTION_END);

@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,37 +12,57 @@
 
 #include "adapterd/util.h"
 
-int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err)
+/* Opens a regular file for reading: name relative to dirfd (AT_FDCWD: a path), through no
+ * symlink at its last component if nofollow (one is -EINVAL: the file is refused, not missing).
+ * Returns the fd or -errno, err naming `name`. */
+static int open_regular(int dirfd, const char *name, bool nofollow, struct stat *st,
+                        struct ad_err *err)
+{
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0));
+    if (fd < 0 && errno == ELOOP && nofollow)
+        return ad_err_set(err, -EINVAL, "%s: a symbolic link (not followed)", name);
+    if (fd < 0)
+        return ad_err_set(err, -errno, "%s: %s", name, strerror(errno));
+    int r = fd;
+    if (fstat(fd, st) < 0)
+        r = ad_err_set(err, -errno, "%s: %s", name, strerror(errno));
+    else if (!S_ISREG(st->st_mode))
+        r = ad_err_set(err, -EINVAL, "%s: not a regular file", name);
+    if (r < 0)
+        close(fd);
+    return r;
+}
+
+static int mmap_at(struct ad_mmap *m, int dirfd, const char *name, bool nofollow,
+                   struct ad_err *err)
 {
     struct stat st;
-    int fd, r;
-
     m->data = NULL;
     m->size = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open_regular(dirfd, name, nofollow, &st, err), r = 0;
     if (fd < 0)
-        return ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
-    if (fstat(fd, &st) < 0) {
-        r = ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        r = ad_err_set(err, -EINVAL, "%s: not a regular file", path);
-        goto out;
-    }
-    r = 0;
+        return fd;
     if (st.st_size > 0) {
         void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (p == MAP_FAILED) {
-            r = ad_err_set(err, -errno, "%s: mmap: %s", path, strerror(errno));
-            goto out;
+            r = ad_err_set(err, -errno, "%s: mmap: %s", name, strerror(errno));
+        } else {
+            m->data = p;
+            m->size = (size_t)st.st_size;
         }
-        m->data = p;
-        m->size = (size_t)st.st_size;
     }
-out:
     close(fd);
     return r;
+}
+
+int ad_mmap_init(struct ad_mmap *m, const char *path, struct ad_err *err)
+{
+    return mmap_at(m, AT_FDCWD, path, false, err);
+}
+
+int ad_mmap_init_at(struct ad_mmap *m, int dirfd, const char *name, struct ad_err *err)
+{
+    return mmap_at(m, dirfd, name, true, err);
 }
 
 void ad_mmap_fini(struct ad_mmap *m)
@@ -52,50 +73,64 @@ void ad_mmap_fini(struct ad_mmap *m)
     m->size = 0;
 }
 
-int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
-                 struct ad_err *err)
+static int read_at(int dirfd, const char *name, bool nofollow, size_t max_bytes,
+                   char **ret_buf, size_t *ret_len, struct ad_err *err)
 {
-    FILE *f = fopen(path, "rbe");
+    struct stat st;
     char *buf = NULL;
     size_t len = 0, cap = 0;
-    int r;
+    int fd = open_regular(dirfd, name, nofollow, &st, err), r = 0;
 
-    if (!f)
-        return ad_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    if (fd < 0)
+        return fd;
     for (;;) {
         if (cap - len < 4096 + 1) {
             size_t ncap = cap ? cap * 2 : 65536;
             char *nb = realloc(buf, ncap);
             if (!nb) {
-                r = ad_err_set(err, -ENOMEM, "%s: out of memory", path);
-                goto fail;
+                r = ad_err_set(err, -ENOMEM, "%s: out of memory", name);
+                break;
             }
             buf = nb;
             cap = ncap;
         }
-        size_t n = fread(buf + len, 1, cap - len - 1, f);
-        len += n;
+        ssize_t n = read(fd, buf + len, cap - len - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            r = ad_err_set(err, -errno, "%s: %s", name, strerror(errno));
+            break;
+        }
+        len += (size_t)n;
         if (len > max_bytes) {
-            r = ad_err_set(err, -E2BIG, "%s: larger than %zu bytes", path, max_bytes);
-            goto fail;
+            r = ad_err_set(err, -E2BIG, "%s: larger than %zu bytes", name, max_bytes);
+            break;
         }
         if (n == 0)
             break;
     }
-    if (ferror(f)) {
-        r = ad_err_set(err, -EIO, "%s: read error", path);
-        goto fail;
+    close(fd);
+    if (r < 0) {
+        free(buf);
+        return r;
     }
-    fclose(f);
     buf[len] = '\0';
     *ret_buf = buf;
     if (ret_len)
         *ret_len = len;
     return 0;
-fail:
-    free(buf);
-    fclose(f);
-    return r;
+}
+
+int ad_read_file(const char *path, size_t max_bytes, char **ret_buf, size_t *ret_len,
+                 struct ad_err *err)
+{
+    return read_at(AT_FDCWD, path, false, max_bytes, ret_buf, ret_len, err);
+}
+
+int ad_read_file_at(int dirfd, const char *name, size_t max_bytes, char **ret_buf,
+                    size_t *ret_len, struct ad_err *err)
+{
+    return read_at(dirfd, name, true, max_bytes, ret_buf, ret_len, err);
 }
 
 #define HUGE_PAGE ((size_t)2 << 20)

@@ -89,16 +89,28 @@ function safetensors(tensors) { /* {name: [shape, Float32Array]} */
         header[name] = { dtype: 'F32', shape, data_offsets: [off, off + data.byteLength] };
         off += data.byteLength;
     }
+    return safetensorsRaw(header,
+                          Buffer.concat(Object.values(tensors).map(([, d]) => Buffer.from(d.buffer))));
+}
+
+/* The file of a header taken as it is (offsets included) and the data bytes after it. */
+function safetensorsRaw(header, data) {
     let h = Buffer.from(JSON.stringify(header));
     h = Buffer.concat([h, Buffer.alloc((8 - (h.length % 8)) % 8, 0x20)]);
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(h.length));
-    return Buffer.concat([len, h, ...Object.values(tensors).map(([, d]) => Buffer.from(d.buffer))]);
+    return Buffer.concat([len, h, data]);
+}
+
+/* The header (an object) and the data of a safetensors file's bytes. */
+function parseSafetensors(buf) {
+    const n = Number(buf.readBigUInt64LE(0));
+    return { header: JSON.parse(buf.subarray(8, 8 + n).toString()), data: buf.subarray(8 + n) };
 }
 
 /* A LoRA on q_proj and v_proj; `scaleB` 0 makes it an exact no-op. `outV` lets a test write a
- * mismatched shape. */
-function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM } = {}) {
+ * mismatched shape, `alpha` any lora_alpha, `nan` a NaN into layer 0's q_proj.lora_A. */
+function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM, alpha = 2 * r, nan = false } = {}) {
     fs.mkdirSync(dir, { recursive: true });
     const rand = rng(seed), t = {};
     const mat = (n, s) => Float32Array.from({ length: n }, () => rand() * s);
@@ -108,8 +120,10 @@ function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM } = {}) {
             t[`${p}.lora_A.weight`] = [[r, HIDDEN], mat(r * HIDDEN, 0.2)];
             t[`${p}.lora_B.weight`] = [[out, r], mat(out * r, 0.5 * scaleB)];
         }
+    if (nan)
+        t['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'][1][1] = NaN;
     fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({
-        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: 2 * r, lora_dropout: 0,
+        peft_type: 'LORA', task_type: 'CAUSAL_LM', r, lora_alpha: alpha, lora_dropout: 0,
         target_modules: ['q_proj', 'v_proj'], bias: 'none', fan_in_fan_out: false,
         base_model_name_or_path: 'model',
     }));
@@ -312,8 +326,41 @@ function writeAdapter(dir, config, tensors) {
     fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), safetensors(tensors));
 }
 
+/* Runs tests ([{name, fn}], each given the shared daemon `d`, started here) in order, prints a
+ * line each and the suite's total, and exits 1 if any failed. */
+async function runSuite(suite, tests, extra = []) {
+    makeModel();
+    const d = await new Daemon(extra).ready();
+    let passed = 0, failed = 0;
+    for (const t of tests) {
+        if (ONLY && !t.name.includes(ONLY))
+            continue;
+        const t0 = Date.now();
+        try {
+            await t.fn(d);
+            passed++;
+            console.log(`ok   ${t.name} (${Date.now() - t0} ms)`);
+        } catch (e) {
+            failed++;
+            console.log(`FAIL ${t.name}\n${e.stack}`);
+        }
+    }
+    try {
+        await d.stop();
+    } catch (e) {
+        failed++;
+        console.log(`FAIL shutdown of the shared daemon\n${e.message}`);
+    }
+    if (failed)
+        console.log(`--- daemon log (last 4000 bytes) ---\n${d.log.slice(-4000)}`);
+    fs.rmSync(TMP, { recursive: true, force: true });
+    console.log(`${suite}: ${passed} passed, ${failed} failed`);
+    process.exit(failed ? 1 : 0);
+}
+
 module.exports = {
     assert, fs, os, path, spawn, spawnSync, OpenAI, Template, sleep, TMP, ADAPTERD, MODEL, HIDDEN,
     KV_DIM, LAYERS, CTX, CHATML, ONLY, makeModel, makeLora, makeIA3, makePrompt, makePrefix,
-    makeBitfit, Daemon, assertError, readSSE, close, rng,
+    makeBitfit, Daemon, assertError, readSSE, close, rng, safetensorsRaw, parseSafetensors,
+    runSuite,
 };

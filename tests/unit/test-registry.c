@@ -3,8 +3,10 @@
  * budget with reload on demand, and readers racing a writer. */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../check.h"
@@ -21,6 +23,16 @@ static void on_error(void *ud, const char *name, const struct ad_err *err)
     n_errors++;
     CHECK_STR(name, "bad");
     CHECK(err->msg[0] != '\0');
+}
+
+/* Sets a path's modification time to `seconds` ago. */
+static void age(const char *path, int seconds)
+{
+    struct timespec ts[2];
+    clock_gettime(CLOCK_REALTIME, &ts[0]);
+    ts[0].tv_sec -= seconds;
+    ts[1] = ts[0];
+    CHECK_INT(utimensat(AT_FDCWD, path, ts, 0), ==, 0);
 }
 
 static bool exists(const char *name)
@@ -93,7 +105,11 @@ int main(void)
     tiny_lora(p, 3, 0.5f);
     snprintf(p, sizeof(p), "%s/bad/adapter_config.json", adir);
     CHECK_INT(ad_write_file(p, "{\"peft_type\":\"LORA\",\"r\":2}", 26), ==, 0); /* rank 3 != 2 */
+    /* leftovers: one untouched for an hour (a crash), one fresh (another process's, maybe) */
     snprintf(p, sizeof(p), "%s/.stage-left", adir);
+    CHECK_INT(mkdir(p, 0755), ==, 0);
+    age(p, 3600);
+    snprintf(p, sizeof(p), "%s/.stage-fresh", adir);
     CHECK_INT(mkdir(p, 0755), ==, 0);
 
     /* scan */
@@ -101,6 +117,18 @@ int main(void)
     CHECK_INT(ad_registry_scan(r, on_error, NULL), ==, 1);
     CHECK_INT(n_errors, ==, 1);
     CHECK(!exists(".stage-left"));
+    CHECK(exists(".stage-fresh"));
+    snprintf(p, sizeof(p), "%s/.stage-fresh", adir);
+    CHECK_INT(rmdir(p), ==, 0);
+    /* this process's staging directory is never touched by a scan, however old, until it is
+     * installed or unstaged */
+    char staged[4096];
+    CHECK_INT(ad_registry_stage_dir(r, staged, sizeof(staged), &err), ==, 0);
+    age(staged, 7200);
+    CHECK_INT(ad_registry_scan(r, on_error, NULL), ==, 1);
+    CHECK_INT(access(staged, F_OK), ==, 0);
+    ad_registry_unstage(r, staged);
+    CHECK_INT(access(staged, F_OK), ==, -1);
     CHECK_INT(ad_registry_get(r, "nope", &a, &err), ==, -ENOENT);
     CHECK_CONTAINS(err.msg, "'nope'");
     CHECK_INT(ad_registry_get(r, "a", &a, &err), ==, 0);
