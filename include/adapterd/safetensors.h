@@ -43,7 +43,8 @@ struct ad_tensor {
 struct ad_st_file;
 
 /* Maps and parses path. Returns 0 and a new file, or -errno with err naming the file and the
- * problem (-EINVAL for a malformed header or offsets outside the file). */
+ * problem (-EINVAL for a malformed header, offsets outside the file, tensors that overlap, or
+ * data bytes that no tensor covers: as the reference, every byte of the data is one tensor's). */
 int ad_st_open(const char *path, struct ad_st_file **ret, struct ad_err *err);
 
 /* Parses a safetensors image already in memory (borrowed: must outlive the result). Used by
@@ -66,6 +67,10 @@ bool ad_dtype_is_float(enum ad_dtype t); /* F32, F16 or BF16: convertible to f32
 
 /* Converts n elements of a float tensor (F32/F16/BF16, any alignment) to f32. */
 void ad_tensor_to_f32(const struct ad_tensor *t, float *dst);
+/* The index of the first NaN or infinite element of a float tensor (F32/F16/BF16, read as
+ * stored: any alignment, any NaN payload), or -1 if every element is finite or t is not a float
+ * tensor. Thread-safe. */
+int64_t ad_tensor_find_nonfinite(const struct ad_tensor *t);
 
 float ad_f16_to_f32(uint16_t h);
 uint16_t ad_f32_to_f16(float f);

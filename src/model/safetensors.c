@@ -156,12 +156,93 @@ void ad_tensor_to_f32(const struct ad_tensor *t, float *dst)
     }
 }
 
+/* Bits of element i of p, es bytes little-endian (es a constant once inlined). */
+static inline uint32_t bits_at(const unsigned char *p, size_t es, int64_t i)
+{
+    const unsigned char *q = p + (size_t)i * es;
+    return es == 4 ? (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 |
+                         (uint32_t)q[3] << 24
+                   : (uint32_t)q[0] | (uint32_t)q[1] << 8;
+}
+
+/* The first of n elements whose exponent bits (mask) are all ones, or -1. Blocks without one
+ * take a loop without exits, which the compiler vectorises. */
+static inline int64_t find_all_ones(const unsigned char *p, size_t es, int64_t n, uint32_t mask)
+{
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        int64_t i1 = n - i0 < 1024 ? n : i0 + 1024;
+        uint32_t any = 0;
+        for (int64_t i = i0; i < i1; i++)
+            any |= (bits_at(p, es, i) & mask) == mask;
+        for (int64_t i = i0; any && i < i1; i++)
+            if ((bits_at(p, es, i) & mask) == mask)
+                return i;
+    }
+    return -1;
+}
+
+int64_t ad_tensor_find_nonfinite(const struct ad_tensor *t)
+{
+    switch (t->dtype) {
+    case AD_DTYPE_F32:
+        return find_all_ones(t->data, 4, t->n_elems, 0x7f800000u);
+    case AD_DTYPE_F16:
+        return find_all_ones(t->data, 2, t->n_elems, 0x7c00u);
+    case AD_DTYPE_BF16:
+        return find_all_ones(t->data, 2, t->n_elems, 0x7f80u);
+    default:
+        return -1;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------
  * Reader */
 
 static int cmp_tensor(const void *a, const void *b)
 {
     return strcmp(((const struct ad_tensor *)a)->name, ((const struct ad_tensor *)b)->name);
+}
+
+/* By data offsets: begin, then end (a tensor of zero bytes before one that starts there too),
+ * then name (equal ranges: a stable order for the message). */
+static int cmp_offsets(const void *a, const void *b)
+{
+    const struct ad_tensor *x = a, *y = b;
+    const unsigned char *xb = x->data, *yb = y->data;
+    if (xb != yb)
+        return xb < yb ? -1 : 1;
+    if (x->n_bytes != y->n_bytes)
+        return x->n_bytes < y->n_bytes ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+static int unindexed(struct ad_err *err, size_t from, size_t to)
+{
+    return ad_err_set(err, -EINVAL, "bytes [%zu, %zu) of the data are not part of any tensor",
+                      from, to);
+}
+
+/* The format's rule, as the reference reader checks it: sorted by offsets, each tensor begins
+ * where the one before ends and the last ends with the data, so that no byte belongs to two
+ * tensors and every byte to one. A tensor of zero bytes lies on such a boundary. Leaves the
+ * tensors sorted by offset. */
+static int check_layout(struct ad_tensor *t, size_t n, const unsigned char *data, size_t data_len,
+                        struct ad_err *err)
+{
+    size_t end = 0; /* of t[i - 1] */
+
+    qsort(t, n, sizeof(*t), cmp_offsets);
+    for (size_t i = 0; i < n; i++) {
+        size_t b = (size_t)((const unsigned char *)t[i].data - data);
+        if (b < end)
+            return ad_err_set(err, -EINVAL, "tensors '%.80s' [%zu, %zu] and '%.80s' [%zu, %zu] "
+                              "overlap", t[i - 1].name, end - t[i - 1].n_bytes, end, t[i].name,
+                              b, b + t[i].n_bytes);
+        if (b > end)
+            return unindexed(err, end, b);
+        end = b + t[i].n_bytes;
+    }
+    return end < data_len ? unindexed(err, end, data_len) : 0;
 }
 
 static int parse_entry(const char *name, json_t *v, const unsigned char *data, size_t data_len,
@@ -282,6 +363,9 @@ int ad_st_parse(const void *buf, size_t len, struct ad_st_file **ret, struct ad_
             goto fail;
         f->n_tensors++;
     }
+    r = check_layout(f->tensors, f->n_tensors, p + 8 + hlen, len - 8 - (size_t)hlen, err);
+    if (r < 0)
+        goto fail;
     qsort(f->tensors, f->n_tensors, sizeof(*f->tensors), cmp_tensor);
     *ret = f;
     return 0;
