@@ -22,9 +22,10 @@ struct load_ctx {
 /* The tensor named key, marked as used, or NULL. */
 const struct ad_tensor *ctx_take(struct load_ctx *c, const char *key);
 /* Checks that t is a float tensor (F32, F16, BF16) of shape [d0, d1] (d1 = 0: one dimension;
- * d1 = -1: [d0, 1] or [1, d0] or [d0] accepted). Returns 0 or -EINVAL naming the tensor. */
-int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1);
-/* Converts t to a new f32 array owned by the adapter after ctx_shape. Returns 0 or
+ * d1 = -1: [d0, 1] or [1, d0] or [d0] accepted) whose values are all finite: every loader takes
+ * its tensors through here. Returns 0 or -EINVAL naming the tensor. */
+int ctx_check(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1);
+/* Converts t to a new f32 array owned by the adapter after ctx_check. Returns 0 or
  * -EINVAL/-ENOMEM. */
 int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret);
 /* An adapter-owned allocation of n floats (zeroed), or NULL. */

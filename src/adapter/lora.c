@@ -67,8 +67,10 @@ static bool in_layers(json_t *layers, int layer)
     return false;
 }
 
-/* k = m / |W + s B A| per output row (the L2 norm over the input dimension). */
-static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const float *m)
+/* k = m / |W + s B A| per output row (the L2 norm over the input dimension), tm the magnitude
+ * tensor m came from. */
+static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const struct ad_tensor *tm,
+                     const float *m)
 {
     const struct ad_site *s = d->site;
     float *row = ctx_alloc(c, (size_t)s->n_in);
@@ -87,6 +89,10 @@ static int dora_init(struct load_ctx *c, struct ad_site_delta *d, const float *m
             norm += (double)row[i] * row[i];
         }
         d->dora_k[o] = (float)(m[o] / sqrt(norm));
+        if (!isfinite(norm) || !isfinite(d->dora_k[o])) /* W + s B A overflows, or is 0 */
+            return ad_err_set(c->err, -EINVAL, "tensor '%s': DoRA's factor m / |W + s B A| of "
+                              "row %d is %g / %g, not finite", tm->name, o, (double)m[o],
+                              sqrt(norm));
     }
     return 0;
 }
@@ -191,15 +197,13 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
     return 0;
 }
 
-/* The scale of symmetric 8-bit quantization of v[i * stride], i < n: max |v| / 127 (0 for
- * zeros), or -1 if a value is not finite. */
+/* The scale of symmetric 8-bit quantization of v[i * stride], i < n (finite: ctx_check):
+ * max |v| / 127 (0 for zeros). */
 static float int8_scale(const float *v, size_t n, size_t stride)
 {
     float amax = 0;
     for (size_t i = 0; i < n; i++) {
         float a = fabsf(v[i * stride]);
-        if (!isfinite(a))
-            return -1;
         amax = a > amax ? a : amax;
     }
     return amax / 127.0f;
@@ -230,7 +234,7 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
     size_t off = ar->off[s - c->m->sites];
     int r;
 
-    if ((r = ctx_shape(c, ta, rank, s->n_in)) < 0 || (r = ctx_shape(c, tb, s->n_out, rank)) < 0)
+    if ((r = ctx_check(c, ta, rank, s->n_in)) < 0 || (r = ctx_check(c, tb, s->n_out, rank)) < 0)
         return r;
     enum ad_lora_type type = type_of(c, ta, tb);
     bool half = type == AD_LORA_BF16 || type == AD_LORA_F16, i8 = type == AD_LORA_I8;
@@ -260,11 +264,6 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
             const float *ak = a32 + (size_t)k * (size_t)s->n_in;
             a_scale[k] = int8_scale(ak, (size_t)s->n_in, 1);
             b_scale[k] = int8_scale(b32 + k, (size_t)s->n_out, (size_t)rank);
-            if (a_scale[k] < 0 || b_scale[k] < 0) {
-                r = ad_err_set(c->err, -EINVAL, "tensor '%s': a value is not finite",
-                               a_scale[k] < 0 ? ta->name : tb->name);
-                break;
-            }
             int8_t *qa = (int8_t *)a + (size_t)k * (size_t)s->n_in;
             for (int i = 0; i < s->n_in; i++)
                 qa[i] = int8_of(ak[i], a_scale[k]);
@@ -285,8 +284,6 @@ static int load_factors(struct load_ctx *c, const struct arena *ar, struct ad_si
     }
     free(a32);
     free(b32);
-    if (r < 0)
-        return r;
     d->lora = (struct ad_lora_factors){.rank = rank, .n_in = s->n_in, .n_out = s->n_out,
                                        .type = type, .a = a, .bp = bp, .a_scale = a_scale,
                                        .b_scale = b_scale};
@@ -319,7 +316,9 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
     if ((r = pattern_value(c, "rank_pattern", module, &rank)) < 0 ||
         (r = pattern_value(c, "alpha_pattern", module, &alpha)) < 0)
         return r;
-    if (ta->n_dims != 2 || ta->shape[0] != (int64_t)rank)
+    const char *alpha_from = r ? "alpha_pattern" : "lora_alpha";
+    /* compared as doubles: the config's value may be any number (1e308, 2.5) */
+    if (ta->n_dims != 2 || (double)ta->shape[0] != rank)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %lld, but the config says r = %g",
                           ta->name, (long long)(ta->n_dims == 2 ? ta->shape[0] : -1), rank);
     if (rank < 1 || rank > AD_MIX_LOCAL_TMP / AD_LORA_ROWS) /* t fits a thread's work space */
@@ -332,6 +331,10 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
                           module);
     bool rs = json_is_true(json_object_get(cfg, "use_rslora"));
     d->scale = (float)(rs ? alpha / sqrt(rank) : alpha / rank);
+    if (!isfinite(d->scale)) /* the float the forward multiplies by */
+        return ad_err_set(c->err, -EINVAL, "adapter_config.json: module '%s': the scale %s / "
+                          "%s = %g / %g is not finite as a float", module, alpha_from,
+                          rs ? "sqrt(r)" : "r", alpha, rs ? sqrt(rank) : rank);
     const struct ad_tensor *tb = b_of(c, ta, true);
     if (!tb)
         return ad_err_set(c->err, -EINVAL, "tensor '%s' has no matching '%.*s.lora_B.weight'",
@@ -358,7 +361,7 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
         float *mag;
         if (d->lora_bias)
             return ad_err_set(c->err, -ENOTSUP, "module '%s': DoRA with lora_bias", module);
-        if ((r = ctx_f32(c, tm, s->n_out, -1, &mag)) < 0 || (r = dora_init(c, d, mag)) < 0)
+        if ((r = ctx_f32(c, tm, s->n_out, -1, &mag)) < 0 || (r = dora_init(c, d, tm, mag)) < 0)
             return r;
     }
     return 0;

@@ -3,6 +3,7 @@
  * every kind's loader shares. shared/PEFT-FORMATS.md has the layouts and their sources. */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <errno.h>
+#include <math.h>
 #include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,7 +62,7 @@ void *ctx_alloc_bytes(struct load_ctx *c, size_t n)
     return own(c, n, false);
 }
 
-int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1)
+int ctx_check(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1)
 {
     bool ok;
     if (d1 == -1) /* a vector stored as [n], [n, 1] or [1, n] */
@@ -86,12 +87,24 @@ int ctx_shape(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t
     if (!ad_dtype_is_float(t->dtype))
         return ad_err_set(c->err, -EINVAL, "tensor '%s': dtype %s is not supported (F32, F16, "
                           "BF16)", t->name, ad_dtype_name(t->dtype));
+    /* Checked as stored, before any conversion: 16-bit LoRA factors are kept as they are. */
+    int64_t bad = ad_tensor_find_nonfinite(t);
+    if (bad >= 0) {
+        struct ad_tensor one = *t;
+        float v;
+        one.data = (const unsigned char *)t->data + (size_t)bad * ad_dtype_size(t->dtype);
+        one.n_elems = 1;
+        ad_tensor_to_f32(&one, &v);
+        return ad_err_set(c->err, -EINVAL, "tensor '%s': element %lld is %s (values must be "
+                          "finite)", t->name, (long long)bad, isnan(v) ? "NaN" : v > 0 ? "inf"
+                          : "-inf");
+    }
     return 0;
 }
 
 int ctx_f32(struct load_ctx *c, const struct ad_tensor *t, int64_t d0, int64_t d1, float **ret)
 {
-    int r = ctx_shape(c, t, d0, d1);
+    int r = ctx_check(c, t, d0, d1);
     if (r < 0)
         return r;
     float *p = own(c, (size_t)t->n_elems * sizeof(float), false);

@@ -1,6 +1,7 @@
 /* Adapter loading rules that the PyTorch reference suite (tests/adapters) cannot show: how
  * replacement biases are represented and applied, the LoRA row kernel against the sgemm path,
- * and the combinations PEFT never writes (a module saved whole and also adapted). */
+ * the combinations PEFT never writes (a module saved whole and also adapted), and the values
+ * refused at load (NaN and infinities in any tensor, scales that are not finite). */
 #include <errno.h>
 #include <sys/stat.h>
 
@@ -23,6 +24,9 @@ struct tensor {
 /* The dtype load() writes tensors in (F32, BF16 or F16), and the flags it loads with. */
 static enum ad_dtype load_dtype = AD_DTYPE_F32;
 static unsigned load_flags;
+/* If not 0 (NaN, an infinity): element 1 of tensor poison_at instead, in the file's dtype. */
+static float poison;
+static size_t poison_at;
 
 /* Element j of a tensor that load() writes with value < 0 (a ramp), as the file holds it. */
 static float ramp(int j)
@@ -49,6 +53,8 @@ static int load(const char *name, const char *config, const struct tensor *t, si
         CHECK(t[i].d0 * (t[i].d1 ? t[i].d1 : 1) <= 24 * 24);
         for (int j = 0; j < 24 * 24; j++)
             data[i][j] = t[i].value < 0 ? 0.01f * (float)(j % 97) - 0.4f : t[i].value;
+        if (poison != 0 && i == poison_at)
+            data[i][1] = poison;
         for (int j = 0; j < 24 * 24; j++)
             half[i][j] = load_dtype == AD_DTYPE_F16 ? ad_f32_to_f16(data[i][j])
                                                     : ad_f32_to_bf16(data[i][j]);
@@ -223,6 +229,123 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
     ad_adapter_unref(a);
 }
 
+#define Q "base_model.model.model.layers.0.self_attn.q_proj"
+#define LORA_A {Q ".lora_A.weight", 2, 16, 0.1f}
+#define LORA_B {Q ".lora_B.weight", 16, 2, -1}
+#define LORA "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4"
+#define BN "model.layers.1.output_adapters.adapters.h."
+
+/* A NaN or an infinity in any tensor of any kind, in each dtype (as stored: BF16 and F16 LoRA
+ * factors are kept 16-bit, int8 ones quantized), is refused at load naming the tensor; the same
+ * file without it loads. */
+static void test_non_finite(void)
+{
+    static const struct {
+        const char *config;
+        struct tensor t[4];
+        size_t n, bad;
+    } cases[] = {
+        {LORA "}", {LORA_A, LORA_B}, 2, 0},
+        {LORA "}", {LORA_A, LORA_B}, 2, 1},
+        {LORA "}", {LORA_A, LORA_B, {Q ".lora_B.bias", 16, 0, 0.5f}}, 3, 2},
+        {LORA ", \"use_dora\": true}", {LORA_A, LORA_B, {Q ".lora_magnitude_vector", 16, 0, 1}},
+         3, 2},
+        {LORA ", \"use_rslora\": true}", {LORA_A, LORA_B}, 2, 0},
+        /* bias="all", modules_to_save (a linear, a norm) */
+        {LORA "}", {LORA_A, LORA_B, {Q ".bias", 16, 0, 0.5f}}, 3, 2},
+        {LORA "}", {LORA_A, LORA_B, {"base_model.model.model.layers.1.mlp.up_proj.weight", 24, 16,
+                                     -1}}, 3, 2},
+        {LORA "}", {LORA_A, LORA_B, {"base_model.model.model.norm.weight", 16, 0, 1}}, 3, 2},
+        {"{\"peft_type\": \"IA3\", \"target_modules\": [\"q_proj\"]}",
+         {{Q ".ia3_l", 16, 1, 1.5f}}, 1, 0},
+        {"{\"peft_type\": \"BITFIT\"}", {{Q ".bias", 16, 0, 0.25f}}, 1, 0},
+        {"{\"peft_type\": \"PREFIX_TUNING\", \"num_virtual_tokens\": 2}",
+         {{"prompt_embeddings", 2, 2 * 2 * 8, -1}}, 1, 0}, /* [P, layers x K,V x 8] */
+        {"{\"peft_type\": \"PROMPT_TUNING\", \"num_virtual_tokens\": 3}",
+         {{"prompt_embeddings", 3, 16, -1}}, 1, 0},
+        {"{\"config\": {\"reduction_factor\": 4, \"non_linearity\": \"relu\"}}",
+         {{BN "adapter_down.0.weight", 4, 16, -1}, {BN "adapter_down.0.bias", 4, 0, 0.1f},
+          {BN "adapter_up.weight", 16, 4, -1}, {BN "adapter_up.bias", 16, 0, 0.1f}}, 4, 3},
+    };
+    static const enum ad_dtype dtypes[] = {AD_DTYPE_F32, AD_DTYPE_F16, AD_DTYPE_BF16};
+    static const struct {
+        float v;
+        const char *says;
+    } poisons[] = {{NAN, "is NaN"}, {INFINITY, "is inf"}, {-INFINITY, "is -inf"}};
+    struct ad_adapter *a;
+    struct ad_err err;
+
+    for (unsigned flags = 0; flags <= AD_ADAPTER_LORA_INT8; flags += AD_ADAPTER_LORA_INT8)
+        for (size_t d = 0; d < 3; d++)
+            for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                const struct tensor *t = cases[i].t;
+                load_dtype = dtypes[d];
+                load_flags = flags;
+                poison = 0;
+                CHECK_INT(load("finite", cases[i].config, t, cases[i].n, &a, &err), ==, 0);
+                ad_adapter_unref(a);
+                for (size_t p = 0; p < 3; p++) {
+                    poison = poisons[p].v;
+                    poison_at = cases[i].bad;
+                    CHECK_INT(load("finite", cases[i].config, t, cases[i].n, &a, &err), ==,
+                              -EINVAL);
+                    CHECK_CONTAINS(err.msg, t[cases[i].bad].name);
+                    CHECK_CONTAINS(err.msg, "element 1 ");
+                    CHECK_CONTAINS(err.msg, poisons[p].says);
+                }
+            }
+    load_dtype = AD_DTYPE_F32;
+    load_flags = 0;
+    poison = 0;
+
+    /* finite factors whose W + s B A overflows a float: DoRA's row factors m / |W + s B A| are
+     * not finite, and the magnitude vector is named */
+    static const struct tensor huge[] = {
+        {Q ".lora_A.weight", 2, 16, 1e30f},
+        {Q ".lora_B.weight", 16, 2, 1e30f},
+        {Q ".lora_magnitude_vector", 16, 0, 1},
+    };
+    CHECK_INT(load("dora-huge", LORA ", \"use_dora\": true}", huge, 3, &a, &err), ==, -EINVAL);
+    CHECK_CONTAINS(err.msg, Q ".lora_magnitude_vector");
+    CHECK_CONTAINS(err.msg, "not finite");
+}
+
+/* The config's numbers give the scale s = alpha / r (or / sqrt(r)) the forward multiplies by as
+ * a float: one that is not finite is refused naming its source; a rank that is not the
+ * tensor's (however large, or fractional) is refused. */
+static void test_scales(void)
+{
+    static const struct tensor t[] = {LORA_A, LORA_B};
+    static const struct {
+        const char *config, *says; /* says: NULL if it loads */
+    } cases[] = {
+        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e308}", "lora_alpha / r = 1e+308 / 2"},
+        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e39}", "lora_alpha / r = 1e+39 / 2"},
+        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e308, \"use_rslora\": true}",
+         "lora_alpha / sqrt(r)"},
+        {LORA ", \"alpha_pattern\": {\"q_proj\": 1e308}}", "alpha_pattern / r = 1e+308 / 2"},
+        {LORA ", \"rank_pattern\": {\"q_proj\": 1e308}}", "rank 2, but the config says r = 1e+308"},
+        {LORA ", \"rank_pattern\": {\"q_proj\": 2.5}}", "rank 2, but the config says r = 2.5"},
+        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e30}", NULL}, /* s = 5e29 */
+    };
+    struct ad_adapter *a;
+    struct ad_err err;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int r = load("scale", cases[i].config, t, 2, &a, &err);
+        if (!cases[i].says) {
+            CHECK_INT(r, ==, 0);
+            CHECK_NEAR(delta(a, "model.layers.0.self_attn.q_proj")->scale, 5e29, 5e22);
+            ad_adapter_unref(a);
+            continue;
+        }
+        CHECK_INT(r, ==, -EINVAL);
+        CHECK_CONTAINS(err.msg, cases[i].says);
+        if (strstr(cases[i].says, "alpha"))
+            CHECK_CONTAINS(err.msg, "model.layers.0.self_attn.q_proj': the scale ");
+    }
+}
+
 int main(void)
 {
     model = tiny_model(model_dir);
@@ -233,6 +356,8 @@ int main(void)
         test_lora_rows(AD_DTYPE_BF16, flags);
         test_lora_rows(AD_DTYPE_F16, flags);
     }
+    test_non_finite();
+    test_scales();
     ad_model_free(model);
     CHECK_INT(ad_rm_rf(model_dir), ==, 0);
     printf("adapter: ok\n");
