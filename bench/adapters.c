@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "adapterd/adapter.h"
+#include "adapterd/blas.h"
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
 #include "adapterd/util.h"
@@ -539,7 +540,9 @@ int main(int argc, char **argv)
     static char adir[AD_N_RANKS * 2][PATH_MAX];
     char tmp[PATH_MAX] = "";
     int status = 1;
+    struct ad_blas_choice blas;
 
+    ad_blas_startup(argv, &blas); /* first: it may execute the benchmark again (blas.h) */
     if (ad_parse_args(argc, argv, &o) < 0) {
         ad_usage(stderr);
         return 2;
@@ -554,6 +557,7 @@ int main(int argc, char **argv)
     printf("OPENBLAS_CORETYPE     %s\n", coretype ? coretype : "(unset)");
     printf("forward threads       %d\n", ad_model_threads());
     printf("openblas core         %s\n", openblas_get_corename());
+    printf("openblas choice       %s%s\n", blas.warn ? "WARNING: " : "", blas.msg);
     bench_print_loadavg("(start) ");
 
     if (ad_model_load(dir, &m, &err) < 0) {

@@ -23,6 +23,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "adapterd/blas.h"
 #include "adapterd/model.h"
 #include "adapterd/util.h"
 #include "bench.h"
@@ -355,7 +356,9 @@ int main(int argc, char **argv)
     struct ad_err err = {0};
     double peak = 0, bw0 = 0, bw1 = 0, bw = 0;
     int status = 1;
+    struct ad_blas_choice blas;
 
+    ad_blas_startup(argv, &blas); /* first: it may execute the benchmark again (blas.h) */
     if (ad_parse_args(argc, argv, &o) < 0) {
         ad_usage(stderr);
         return 2;
@@ -376,6 +379,7 @@ int main(int argc, char **argv)
            "its items)\n", ad_model_threads());
     printf("openblas core         %s\n", openblas_get_corename());
     printf("openblas config       %s\n", openblas_get_config());
+    printf("openblas choice       %s%s\n", blas.warn ? "WARNING: " : "", blas.msg);
     bench_print_loadavg("(start) ");
     fflush(stdout);
 

@@ -50,6 +50,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "adapterd/blas.h"
 #include "adapterd/model.h"
 #include "adapterd/safetensors.h"
 #include "adapterd/util.h"
@@ -1766,7 +1767,10 @@ int main(int argc, char **argv)
     double prefix_ratio[2] = {NAN, NAN};
     long long file_bytes = 0, adapter_bytes = -1;
     int rc = 1, r = 0;
+    struct ad_blas_choice blas;
 
+    /* first: it may execute bench-serve again, and the daemon inherits the core (blas.h) */
+    ad_blas_startup(argv, &blas);
     if (bs_parse_args(argc, argv, &o) < 0) {
         bs_usage(stderr);
         return 2;
@@ -1806,6 +1810,7 @@ int main(int argc, char **argv)
     printf("nproc %ld; OPENBLAS_CORETYPE %s (the daemon inherits it); openblas core %s\n",
            sysconf(_SC_NPROCESSORS_ONLN), coretype ? coretype : "(unset)",
            openblas_get_corename());
+    printf("openblas choice: %s%s\n", blas.warn ? "WARNING: " : "", blas.msg);
     printf("load average at start: %s\n", la0);
     printf("daemon: %s, defaults (threads = one per core, max_seqs 64, max_batch_tokens 512)\n",
            o.adapterd);
