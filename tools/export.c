@@ -823,8 +823,10 @@ static int export(const struct options *o, struct ad_err *err)
         size_t n = strlen(tmp);
         while (n > 1 && tmp[n - 1] == '/')
             tmp[--n] = '\0';
-        if ((r = ad_adapter_load(m, o->adapter_dir[k], basename(tmp), 0, &mix.a[k], err)) < 0)
+        if ((r = ad_adapter_load(m, o->adapter_dir[k], basename(tmp), 0, &mix.a[k], err)) < 0) {
+            ad_err_prefix(err, "%s", o->adapter_dir[k]);
             goto fail;
+        }
         mix.w[k] = o->weight[k];
         mix.n++;
         const char *why = why_not_mergeable(mix.a[k]->kind);
