@@ -13,7 +13,7 @@
 const {
     assert, fs, path, spawnSync, OpenAI, Template, sleep, TMP, ADAPTERD, MODEL, CTX, CHATML, ONLY,
     makeModel, makeLora, makeIA3, makePrompt, makePrefix, makeBitfit, Daemon, assertError, readSSE,
-    close,
+    close, safetensorsRaw, parseSafetensors,
 } = require('./lib.js');
 
 /* ------------------------------------------------------------------------------------------
@@ -284,6 +284,54 @@ test('adapters: upload with curl, use, replace, compose, delete', async (d) => {
     assertError(await d.api('GET', '/v1/adapters/nop'), 404);
     assertError(await d.api('DELETE', '/v1/adapters/nop'), 404);
     assertError(await d.api('POST', '/v1/completions', { model: 'nop', prompt: 'x' }), 404, /nop/);
+});
+
+test('adapters: non-finite values, overlapping and unindexed bytes refused (400), registry unchanged', async (d) => {
+    const good = makeLora(path.join(TMP, 'lora-finite'), { seed: 11 });
+    let r = await d.upload('finite', good);
+    assert.equal(r.status, 201, r.text);
+    const before = await promptLogprobs(d, { model: 'finite' });
+    const refused = async (name, dir, text) => { // 400, its message saying text
+        const res = await d.upload(name, dir);
+        assertError(res, 400);
+        assert.ok(res.json.error.message.includes(text), `'${res.json.error.message}' lacks '${text}'`);
+    };
+    const A = 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight';
+    const B = 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight';
+    // the same LoRA with a NaN in a factor, and with a lora_alpha whose scale is no float
+    const nan = makeLora(path.join(TMP, 'lora-nan'), { seed: 11, nan: true });
+    await refused('finite', nan, `tensor '${A}': element 1 is NaN`);
+    await refused('finite', makeLora(path.join(TMP, 'lora-alpha'), { seed: 11, alpha: 1e308 }),
+                  'the scale lora_alpha / r = 1e+308 / 4 is not finite');
+    // the good file's bytes with its header changed: layer 0's q_proj B starts half-way into A;
+    // and with 8 bytes more
+    const w = fs.readFileSync(path.join(good, 'adapter_model.safetensors'));
+    const { header, data } = parseSafetensors(w);
+    const [a0, a1] = header[A].data_offsets, [b0, b1] = header[B].data_offsets;
+    assert.equal(b0, a1);
+    const half = (a1 - a0) / 2;
+    header[B].data_offsets = [b0 - half, b1 - half];
+    const variant = (name, weights) => {
+        const dir = path.join(TMP, name);
+        fs.mkdirSync(dir);
+        fs.copyFileSync(path.join(good, 'adapter_config.json'), path.join(dir, 'adapter_config.json'));
+        fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), weights);
+        return dir;
+    };
+    await refused('finite', variant('lora-overlap', safetensorsRaw(header, data)),
+                  `tensors '${A}' [${a0}, ${a1}] and '${B}' [${b0 - half}, ${b1 - half}] overlap`);
+    await refused('finite', variant('lora-trailing', Buffer.concat([w, Buffer.alloc(8)])),
+                  `bytes [${data.length}, ${data.length + 8}) of the data are not part of any tensor`);
+    await refused('finite-new', nan, 'is NaN'); // nor under a new name
+    assertError(await d.api('GET', '/v1/adapters/finite-new'), 404);
+
+    // the first version still answers the same, and is what is on disk
+    assert.equal((await d.api('GET', '/v1/adapters/finite')).status, 200);
+    assert.ok(close(before, await promptLogprobs(d, { model: 'finite' }), 0), 'a refused upload changed the adapter');
+    assert.ok(before.slice(1).every((x) => Number.isFinite(x)), `logprobs: ${before}`);
+    assert.ok(!fs.readdirSync(d.adapters).includes('finite-new'));
+    assert.ok(fs.readFileSync(path.join(d.adapters, 'finite', 'adapter_model.safetensors')).equals(w));
+    assert.equal((await d.api('DELETE', '/v1/adapters/finite')).status, 204);
 });
 
 test('uploads racing deletes of the same name: each answered, the store consistent', async (d) => {
