@@ -52,6 +52,11 @@ struct config {
     long max_body_kb;
     long max_upload_mb;
     long max_connections;
+    long max_connections_per_client;
+    long header_timeout_s;
+    long body_timeout_s;
+    long body_min_rate_kb;
+    long idle_timeout_s;
     long max_tokens_default;
     long shutdown_grace_s;
 };
@@ -107,8 +112,22 @@ static const struct option_def {
      "largest JSON request body", NULL},
     {"max_upload_mb", OPT_LONG, S(max_upload_mb), 1, 1 << 20, "4096", false,
      "largest adapter upload (streamed to disk)", NULL},
-    {"max_connections", OPT_LONG, S(max_connections), 1, 65536, "512", false,
-     "concurrent HTTP connections", NULL},
+    {"max_connections", OPT_LONG, S(max_connections), 8, 900, "512", false,
+     "concurrent HTTP connections; near the limit, those idle longest are closed to make room",
+     NULL},
+    {"max_connections_per_client", OPT_LONG, S(max_connections_per_client), 0, 900, "128", false,
+     "connections from one client address (0: no cap; behind a proxy on this machine every "
+     "client has the proxy's address)", NULL},
+    {"header_timeout_s", OPT_LONG, S(header_timeout_s), 1, 3600, "20", false,
+     "a connection that has not sent a request's headers within this time (new, or idle after "
+     "a response) is closed", NULL},
+    {"body_timeout_s", OPT_LONG, S(body_timeout_s), 1, 3600, "30", false,
+     "time a request body may take, plus 1 s for every body_min_rate_kb KiB received", NULL},
+    {"body_min_rate_kb", OPT_LONG, S(body_min_rate_kb), 1, 1 << 20, "1", false,
+     "slowest body upload kept (KiB/s, after body_timeout_s)", NULL},
+    {"idle_timeout_s", OPT_LONG, S(idle_timeout_s), 1, 3600, "60", false,
+     "a request that neither sends nor receives a byte for this long is closed (not while the "
+     "server is computing its answer)", NULL},
     {"max_tokens_default", OPT_LONG, S(max_tokens_default), 1, 1 << 20, "256", false,
      "max_tokens of a completion that gives none", NULL},
     {"shutdown_grace_s", OPT_LONG, S(shutdown_grace_s), 0, 3600, "30", false,
@@ -466,6 +485,11 @@ int main(int argc, char **argv)
         .max_body = (size_t)d.cfg.max_body_kb << 10,
         .max_upload = (size_t)d.cfg.max_upload_mb << 20,
         .max_connections = (int)d.cfg.max_connections,
+        .max_per_client = (int)d.cfg.max_connections_per_client,
+        .header_timeout = (double)d.cfg.header_timeout_s,
+        .body_timeout = (double)d.cfg.body_timeout_s,
+        .body_min_rate = (double)d.cfg.body_min_rate_kb * 1024,
+        .idle_timeout = (double)d.cfg.idle_timeout_s,
         .max_tokens_default = (int)d.cfg.max_tokens_default,
         .api_key = api_key, .admin_key = admin_key};
     if (ad_http_start(&hc, NULL, &d.http, &err) < 0) {

@@ -1,5 +1,8 @@
 /* adapterd: the HTTP API (libmicrohttpd, one thread per connection; handlers block on the
- * engine and poll their socket, so a client that goes away cancels its sequence). */
+ * engine and poll their socket, so a client that goes away cancels its sequence). Connections
+ * that send nothing, or too slowly, are cut off (header_timeout, body_timeout); when the server
+ * nears max_connections, or a client its max_per_client, the connections longest idle make room
+ * for new ones. */
 #pragma once
 
 #include <stdbool.h>
@@ -19,6 +22,12 @@ struct ad_http_config {
     size_t max_body;       /* JSON request bodies */
     size_t max_upload;     /* adapter uploads (streamed to disk) */
     int max_connections;
+    int max_per_client;    /* connections from one client address (0: no cap) */
+    double header_timeout; /* seconds a connection may wait for a request's headers, new or
+                            * kept alive between requests (slow or idle clients are cut) */
+    double body_timeout;   /* seconds a body may take, plus 1 s per body_min_rate bytes */
+    double body_min_rate;  /* bytes per second */
+    double idle_timeout;   /* seconds without a byte read or sent, mid-request */
     int max_tokens_default; /* max_tokens when a request gives none */
     const char *api_key;   /* NULL: no auth; else "Authorization: Bearer <key>" on every route */
     const char *admin_key; /* NULL: api_key; required for uploads, deletes and training */

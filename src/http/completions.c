@@ -816,6 +816,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     struct completion *cp = cls;
     (void)pos;
+    if (cp->out_pos == cp->out_len && !cp->finished_stream)
+        http_wait_begin(cp->c);
     while (cp->out_pos == cp->out_len) {
         if (cp->finished_stream) {
             cp->c->n_tokens = generated(cp); /* for the access log */
@@ -825,6 +827,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
         bool done = wait_step(cp);
         stream_chunks(cp, done);
     }
+    http_wait_end(cp->c);
     size_t n = cp->out_len - cp->out_pos < max ? cp->out_len - cp->out_pos : max;
     memcpy(buf, cp->out + cp->out_pos, n);
     cp->out_pos += n;

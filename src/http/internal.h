@@ -27,6 +27,16 @@ struct metrics {
     size_t n_adapters, cap_adapters;
 };
 
+/* Every connection and its state (conns.c). */
+struct conns {
+    pthread_mutex_t lock; /* guards everything below; taken by libmicrohttpd's listen thread */
+    pthread_cond_t cond;
+    struct tracked **all;
+    size_t n, cap;
+    bool stop;
+    pthread_t reaper;
+};
+
 struct ad_http {
     struct MHD_Daemon *daemon;
     struct ad_http_config cfg;
@@ -38,6 +48,7 @@ struct ad_http {
     atomic_int in_flight;
     atomic_ullong next_id;
     struct metrics metrics;
+    struct conns conns;
 };
 
 /* One HTTP request's state, from the first call of the access handler to the completed
@@ -53,7 +64,6 @@ struct conn {
 
     char *body; /* JSON body (NUL-terminated) */
     size_t len, cap;
-    bool too_big;
 
     /* multipart upload, streamed to a staging directory */
     struct MHD_PostProcessor *pp;
@@ -95,6 +105,23 @@ enum MHD_Result route_vllm_unload(struct conn *c);
 /* Multipart upload plumbing (adapters.c): called with each chunk of a PUT body. */
 int upload_begin(struct conn *c, struct ad_err *err);
 void upload_abort(struct conn *c);
+
+/* Connections (conns.c). conns_notify is libmicrohttpd's NOTIFY_CONNECTION callback; the others
+ * say where a request is: its headers are in (the body may follow), it is being answered, it is
+ * done (the connection waits for the next request). Thread-safe. */
+int conns_start(struct ad_http *h);
+void conns_stop_reaper(struct ad_http *h);
+void conns_fini(struct ad_http *h);
+void conns_notify(void *cls, struct MHD_Connection *mc, void **socket_context,
+                  enum MHD_ConnectionNotificationCode code);
+void conns_request_begins(struct ad_http *h, struct MHD_Connection *mc);
+void conns_body(struct ad_http *h, struct MHD_Connection *mc, size_t n);
+void conns_answering(struct ad_http *h, struct MHD_Connection *mc);
+void conns_request_ends(struct ad_http *h, struct MHD_Connection *mc);
+/* Around a handler's wait for the engine inside a response reader: no inactivity timeout while
+ * the server itself is the one that is slow. */
+void http_wait_begin(struct conn *c);
+void http_wait_end(struct conn *c);
 
 void metrics_init(struct metrics *m);
 void metrics_fini(struct metrics *m);

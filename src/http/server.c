@@ -271,9 +271,6 @@ static enum MHD_Result dispatch(struct conn *c, const char *url, const char *met
         return http_error(c, 403, "this route needs the admin key");
     if (!atomic_load(&h->ready) && strcmp(url, "/health"))
         return http_error(c, 503, "the model is still loading");
-    if (c->too_big)
-        return http_error(c, 413, "the request body is larger than %zu bytes",
-                          c->pp ? h->cfg.max_upload : h->cfg.max_body);
 
     if (!strcmp(url, "/health") && get)
         return route_health(c);
@@ -308,6 +305,87 @@ static enum MHD_Result dispatch(struct conn *c, const char *url, const char *met
     return http_error(c, 404, "no route %s %s", method, url);
 }
 
+/* Counts a request's Content-Length and Transfer-Encoding headers. */
+struct framing {
+    int n_length, n_coding;
+    const char *coding;
+};
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+    struct framing *f = cls;
+    (void)kind;
+    if (!strcasecmp(key, "Content-Length"))
+        f->n_length++;
+    if (!strcasecmp(key, "Transfer-Encoding")) {
+        f->n_coding++;
+        f->coding = value;
+    }
+    return MHD_YES;
+}
+
+/* Whether this request's body streams to disk (a multipart adapter upload) rather than to
+ * memory. */
+static bool is_upload(struct conn *c, const char *method, const char *url)
+{
+    const char *ct = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Content-Type");
+    return !strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && ct &&
+           !strncasecmp(ct, "multipart/form-data", 19);
+}
+
+/* The answer to a request that has a body, decided from its headers before libmicrohttpd reads
+ * the body or sends "100 Continue": framing that could be read two ways (RFC 9112 6.3: several
+ * Content-Length headers, or one beside Transfer-Encoding, the ground of request smuggling
+ * behind a proxy), a transfer coding other than chunked (501), a declared length above the
+ * route's limit (413), a missing key (401/403), a model still loading (503). A response
+ * queued in the first call closes the connection after it, and the body is never read.
+ * Returns 0 when the request may go on, else the HTTP status it got. */
+static int early_answer(struct conn *c, const char *url, const char *method)
+{
+    struct ad_http *h = c->h;
+    struct framing f = {0};
+    MHD_get_connection_values(c->mc, MHD_HEADER_KIND, count_framing, &f);
+    const char *cl = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Content-Length");
+    unsigned long long declared = cl ? strtoull(cl, NULL, 10) : 0;
+
+    if (f.n_length > 1) {
+        http_error(c, 400, "the request has %d Content-Length headers (RFC 9112 6.3)",
+                   f.n_length);
+        return 400;
+    }
+    if (f.n_length && f.n_coding) {
+        http_error(c, 400, "the request has both Content-Length and Transfer-Encoding "
+                   "(RFC 9112 6.3)");
+        return 400;
+    }
+    if (f.n_coding > 1 || (f.n_coding && strcasecmp(f.coding, "chunked"))) {
+        http_error(c, 501, "Transfer-Encoding '%.40s' is not supported (chunked is)",
+                   f.n_coding > 1 ? "several" : f.coding);
+        return 501;
+    }
+    if (declared == 0 && !f.n_coding)
+        return 0; /* no body: answered in the last call, the connection kept alive */
+    size_t limit = is_upload(c, method, url) ? h->cfg.max_upload : h->cfg.max_body;
+    if (declared > limit) {
+        http_error(c, 413, "the request body (%llu bytes) is larger than the limit of %zu bytes",
+                   declared, limit);
+        return 413;
+    }
+    int denied = auth_status(c, method, url);
+    if (denied) {
+        http_error(c, (unsigned)denied, denied == 401
+                       ? "missing or wrong API key (Authorization: Bearer ...)"
+                       : "this route needs the admin key");
+        return denied;
+    }
+    if (!atomic_load(&h->ready) && strcmp(url, "/health")) {
+        http_error(c, 503, "the model is still loading");
+        return 503;
+    }
+    return 0;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -329,11 +407,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
                  (unsigned long long)atomic_fetch_add(&h->next_id, 1) + 1);
         atomic_fetch_add(&h->in_flight, 1);
         *con_cls = c;
-        const char *ct = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Type");
+        conns_request_begins(h, mc);
+        if (early_answer(c, url, method))
+            return MHD_YES;
         /* uploads stream to disk, and only from a client holding the admin key, to a valid
          * name (route_adapter_put answers the other cases) */
-        if (!strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && ct &&
-            !strncasecmp(ct, "multipart/form-data", 19) && auth_status(c, method, url) == 0 &&
+        if (is_upload(c, method, url) && auth_status(c, method, url) == 0 &&
             atomic_load(&h->ready) && ad_registry_name_ok(url + 13)) {
             if (upload_begin(c, &c->upload_err) < 0)
                 c->upload_rc = c->upload_err.code ? c->upload_err.code : -EIO;
@@ -343,16 +422,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     if (*upload_data_size) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
+        conns_body(h, mc, n);
+        /* Past the limit only without a declared length (chunked): no response can be sent
+         * from here, so the connection is closed instead of reading on. */
+        if ((c->pp ? c->uploaded : c->len) + n > (c->pp ? h->cfg.max_upload : h->cfg.max_body))
+            return MHD_NO;
         if (c->pp) {
             c->uploaded += n;
-            if (c->uploaded > h->cfg.max_upload)
-                c->too_big = true;
-            else if (c->upload_rc == 0)
+            if (c->upload_rc == 0)
                 MHD_post_process(c->pp, upload_data, n);
-            return MHD_YES;
-        }
-        if (c->too_big || c->len + n > h->cfg.max_body) {
-            c->too_big = true;
             return MHD_YES;
         }
         if (c->len + n + 1 > c->cap) {
@@ -370,6 +448,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         c->body[c->len] = '\0';
         return MHD_YES;
     }
+    conns_answering(h, mc);
     return dispatch(c, url, method);
 }
 
@@ -391,6 +470,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
              c->adapter[0] ? c->adapter : "-", c->n_tokens, dt,
              toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (client gone)");
     metrics_request(&h->metrics, c->status, dt);
+    conns_request_ends(h, mc);
     upload_abort(c);
     free(c->body);
     free(c);
@@ -458,6 +538,10 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
     h->cfg = *cfg;
     if (deps)
         h->deps = *deps;
+    if (conns_start(h) < 0) {
+        free(h);
+        return ad_err_set(err, -EAGAIN, "cannot start a thread");
+    }
     metrics_init(&h->metrics);
     if (cfg->listen_fd < 0) {
         struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
@@ -470,6 +554,8 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
             s6->sin6_port = htons((uint16_t)cfg->port);
             flags |= MHD_USE_IPv6;
         } else {
+            conns_stop_reaper(h);
+            conns_fini(h);
             metrics_fini(&h->metrics);
             free(h);
             return ad_err_set(err, -EINVAL, "listen address '%s' is not a numeric IPv4 or IPv6 "
@@ -478,12 +564,16 @@ int ad_http_start(const struct ad_http_config *cfg, const struct ad_http_deps *d
     }
     h->daemon = MHD_start_daemon(
         flags, (uint16_t)(cfg->listen_fd < 0 ? cfg->port : 0), NULL, NULL, on_request, h,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger,
-        NULL, MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_NOTIFY_CONNECTION,
+        conns_notify, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+        MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)cfg->idle_timeout,
         cfg->listen_fd >= 0 ? MHD_OPTION_LISTEN_SOCKET : MHD_OPTION_SOCK_ADDR,
         cfg->listen_fd >= 0 ? (intptr_t)cfg->listen_fd : (intptr_t)&ss, MHD_OPTION_END);
     if (!h->daemon) {
+        conns_stop_reaper(h);
+        conns_fini(h);
         metrics_fini(&h->metrics);
         free(h);
         return ad_err_set(err, -EADDRINUSE, "cannot listen on %s:%d (in use, or not allowed)",
@@ -505,7 +595,9 @@ void ad_http_stop(struct ad_http *h, double grace_seconds)
            !atomic_load(&h->hurry))
         usleep(20000);
     atomic_store(&h->cancel_all, true); /* handlers still waiting cancel their sequences */
-    MHD_stop_daemon(h->daemon);         /* joins the connection threads */
+    conns_stop_reaper(h);
+    MHD_stop_daemon(h->daemon); /* joins the connection threads */
+    conns_fini(h);
     metrics_fini(&h->metrics);
     free(h);
 }

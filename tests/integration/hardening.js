@@ -111,6 +111,205 @@ async function logprobsOf(d, model, extra = {}) {
     return r.json.choices[0].logprobs.token_logprobs;
 }
 
+/* Opens n sockets that send nothing; resolves when all are connected. Each records when the
+ * server closed it (closedAt, ms since epoch). */
+async function idleSockets(d, n) {
+    const socks = [];
+    await Promise.all(Array.from({ length: n }, () => new Promise((res) => {
+        const s = net.connect(port(d), '127.0.0.1');
+        s.closedAt = null;
+        s.on('connect', res);
+        s.on('error', () => { s.closedAt ??= Date.now(); res(); });
+        s.on('close', () => { s.closedAt ??= Date.now(); });
+        s.on('end', () => { s.closedAt ??= Date.now(); });
+        socks.push(s);
+    })));
+    return socks;
+}
+
+/* Sends `head`, then `trickle` one byte every `ms` ms until the server closes the socket or
+ * `limit` ms pass. Resolves to the ms the connection lived (or null if it was never cut). */
+function slowSender(d, head, trickle, ms, limit) {
+    return new Promise((resolve) => {
+        const s = net.connect(port(d), '127.0.0.1');
+        const t0 = Date.now();
+        let i = 0, timer = null, done = false;
+        const finish = (v) => {
+            if (done)
+                return;
+            done = true;
+            clearInterval(timer);
+            s.destroy();
+            resolve(v);
+        };
+        s.on('connect', () => {
+            s.write(head);
+            timer = setInterval(() => {
+                if (Date.now() - t0 > limit)
+                    return finish(null);
+                s.write(trickle[i++ % trickle.length]);
+            }, ms);
+        });
+        s.on('data', () => { /* a response: read, not needed */ });
+        s.on('end', () => finish(Date.now() - t0));
+        s.on('close', () => finish(Date.now() - t0));
+        s.on('error', () => finish(Date.now() - t0));
+    });
+}
+
+/* GET /health on a connection of its own (a kept-alive one of fetch's pool may be one the
+ * server closed to make room): its status, or 'closed' / 'timeout'. */
+async function health(d, ms = 2000) {
+    const r = await rawExchange(port(d), 'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close' +
+                                '\r\n\r\n', { wait: ms });
+    return statuses(r.text)[0] ?? (r.closed ? 'closed' : 'timeout');
+}
+
+/* ------------------------------------------------------------------------------------------
+ * 1. Idle and slow connections */
+
+test('idle connections above max_connections: /health and new clients still answered', async () => {
+    const d = await new Daemon(['--set', 'max_connections=64', '--set', 'header_timeout_s=3',
+                                '--set', 'max_connections_per_client=0']).ready();
+    try {
+        const socks = await idleSockets(d, 90);
+        for (let i = 0; i < 5; i++)
+            assert.equal(await health(d), 200, `/health with 90 idle sockets open (try ${i})`);
+        await sleep(200); // fetch's kept-alive connection may have made room: let it see that
+        const r = await d.api('POST', '/v1/completions', { model: 'model', prompt: 'Still here',
+                                                          max_tokens: 4, ignore_eos: true });
+        assert.equal(r.status, 200, r.text);
+        // all of them closed by the server within header_timeout (3 s) + a second
+        const t0 = Date.now();
+        while (socks.some((s) => s.closedAt === null) && Date.now() - t0 < 6000)
+            await sleep(100);
+        const open = socks.filter((s) => s.closedAt === null).length;
+        socks.forEach((s) => s.destroy());
+        assert.equal(open, 0, `${open} of 90 idle sockets still open after ${Date.now() - t0} ms`);
+    } finally {
+        await d.stop();
+    }
+});
+
+test('slow senders: headers and bodies that trickle in are cut off', async () => {
+    const d = await new Daemon(['--set', 'header_timeout_s=2', '--set', 'body_timeout_s=2',
+                                '--set', 'body_min_rate_kb=1']).ready();
+    try {
+        const head = 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json' +
+                     '\r\nContent-Length: 100000\r\n\r\n';
+        const lived = await Promise.all([
+            // a byte of the request line and headers every 200 ms
+            ...Array.from({ length: 10 }, () => slowSender(d, 'P', 'OST /v1/completions HTTP/1.1\r\nX: ' +
+                                                           'y'.repeat(200), 200, 15000)),
+            // headers at once, then 8 bytes of body every 200 ms (40 B/s, far below 1 KiB/s)
+            ...Array.from({ length: 10 }, () => slowSender(d, head, ['{"prompt":', ' 1234567'], 200,
+                                                           15000)),
+        ]);
+        for (const [i, ms] of lived.entries())
+            assert.ok(ms !== null && ms < 5000, `slow sender ${i} lived ${ms} ms (limit 2 s + 2 s)`);
+        assert.equal(await health(d), 200);
+        // a body that arrives at a normal rate is not cut: 8 KiB in 2.5 s, in 64 pieces
+        const body = JSON.stringify({ model: 'model', prompt: 'x', max_tokens: 1,
+                                      user: 'u'.repeat(8000) });
+        const r = await rawExchange(port(d), [`POST /v1/completions HTTP/1.1\r\nHost: x\r\n` +
+            `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`,
+            ...body.match(/[^]{1,128}/g)], { gap: 40, wait: 8000 });
+        assert.deepEqual(statuses(r.text), [200], r.text.slice(0, 300));
+    } finally {
+        await d.stop();
+    }
+});
+
+test('max_connections_per_client: a client\'s idle connections make room, busy ones do not', async () => {
+    const d = await new Daemon(['--set', 'max_connections_per_client=8',
+                                '--set', 'body_timeout_s=30']).ready();
+    try {
+        const idle = await idleSockets(d, 8);
+        assert.equal(await health(d), 200, 'an idle connection did not make room');
+        await sleep(200);
+        assert.ok(idle.some((s) => s.closedAt !== null), 'no idle connection was closed');
+        idle.forEach((s) => s.destroy());
+        await sleep(300);
+        // eight requests whose bodies are still arriving hold their connections
+        const head = 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n';
+        const busy = Array.from({ length: 8 }, () => slowSender(d, head, 'x'.repeat(64), 100, 4000));
+        await sleep(500);
+        assert.equal(await health(d, 1500), 'closed', 'a ninth connection was let in');
+        const lived = await Promise.all(busy);
+        assert.ok(lived.every((ms) => ms === null), 'a connection with a body arriving was cut');
+        await sleep(300);
+        assert.equal(await health(d), 200, 'the client could not connect once its others ended');
+    } finally {
+        await d.stop();
+    }
+});
+
+/* ------------------------------------------------------------------------------------------
+ * 6. Request framing */
+
+test('framing: several Content-Length, CL with Transfer-Encoding, unknown codings', async (d) => {
+    const p = port(d);
+    const body = '{"model":"model","prompt":"x","max_tokens":1}';
+    const req = (headers, b = body) => `POST /v1/completions HTTP/1.1\r\nHost: x\r\n` +
+        `Content-Type: application/json\r\n${headers}\r\n${b}`;
+    let r = await rawExchange(p, req(`Content-Length: ${body.length}\r\nContent-Length: 7\r\n`));
+    assert.deepEqual(statuses(r.text), [400], r.text);
+    assert.match(r.text, /2 Content-Length headers/);
+    assert.ok(r.closed, 'the connection stayed open after an ambiguous request');
+    r = await rawExchange(p, req(`Content-Length: ${body.length}\r\nContent-Length: ${body.length}\r\n`));
+    assert.deepEqual(statuses(r.text), [400], r.text); // even when they agree (RFC 9112 6.3)
+    const chunked = `${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`;
+    r = await rawExchange(p, req(`Content-Length: 5\r\nTransfer-Encoding: chunked\r\n`, chunked));
+    assert.deepEqual(statuses(r.text), [400], r.text);
+    assert.match(r.text, /both Content-Length and Transfer-Encoding/);
+    r = await rawExchange(p, req('Transfer-Encoding: gzip\r\n', 'whatever'));
+    assert.deepEqual(statuses(r.text), [501], r.text);
+    // chunked alone is fine
+    r = await rawExchange(p, req('Transfer-Encoding: chunked\r\nConnection: close\r\n', chunked));
+    assert.deepEqual(statuses(r.text), [200], r.text);
+});
+
+test('framing: a body over the limit is refused from its headers, not read', async () => {
+    const d = await new Daemon(['--set', 'max_body_kb=4', '--set', 'max_upload_mb=1']).ready();
+    try {
+        const p = port(d);
+        // 100 GB declared with Expect: 413 at once, no "100 Continue", the connection closed
+        const huge = 'Content-Length: 107374182400\r\nExpect: 100-continue\r\n';
+        let r = await rawExchange(p, `PUT /v1/adapters/big HTTP/1.1\r\nHost: x\r\n${huge}` +
+            'Content-Type: multipart/form-data; boundary=X\r\n\r\n', { wait: 3000 });
+        assert.deepEqual(statuses(r.text), [413], r.text);
+        assert.match(r.text, /107374182400 bytes\) is larger than the limit of 1048576/);
+        assert.ok(r.closed);
+        r = await rawExchange(p, `POST /v1/completions HTTP/1.1\r\nHost: x\r\n${huge}` +
+            'Content-Type: application/json\r\n\r\n', { wait: 3000 });
+        assert.deepEqual(statuses(r.text), [413], r.text);
+        // without Expect, the answer comes before the body is sent
+        const t0 = Date.now();
+        r = await rawExchange(p, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\n' +
+            'Content-Length: 5000000\r\n\r\n', { wait: 3000 });
+        assert.deepEqual(statuses(r.text), [413], r.text);
+        assert.ok(r.closed && Date.now() - t0 < 2000);
+        // a key is checked before a body is read too (this daemon has none: see the key test)
+        // a chunked body past the limit: the connection is closed, nothing more is read
+        const piece = `1000\r\n${'x'.repeat(4096)}\r\n`;
+        r = await rawExchange(p, ['POST /v1/completions HTTP/1.1\r\nHost: x\r\n' +
+            'Transfer-Encoding: chunked\r\n\r\n', ...Array(16).fill(piece)], { gap: 20 });
+        assert.ok(r.closed, 'the connection stayed open past the limit');
+        assert.ok(!statuses(r.text).includes(200), r.text.slice(0, 200));
+        // Content-Length -5 or 20 digits: libmicrohttpd 0.9.75 answers these itself, and sends its
+        // status line and headers twice (README: known limits); the first line is right and the
+        // connection is closed, so the framing cannot be misread
+        for (const [cl, status] of [['-5', 400], ['99999999999999999999', 413]]) {
+            r = await rawExchange(p, `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ${cl}\r\n\r\n`);
+            assert.equal(statuses(r.text)[0], status, r.text);
+            assert.ok(r.closed);
+        }
+        assert.equal(await health(d), 200);
+    } finally {
+        await d.stop();
+    }
+});
+
 /* ------------------------------------------------------------------------------------------
  * 2. SIGHUP during an upload */
 
