@@ -1,0 +1,187 @@
+/* Adapter files over HTTP: the multipart upload (PUT /v1/adapters/{name}, streamed from disk)
+ * and the download of an adapter's files (GET /v1/adapters/{name}/files/{file}). */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define CONFIG "adapter_config.json"
+#define PEFT_WEIGHTS "adapter_model.safetensors"
+#define HUB_WEIGHTS "adapter.safetensors" /* AdapterHub's save_adapter(use_safetensors=True) */
+
+/* 0 if dir/name is a regular file we can read, else -errno with err naming it. */
+static int readable(const char *path, struct adc_error *err)
+{
+    struct stat st;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc = fd < 0 ? -errno : fstat(fd, &st) < 0 ? -errno : S_ISREG(st.st_mode) ? 0 : -EISDIR;
+    if (fd >= 0)
+        close(fd);
+    if (rc < 0)
+        return adcp_error(err, rc, 0, "%s: %s", path,
+                          rc == -EISDIR ? "not a regular file" : strerror(-rc));
+    return 0;
+}
+
+static int add_part(curl_mime *mime, const char *name, const char *path, const char *type)
+{
+    curl_mimepart *part = curl_mime_addpart(mime);
+    if (!part || curl_mime_name(part, name) != CURLE_OK ||
+        curl_mime_filedata(part, path) != CURLE_OK || curl_mime_type(part, type) != CURLE_OK)
+        return -ENOMEM;
+    return 0;
+}
+
+int adc_adapter_upload(struct adc_client *c, const char *name, const char *dir,
+                       adc_progress_fn progress, void *ud, json_t **ret, struct adc_error *err)
+{
+    char config[PATH_MAX], weights[PATH_MAX];
+    struct adcp_call k = {.method = "PUT", .progress = progress, .progress_ud = ud};
+    curl_mime *mime = NULL;
+    char *path = NULL;
+    int rc;
+
+    snprintf(config, sizeof(config), "%s/%s", dir, CONFIG);
+    snprintf(weights, sizeof(weights), "%s/%s", dir, PEFT_WEIGHTS);
+    if (access(weights, F_OK) != 0) {
+        snprintf(weights, sizeof(weights), "%s/%s", dir, HUB_WEIGHTS);
+        if (access(weights, F_OK) != 0)
+            return adcp_error(
+                err, -ENOENT, 0,
+                "%s: holds neither " PEFT_WEIGHTS " (PEFT) nor " HUB_WEIGHTS " (AdapterHub)", dir);
+    }
+    rc = readable(config, err);
+    if (rc >= 0)
+        rc = readable(weights, err);
+    if (rc < 0)
+        return rc;
+    mime = curl_mime_init(c->curl);
+    path = adcp_adapter_path(c, name, "");
+    if (!mime || !path || add_part(mime, "config", config, "application/json") < 0 ||
+        add_part(mime, "weights", weights, "application/octet-stream") < 0) {
+        rc = adcp_error(err, -ENOMEM, 0, "out of memory");
+        goto out;
+    }
+    k.path = path;
+    k.mime = mime;
+    rc = adcp_json_call(c, &k, NULL, ret, err);
+    if (rc >= 0)
+        rc = k.status == 201;
+out:
+    adcp_call_fini(&k);
+    curl_mime_free(mime);
+    free(path);
+    return rc;
+}
+
+/* ==========================================================================================
+ * Download */
+
+struct file_sink {
+    int fd;
+    const char *path;
+    struct adc_error *err;
+};
+
+static int file_write(void *ud, const char *data, size_t n)
+{
+    struct file_sink *f = ud;
+    while (n > 0) {
+        ssize_t w = write(f->fd, data, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return adcp_error(f->err, -errno, 200, "%s: %s", f->path, strerror(errno));
+        data += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* GET .../files/<remote> into the file tmp (created). On failure tmp is removed. */
+static int fetch(struct adc_client *c, const char *name, const char *remote, const char *tmp,
+                 adc_progress_fn progress, void *ud, struct adc_error *err)
+{
+    char suffix[64];
+    snprintf(suffix, sizeof(suffix), "/files/%s", remote);
+    struct file_sink f = {.path = tmp, .err = err};
+    struct adcp_call k = {.method = "GET",
+                          .sink = file_write,
+                          .sink_ud = &f,
+                          .progress = progress,
+                          .progress_ud = ud};
+    char *path = adcp_adapter_path(c, name, suffix);
+    int rc;
+
+    if (!path)
+        return adcp_error(err, -ENOMEM, 0, "out of memory");
+    f.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (f.fd < 0) {
+        rc = adcp_error(err, -errno, 0, "%s: %s", tmp, strerror(errno));
+        free(path);
+        return rc;
+    }
+    k.path = path;
+    rc = adcp_perform(c, &k, err);
+    if (rc >= 0 && fsync(f.fd) < 0)
+        rc = adcp_error(err, -errno, 0, "%s: %s", tmp, strerror(errno));
+    if (close(f.fd) < 0 && rc >= 0)
+        rc = adcp_error(err, -errno, 0, "%s: %s", tmp, strerror(errno));
+    if (rc < 0)
+        unlink(tmp);
+    adcp_call_fini(&k);
+    free(path);
+    return rc;
+}
+
+int adc_adapter_download(struct adc_client *c, const char *name, const char *dir,
+                         adc_progress_fn progress, void *ud, struct adc_error *ret_err)
+{
+    struct adc_error e, *err = &e; /* the status of a first try is needed even without ret_err */
+    char config_tmp[PATH_MAX], weights_tmp[PATH_MAX], to[PATH_MAX];
+    struct stat st;
+    int rc;
+
+    if (mkdir(dir, 0755) < 0 && (errno != EEXIST || stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)))
+        return adcp_error(ret_err, errno == EEXIST ? -ENOTDIR : -errno, 0, "%s: %s", dir,
+                          errno == EEXIST ? "not a directory" : strerror(errno));
+    snprintf(config_tmp, sizeof(config_tmp), "%s/.%s.part", dir, CONFIG);
+    rc = fetch(c, name, CONFIG, config_tmp, progress, ud, err);
+    if (rc < 0) {
+        if (ret_err)
+            *ret_err = e;
+        return rc;
+    }
+    /* the kind of the adapter names its weights file: PEFT's configs have a "peft_type" */
+    json_t *cfg = json_load_file(config_tmp, 0, NULL);
+    bool hub = json_is_object(cfg) && !json_object_get(cfg, "peft_type");
+    json_decref(cfg);
+    const char *local = hub ? HUB_WEIGHTS : PEFT_WEIGHTS;
+    snprintf(weights_tmp, sizeof(weights_tmp), "%s/.%s.part", dir, local);
+    rc = fetch(c, name, local, weights_tmp, progress, ud, err);
+    if (rc == -ENOENT && e.status == 404) /* a server that serves the other name */
+        rc = fetch(c, name, hub ? PEFT_WEIGHTS : HUB_WEIGHTS, weights_tmp, progress, ud, err);
+    if (rc >= 0) {
+        snprintf(to, sizeof(to), "%s/%s", dir, local);
+        if (rename(weights_tmp, to) < 0)
+            rc = adcp_error(err, -errno, 0, "%s: %s", to, strerror(errno));
+    }
+    if (rc >= 0) {
+        snprintf(to, sizeof(to), "%s/%s", dir, CONFIG);
+        if (rename(config_tmp, to) < 0)
+            rc = adcp_error(err, -errno, 0, "%s: %s", to, strerror(errno));
+    }
+    if (rc < 0) {
+        unlink(config_tmp);
+        unlink(weights_tmp);
+        if (ret_err)
+            *ret_err = e;
+    }
+    return rc;
+}
