@@ -228,8 +228,9 @@ char *ctl_text(int argc, char **argv)
             if (n == 0)
                 break;
         }
-        if (ferror(stdin)) {
-            fprintf(stderr, "adapterctl: cannot read standard input: %s\n", strerror(errno));
+        if (ferror(stdin)) { /* after SIGINT (EINTR) quietly: main exits 130 */
+            if (!sigint_seen)
+                fprintf(stderr, "adapterctl: cannot read standard input: %s\n", strerror(errno));
             free(s);
             return NULL;
         }

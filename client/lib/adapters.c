@@ -140,17 +140,40 @@ static int fetch(struct adc_client *c, const char *name, const char *remote, con
     return rc;
 }
 
+/* mkdir -p dir: 0, or -errno (-ENOTDIR: something else is there). */
+static int make_dirs(const char *dir)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    if (snprintf(path, sizeof(path), "%s", dir) >= (int)sizeof(path))
+        return -ENAMETOOLONG;
+    for (char *p = path + 1;; p++) {
+        bool end = *p == '\0';
+        if (*p != '/' && !end)
+            continue;
+        *p = '\0';
+        if (mkdir(path, 0755) < 0 && errno != EEXIST)
+            return -errno;
+        if (stat(path, &st) < 0)
+            return -errno;
+        if (!S_ISDIR(st.st_mode))
+            return -ENOTDIR;
+        if (end)
+            return 0;
+        *p = '/';
+    }
+}
+
 int adc_adapter_download(struct adc_client *c, const char *name, const char *dir,
                          adc_progress_fn progress, void *ud, struct adc_error *ret_err)
 {
     struct adc_error e, *err = &e; /* the status of a first try is needed even without ret_err */
     char config_tmp[PATH_MAX], weights_tmp[PATH_MAX], to[PATH_MAX];
-    struct stat st;
     int rc;
 
-    if (mkdir(dir, 0755) < 0 && (errno != EEXIST || stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)))
-        return adcp_error(ret_err, errno == EEXIST ? -ENOTDIR : -errno, 0, "%s: %s", dir,
-                          errno == EEXIST ? "not a directory" : strerror(errno));
+    rc = make_dirs(dir);
+    if (rc < 0)
+        return adcp_error(ret_err, rc, 0, "%s: %s", dir, strerror(-rc));
     snprintf(config_tmp, sizeof(config_tmp), "%s/.%s.part", dir, CONFIG);
     rc = fetch(c, name, CONFIG, config_tmp, progress, ud, err);
     if (rc < 0) {
