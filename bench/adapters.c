@@ -304,7 +304,8 @@ static int ad_run(struct ad_decode *d, struct ad_scenario *sc, int batch, int n_
         sc->chunks[i].tokens = tokens + (size_t)i * (size_t)n_tokens;
         sc->chunks[i].n_tokens = n_tokens;
     }
-    int rc = ad_model_forward(d->m, &d->kv, sc->chunks, batch, d->scratch, d->logits, &err);
+    int rc = ad_model_forward(d->m, &d->kv, sc->chunks, batch, &ad_mix_hooks, d->scratch,
+                              d->logits, &err);
     if (rc < 0)
         fprintf(stderr, "bench-adapters: forward failed: %s\n", err.msg);
     return rc;
@@ -499,7 +500,7 @@ static int ad_part_decode(struct ad_decode *d, const struct ad_bench_opts *o, co
                                          .w = {1.0f}};
             /* one mix pointer for the whole batch makes one row group; one each, 32 groups */
             sc->chunks[i] = (struct ad_chunk){.seq = &sc->seqs[i],
-                                              .mix = on ? &sc->mix[distinct ? i : 0] : NULL};
+                                              .ctx = on ? &sc->mix[distinct ? i : 0] : NULL};
         }
     }
     if ((o->only_batch != 32 &&

@@ -222,7 +222,8 @@ static int ad_forward(struct ad_bench_run *r, int batch, int n_tokens, const int
         r->chunks[i] = (struct ad_chunk){.seq = &r->seqs[i],
                                          .tokens = tokens + (size_t)i * (size_t)stride,
                                          .n_tokens = n_tokens};
-    int rc = ad_model_forward(r->m, &r->kv, r->chunks, batch, r->scratch, r->logits, &err);
+    int rc = ad_model_forward(r->m, &r->kv, r->chunks, batch, NULL, r->scratch, r->logits,
+                              &err);
     if (rc < 0)
         fprintf(stderr, "bench-forward: forward failed: %s\n", err.msg);
     return rc;

@@ -116,7 +116,7 @@ void tiny_prefix(const struct ad_model *m, const char *path, const int32_t *toke
     struct ad_err err;
 
     if (!s || !logits || !emb || ad_kv_init(&kv, c, (n + B - 1) / B, B) < 0 ||
-        ad_model_forward(m, &kv, &ch, 1, s, logits, &err) < 0)
+        ad_model_forward(m, &kv, &ch, 1, NULL, s, logits, &err) < 0)
         abort();
     /* PEFT's prompt_embeddings [n, L * 2 * kvd]: per token [layer 0 K | V | layer 1 K | V] */
     size_t per_layer = (size_t)kv.n_blocks * (size_t)B * (size_t)kvd;

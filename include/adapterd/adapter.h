@@ -150,35 +150,7 @@ int ad_mix_validate(const struct ad_mix *mix, struct ad_err *err);
 int ad_mix_n_virtual(const struct ad_mix *mix);
 int ad_mix_n_prefix(const struct ad_mix *mix);
 
-/* ==========================================================================================
- * Hooks, called by the forward pass for a group of n rows that share one mix (model.h). */
 
-/* Input-side deltas (IA3 feed-forward scaling) applied in place to x; only for sites whose input
- * buffer no other site reads. Returns true if it scaled x. */
-bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x, int ldx, int n);
-/* Output-side deltas: y (the base result for these rows) is updated in place. x_scaled says
- * whether ad_mix_site_pre already scaled x. tmp holds tmp_len floats. It reads x and the
- * adapters and writes y's n rows (n_out columns from y) and tmp only. */
-void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
-                      bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len);
-
-/* The work space ad_mix_site_post needs when ad_mix_site_post_local says yes, in floats: the
- * LoRA kernel's t for AD_LORA_ROWS rows at the largest rank a loader accepts. */
-#define AD_MIX_LOCAL_TMP 4096
-/* Whether ad_mix_site_post(mix, s, ..., x_scaled, ...) runs on the adapters' own kernels only
- * (LoRA, DoRA, IA3 output scaling, bias swaps): no BLAS call, and no more than AD_MIX_LOCAL_TMP
- * floats of tmp, for any number of rows. Such calls may run at the same time on several threads
- * (one tmp each) for different sites or different rows, including while another thread runs a
- * BLAS call. Thread-safe. */
-bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled);
-/* Norm parameters for the group (the base's unless an adapter replaces them). */
-void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
-                 const float **b);
-/* Bottleneck adapters at a sub-layer output y [n, n_embd] with residual input x. */
-void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float *x,
-                     float *y, int n, float *tmp, size_t tmp_len);
-/* Embedding row of virtual token v (0-based) of the mix's prompt adapter. */
-const float *ad_mix_virtual_embedding(const struct ad_mix *mix, int v);
-/* Prefix keys (kv = 0) or values (kv = 1) of a layer: [n_prefix, n_kv_head * head_dim],
- * borrowed from the mix's prefix adapter: valid while the caller holds that adapter. */
-const float *ad_mix_prefix(const struct ad_mix *mix, int layer, int kv);
+/* The hook points of the forward pass (model.h) for serving: ctx is a const struct ad_mix
+ * whose adapters the caller holds. The deltas of each kind are in its own file. */
+extern const struct ad_hooks ad_mix_hooks;

@@ -7,7 +7,6 @@
 #include <stdint.h>
 
 struct ad_err;
-struct ad_mix;
 struct ad_st_file;
 
 /* ==========================================================================================
@@ -187,7 +186,7 @@ struct ad_kv {
 
 struct ad_kv_seq {
     int n_tokens; /* positions whose K/V are known: n_shared, then the cached ones */
-    int n_shared; /* leading positions read from the mix's prefix (ad_mix_prefix), not cached */
+    int n_shared; /* leading positions read from the hooks' prefix (ad_hooks), not cached */
     int n_blocks, cap;
     int32_t *blocks;
     int n_published; /* leading blocks already published (or found published) */
@@ -222,21 +221,64 @@ int ad_kv_seq_match(struct ad_kv *kv, struct ad_kv_seq *s, uint64_t mix, int n_s
 void ad_kv_seq_publish(struct ad_kv *kv, struct ad_kv_seq *s, uint64_t mix, const int32_t *tokens);
 
 /* ==========================================================================================
+ * Hook points
+ *
+ * The forward pass computes the base model and offers these points to whatever adapts it
+ * (DESIGN.md); it never knows what an adapter is. Each row group of a batch (adjacent chunks
+ * with the same ctx) calls the pass's table with that ctx; for a NULL ctx (the base model) no
+ * hook is called. The adapter layer fills one table for serving (adapter.h: ad_mix_hooks, ctx a
+ * struct ad_mix); the trainer fills its own. A NULL function is a point nobody adapts. The
+ * functions only read ctx, so groups may call them from several threads at once where a field
+ * says so. */
+struct ad_hooks {
+    /* Prompt tuning: virtual tokens a sequence starts with (its token ids -1, -2, ...), and the
+     * embedding [n_embd] of virtual token v (0-based), valid while ctx is. */
+    int (*n_virtual)(const void *ctx);
+    const float *(*virtual_embedding)(const void *ctx, int v);
+    /* Prefix tuning: positions of virtual keys and values before a sequence's own, and those of
+     * a layer, keys (kv = 0) or values (kv = 1) as [n_prefix, n_kv_head * head_dim], never
+     * rotated, valid while ctx is. */
+    int (*n_prefix)(const void *ctx);
+    const float *(*prefix)(const void *ctx, int layer, int kv);
+    /* A norm's parameters: *w and *b hold the base's and may be replaced. */
+    void (*norm)(const void *ctx, int layer, enum ad_norm_slot slot, const float **w,
+                 const float **b);
+    /* A site's input side, before the linear, on the group's n rows of x in place; only for
+     * sites whose input no other site reads. Returns true if it changed x. */
+    bool (*site_pre)(const void *ctx, const struct ad_site *s, float *x, int ldx, int n);
+    /* A site's output side: y holds the base's result for the group's n rows of x (x_scaled:
+     * site_pre changed x) and is updated in place; tmp holds tmp_len floats of work space. */
+    void (*site_post)(const void *ctx, const struct ad_site *s, const float *x, int ldx,
+                      bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len);
+    /* Whether site_post(ctx, s, ..., x_scaled) makes no BLAS call and needs no more than
+     * AD_HOOK_LOCAL_TMP floats of tmp for any n: such calls may run on several threads at once
+     * (one tmp each) for different rows or sites, also while another thread calls BLAS. */
+    bool (*site_post_local)(const void *ctx, const struct ad_site *s, bool x_scaled);
+    /* A sub-layer's output y [n, n_embd] (after attention: slot AD_NORM_ATTN, after the MLP:
+     * AD_NORM_MLP), with x the residual stream entering the sub-layer, updated in place. */
+    void (*sublayer)(const void *ctx, int layer, enum ad_norm_slot slot, const float *x,
+                     float *y, int n, float *tmp, size_t tmp_len);
+};
+
+/* The work space each thread's local site_post calls get, in floats. */
+#define AD_HOOK_LOCAL_TMP 4096
+
+/* ==========================================================================================
  * Forward pass over a batch */
 
 /* One sequence's part of a batch: n_tokens new tokens appended after the seq->n_tokens already
- * known. Token ids below zero are the mix's virtual tokens (prompt tuning): -1 is the first.
- * A sequence whose mix has prefix tuning has the prefix K/V as its first positions from its
- * first chunk on (seq->n_tokens and seq->n_shared count them): they are read in place from the
- * adapter, not copied into the cache, so every chunk of the sequence must carry the same mix
- * (or one with the same adapters). Chunks with the same mix pointer should be adjacent: each
- * run of them is one row group for the adapter deltas. */
+ * known. Token ids below zero are the hooks' virtual tokens (prompt tuning): -1 is the first.
+ * A sequence whose ctx has prefix K/V has them as its first positions from its first chunk on
+ * (seq->n_tokens and seq->n_shared count them): they are read in place (hooks->prefix), not
+ * copied into the cache, so every chunk of the sequence must carry the same ctx (or one with
+ * the same prefix). Chunks with the same ctx pointer should be adjacent: each run of them is
+ * one row group for the hooks. */
 struct ad_chunk {
     struct ad_kv_seq *seq;
     const int32_t *tokens;
     int n_tokens;
-    bool all_logits;          /* logits for every token of the chunk, else only for its last */
-    const struct ad_mix *mix; /* adapters of this sequence; NULL = the base model */
+    bool all_logits; /* logits for every token of the chunk, else only for its last */
+    const void *ctx; /* the hooks' context of this sequence (its adapters); NULL = the base */
 };
 
 /* Threads of each forward pass (its scratch's pool: the calling thread plus n - 1 helpers, started
@@ -256,12 +298,14 @@ void ad_scratch_free(struct ad_scratch *s);
 int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks);
 
 /* Runs the model over every chunk in one pass (each linear is one matrix product for all rows)
- * and writes logits rows, chunk by chunk, to logits [ad_batch_n_logits, n_vocab]. Reserves KV
- * blocks for all chunks first; on -ENOSPC nothing is changed. On success each seq->n_tokens
- * grows by its chunk's n_tokens. Returns 0, -EINVAL (token id or position out of range), -ENOSPC
- * or -ENOMEM. Not thread-safe for the same kv or scratch. */
+ * and writes logits rows, chunk by chunk, to logits [ad_batch_n_logits, n_vocab]; each chunk
+ * with a ctx is adapted through hooks (NULL when no chunk has one). Reserves KV blocks for all
+ * chunks first; on -ENOSPC nothing is changed. On success each seq->n_tokens grows by its
+ * chunk's n_tokens. Returns 0, -EINVAL (token id or position out of range), -ENOSPC or -ENOMEM.
+ * Not thread-safe for the same kv or scratch. */
 int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
-                     int n_chunks, struct ad_scratch *s, float *logits, struct ad_err *err);
+                     int n_chunks, const struct ad_hooks *hooks, struct ad_scratch *s,
+                     float *logits, struct ad_err *err);
 
 /* ==========================================================================================
  * Sampling */

@@ -91,14 +91,26 @@ int ad_mix_n_prefix(const struct ad_mix *mix)
     return mix->n == 1 ? mix->a[0]->n_prefix : 0;
 }
 
-const float *ad_mix_virtual_embedding(const struct ad_mix *mix, int v)
+static int hook_n_virtual(const void *ctx)
 {
+    return ad_mix_n_virtual(ctx);
+}
+
+static int hook_n_prefix(const void *ctx)
+{
+    return ad_mix_n_prefix(ctx);
+}
+
+static const float *hook_virtual_embedding(const void *ctx, int v)
+{
+    const struct ad_mix *mix = ctx;
     const struct ad_adapter *a = mix->a[0];
     return a->prompt + (size_t)v * (size_t)a->model->cfg.n_embd;
 }
 
-const float *ad_mix_prefix(const struct ad_mix *mix, int layer, int kv)
+static const float *hook_prefix(const void *ctx, int layer, int kv)
 {
+    const struct ad_mix *mix = ctx;
     const struct ad_adapter *a = mix->a[0];
     const struct ad_model_config *c = &a->model->cfg;
     size_t kvd = (size_t)c->n_kv_head * (size_t)c->head_dim;
@@ -113,8 +125,9 @@ static const struct ad_site_delta *delta_of(const struct ad_adapter *a, const st
     return a->by_site[s - a->model->sites];
 }
 
-bool ad_mix_site_pre(const struct ad_mix *mix, const struct ad_site *s, float *x, int ldx, int n)
+static bool hook_site_pre(const void *ctx, const struct ad_site *s, float *x, int ldx, int n)
 {
+    const struct ad_mix *mix = ctx;
     const struct ad_site_delta *d = mix->n == 1 ? delta_of(mix->a[0], s) : NULL;
     if (!d || !d->ia3_in)
         return false;
@@ -193,9 +206,10 @@ static void ia3_in_delta(const struct ad_site_delta *d, const float *x, int ldx,
     }
 }
 
-void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const float *x, int ldx,
-                      bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len)
+static void hook_site_post(const void *ctx, const struct ad_site *s, const float *x, int ldx,
+                           bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len)
 {
+    const struct ad_mix *mix = ctx;
     for (int k = 0; k < mix->n; k++) {
         const struct ad_site_delta *d = delta_of(mix->a[k], s);
         if (!d)
@@ -216,8 +230,9 @@ void ad_mix_site_post(const struct ad_mix *mix, const struct ad_site *s, const f
     }
 }
 
-bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, bool x_scaled)
+static bool hook_site_post_local(const void *ctx, const struct ad_site *s, bool x_scaled)
 {
+    const struct ad_mix *mix = ctx;
     for (int k = 0; k < mix->n; k++) {
         const struct ad_site_delta *d = delta_of(mix->a[k], s);
         if (!d)
@@ -229,9 +244,10 @@ bool ad_mix_site_post_local(const struct ad_mix *mix, const struct ad_site *s, b
     return true;
 }
 
-void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float **w,
-                 const float **b)
+static void hook_norm(const void *ctx, int layer, enum ad_norm_slot slot, const float **w,
+                      const float **b)
 {
+    const struct ad_mix *mix = ctx;
     const struct ad_adapter *a = mix->a[0];
     if (mix->n != 1 || !a->norms)
         return;
@@ -243,9 +259,10 @@ void ad_mix_norm(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, co
         *b = nd->b;
 }
 
-void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot, const float *x,
-                     float *y, int n, float *tmp, size_t tmp_len)
+static void hook_sublayer(const void *ctx, int layer, enum ad_norm_slot slot, const float *x,
+                          float *y, int n, float *tmp, size_t tmp_len)
 {
+    const struct ad_mix *mix = ctx;
     const struct ad_adapter *a = mix->a[0];
     if (mix->n != 1 || (!a->bn_attn && !a->bn_mlp))
         return;
@@ -260,3 +277,15 @@ void ad_mix_sublayer(const struct ad_mix *mix, int layer, enum ad_norm_slot slot
         ad_bottleneck_apply(a, bn, x + (size_t)r0 * E, y + (size_t)r0 * E, nb, E, tmp);
     }
 }
+
+const struct ad_hooks ad_mix_hooks = {
+    .n_virtual = hook_n_virtual,
+    .virtual_embedding = hook_virtual_embedding,
+    .n_prefix = hook_n_prefix,
+    .prefix = hook_prefix,
+    .norm = hook_norm,
+    .site_pre = hook_site_pre,
+    .site_post = hook_site_post,
+    .site_post_local = hook_site_post_local,
+    .sublayer = hook_sublayer,
+};

@@ -181,7 +181,7 @@ static int plan_arena(struct load_ctx *c, struct arena *ar)
         const struct ad_site *s;
         char module[256];
         if (a_module(ta, module, sizeof(module)) <= 0 || ta->n_dims != 2 ||
-            ta->shape[0] < 1 || ta->shape[0] > AD_MIX_LOCAL_TMP / AD_LORA_ROWS ||
+            ta->shape[0] < 1 || ta->shape[0] > AD_HOOK_LOCAL_TMP / AD_LORA_ROWS ||
             !(s = ad_model_find_site(c->m, module)) || !(tb = b_of(c, ta, false)))
             continue;
         size[s - c->m->sites] = factor_layout((int)ta->shape[0], s->n_in, s->n_out,
@@ -321,9 +321,9 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
     if (ta->n_dims != 2 || (double)ta->shape[0] != rank)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %lld, but the config says r = %g",
                           ta->name, (long long)(ta->n_dims == 2 ? ta->shape[0] : -1), rank);
-    if (rank < 1 || rank > AD_MIX_LOCAL_TMP / AD_LORA_ROWS) /* t fits a thread's work space */
+    if (rank < 1 || rank > AD_HOOK_LOCAL_TMP / AD_LORA_ROWS) /* t fits a thread's work space */
         return ad_err_set(c->err, -EINVAL, "tensor '%s': rank %g out of range (1 to %d)", ta->name,
-                          rank, AD_MIX_LOCAL_TMP / AD_LORA_ROWS);
+                          rank, AD_HOOK_LOCAL_TMP / AD_LORA_ROWS);
 
     struct ad_site_delta *d = ctx_delta(c, s);
     if (d->lora.a)

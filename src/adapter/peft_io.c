@@ -4,6 +4,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <errno.h>
 #include <math.h>
+#include <fcntl.h>
 #include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -381,38 +382,38 @@ int ad_adapter_load(const struct ad_model *m, const char *dir, const char *name,
 {
     static const char *const weight_files[] = {"adapter_model.safetensors", "adapter.safetensors"};
     static const char *const pickles[] = {"adapter_model.bin", "pytorch_adapter.bin"};
-    char path[4096], *config = NULL;
     struct ad_mmap map = {0};
+    char *config = NULL;
     int r;
 
-    r = ad_path_join(path, sizeof(path), dir, "adapter_config.json");
-    if (r >= 0)
-        r = ad_read_file(path, MAX_CONFIG_BYTES, &config, NULL, err);
+    /* Files are opened inside the directory, never through a symlink, and errors name them
+     * relative to it: the caller knows (and may or may not show) where the directory is. */
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return ad_err_set(err, -errno, "the adapter directory: %s", strerror(errno));
+    r = ad_read_file_at(dfd, "adapter_config.json", MAX_CONFIG_BYTES, &config, NULL, err);
     if (r < 0)
-        return r;
+        goto out;
     r = -ENOENT;
-    for (size_t i = 0; r == -ENOENT && i < 2; i++) {
-        if (ad_path_join(path, sizeof(path), dir, weight_files[i]) < 0 || access(path, F_OK))
-            continue;
-        r = ad_mmap_init(&map, path, err);
-    }
+    for (size_t i = 0; r == -ENOENT && i < 2; i++)
+        if (faccessat(dfd, weight_files[i], F_OK, AT_SYMLINK_NOFOLLOW) == 0)
+            r = ad_mmap_init_at(&map, dfd, weight_files[i], err);
     if (r == -ENOENT) {
         for (size_t i = 0; i < 2; i++)
-            if (ad_path_join(path, sizeof(path), dir, pickles[i]) >= 0 && !access(path, F_OK)) {
+            if (faccessat(dfd, pickles[i], F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
                 r = ad_err_set(err, -ENOTSUP, "%s: pickle checkpoints are not read (they can run "
-                               "code); save with safe_serialization=True", path);
+                               "code); save with safe_serialization=True", pickles[i]);
                 goto out;
             }
-        r = ad_err_set(err, -ENOENT, "%s: no adapter_model.safetensors", dir);
+        r = ad_err_set(err, -ENOENT, "no adapter_model.safetensors");
         goto out;
     }
     if (r < 0)
         goto out;
     r = ad_adapter_load_mem(m, config, map.data, map.size, name, flags, ret, err);
-    if (r < 0)
-        ad_err_prefix(err, "%s", dir);
 out:
     ad_mmap_fini(&map);
     free(config);
+    close(dfd);
     return r;
 }

@@ -484,14 +484,14 @@ static int build_batch(struct ad_engine *e)
             bool reports_prompt = r->prompt_logprobs && r->n_prompt_reported < r->n_prompt;
             e->chunks[n] = (struct ad_chunk){.seq = &r->seq, .tokens = r->tokens + r->n_cached,
                                              .n_tokens = take, .all_logits = reports_prompt,
-                                             .mix = r->mix.n ? &r->mix : NULL};
+                                             .ctx = r->mix.n ? &r->mix : NULL};
             e->chunk_req[n++] = r;
             budget -= take;
         }
-    /* insertion sort by mix (batches are small), then share the first pointer of each run */
+    /* insertion sort by mix (the chunks' ctx; batches are small), then share the first pointer of each run */
     for (int i = 1; i < n; i++)
         for (int j = i; j > 0; j--) {
-            const struct ad_mix *a = e->chunks[j - 1].mix, *b = e->chunks[j].mix;
+            const struct ad_mix *a = e->chunks[j - 1].ctx, *b = e->chunks[j].ctx;
             int c = !a ? (b ? -1 : 0) : !b ? 1 : cmp_mix(a, b);
             if (c <= 0)
                 break;
@@ -503,9 +503,9 @@ static int build_batch(struct ad_engine *e)
             e->chunk_req[j - 1] = tr;
         }
     for (int i = 1; i < n; i++)
-        if (e->chunks[i].mix && e->chunks[i - 1].mix &&
-            same_mix(e->chunks[i].mix, e->chunks[i - 1].mix))
-            e->chunks[i].mix = e->chunks[i - 1].mix;
+        if (e->chunks[i].ctx && e->chunks[i - 1].ctx &&
+            same_mix(e->chunks[i].ctx, e->chunks[i - 1].ctx))
+            e->chunks[i].ctx = e->chunks[i - 1].ctx;
     return n;
 }
 
@@ -642,7 +642,8 @@ static void step(struct ad_engine *e)
             }
             return;
         }
-        int rc = ad_model_forward(e->m, &e->kv, e->chunks, n, e->scratch, e->logits, &err);
+        int rc = ad_model_forward(e->m, &e->kv, e->chunks, n, &ad_mix_hooks, e->scratch,
+                                  e->logits, &err);
         if (rc == -ENOSPC && e->n_running > 1) {
             preempt(e);
             continue;

@@ -23,7 +23,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "adapterd/adapter.h"
 #include "adapterd/model.h"
 #include "adapterd/util.h"
 #include "internal.h"
@@ -46,14 +45,14 @@ enum {
     BUF_S,   /* [chunk, ctx] attention scores, one such block per pool thread */
     BUF_XO,  /* [n_logits, E] rows that produce logits */
     BUF_TMP, /* adapter deltas' work space; during a post_item job, pool thread t owns floats
-              * [t AD_MIX_LOCAL_TMP, (t + 1) AD_MIX_LOCAL_TMP) */
+              * [t AD_HOOK_LOCAL_TMP, (t + 1) AD_HOOK_LOCAL_TMP) */
     N_BUF,
 };
 
-/* A run of rows that share one mix of adapters. */
+/* A run of rows that share one hooks context (one mix of adapters). */
 struct group {
     int r0, n;
-    const struct ad_mix *mix;
+    const void *ctx;
     bool x_scaled; /* set by sites_groups for the site in progress */
 };
 
@@ -77,6 +76,7 @@ struct ad_scratch {
     size_t post_cap;
 
     const struct ad_kernels *k;
+    const struct ad_hooks *hooks; /* of the pass in progress */
     struct ad_pool *pool; /* NULL: one thread */
     bool pool_tried;      /* the pool is started by the first pass */
 };
@@ -312,17 +312,17 @@ static void norm_groups(const struct ad_model *m, const struct ad_scratch *s, in
     for (int g = 0; g < s->n_groups; g++) {
         const struct group *G = &s->groups[g];
         const float *w = bw, *b = bb;
-        if (G->mix)
-            ad_mix_norm(G->mix, layer, slot, &w, &b);
+        if (G->ctx && s->hooks->norm)
+            s->hooks->norm(G->ctx, layer, slot, &w, &b);
         norm_rows(m, w, b, x + (size_t)G->r0 * E, G->n, out + (size_t)G->r0 * E);
     }
 }
 
 /* The adapter deltas of one sites_groups call as one pool job: an item is a block of up to
  * AD_POST_ROWS rows of one group, at every site of the call whose hook runs on the adapters' own
- * kernels (ad_mix_site_post_local: no BLAS call, so it may run on a helper). Adapters are
+ * kernels (hooks->site_post_local: no BLAS call, so it may run on a helper). Adapters are
  * read-only, x is read-only once the input-side deltas are applied, and each item writes only
- * its own rows; each thread has its own AD_MIX_LOCAL_TMP floats of BUF_TMP. One item takes all
+ * its own rows; each thread has its own AD_HOOK_LOCAL_TMP floats of BUF_TMP. One item takes all
  * sites (q, k and v; or gate and up) so that one thread reads one adapter's factors for them
  * in a row, where the loader put them next to each other. Items are claimed one by one, so
  * groups of different costs (mixes of several adapters, a prefill chunk beside decode rows)
@@ -336,13 +336,14 @@ struct post_item {
 };
 
 struct post_job {
+    const struct ad_hooks *hooks;
     const struct ad_site *const *sites;
     int n_sites;
     const struct post_item *items;
     int ldx, ldy;
     const float *x;
     float *const *ys;
-    float *tmp; /* thread t's work space starts at tmp + t * AD_MIX_LOCAL_TMP */
+    float *tmp; /* thread t's work space starts at tmp + t * AD_HOOK_LOCAL_TMP */
 };
 
 static void post_item(void *ctx, int item, int thread)
@@ -351,11 +352,11 @@ static void post_item(void *ctx, int item, int thread)
     const struct post_item *it = &j->items[item];
     for (int i = 0; i < j->n_sites; i++)
         if (it->sites & (1u << i))
-            ad_mix_site_post(it->group->mix, j->sites[i],
+            j->hooks->site_post(it->group->ctx, j->sites[i],
                              j->x + (size_t)it->r0 * (size_t)j->ldx, j->ldx,
                              it->group->x_scaled, j->ys[i] + (size_t)it->r0 * (size_t)j->ldy,
-                             j->ldy, it->n, j->tmp + (size_t)thread * AD_MIX_LOCAL_TMP,
-                             AD_MIX_LOCAL_TMP);
+                             j->ldy, it->n, j->tmp + (size_t)thread * AD_HOOK_LOCAL_TMP,
+                             AD_HOOK_LOCAL_TMP);
 }
 
 /* Sites over every row: one matrix product (or one pool job) for the whole batch, then each
@@ -371,8 +372,8 @@ static void sites_groups(const struct ad_site *const *sites, int n_sites, struct
     assert(n_sites <= 3);
     for (int g = 0; g < s->n_groups; g++) {
         struct group *G = &s->groups[g];
-        G->x_scaled = x_exclusive && G->mix &&
-                      ad_mix_site_pre(G->mix, sites[0], x + (size_t)G->r0 * ldx, ldx, G->n);
+        G->x_scaled = x_exclusive && G->ctx && s->hooks->site_pre &&
+                      s->hooks->site_pre(G->ctx, sites[0], x + (size_t)G->r0 * ldx, ldx, G->n);
     }
     linear(s, sites, n_sites, x, ldx, T, ys, ldy);
 
@@ -380,13 +381,14 @@ static void sites_groups(const struct ad_site *const *sites, int n_sites, struct
     for (int g = 0; g < s->n_groups; g++) {
         const struct group *G = &s->groups[g];
         unsigned local = 0;
-        if (!G->mix)
+        if (!G->ctx || !s->hooks->site_post)
             continue;
         for (int i = 0; i < n_sites; i++) {
-            if (ad_mix_site_post_local(G->mix, sites[i], G->x_scaled))
+            if (s->hooks->site_post_local && s->hooks->site_post_local(G->ctx, sites[i],
+                                                                       G->x_scaled))
                 local |= 1u << i;
             else
-                ad_mix_site_post(G->mix, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
+                s->hooks->site_post(G->ctx, sites[i], x + (size_t)G->r0 * ldx, ldx, G->x_scaled,
                                  ys[i] + (size_t)G->r0 * ldy, ldy, G->n, s->buf[BUF_TMP],
                                  s->cap[BUF_TMP]);
         }
@@ -394,7 +396,7 @@ static void sites_groups(const struct ad_site *const *sites, int n_sites, struct
             s->post[n_items++] = (struct post_item){
                 G->r0 + r, G->n - r < AD_POST_ROWS ? G->n - r : AD_POST_ROWS, local, G};
     }
-    struct post_job job = {sites, n_sites, s->post, ldx, ldy, x, ys, s->buf[BUF_TMP]};
+    struct post_job job = {s->hooks, sites, n_sites, s->post, ldx, ldy, x, ys, s->buf[BUF_TMP]};
     ad_pool_run(s->pool, n_items, post_item, &job);
 }
 
@@ -410,8 +412,8 @@ static void sublayer_groups(const struct ad_model *m, struct ad_scratch *s, int 
     size_t E = (size_t)m->cfg.n_embd;
     for (int g = 0; g < s->n_groups; g++) {
         const struct group *G = &s->groups[g];
-        if (G->mix)
-            ad_mix_sublayer(G->mix, layer, slot, x + (size_t)G->r0 * E, y + (size_t)G->r0 * E,
+        if (G->ctx && s->hooks->sublayer)
+            s->hooks->sublayer(G->ctx, layer, slot, x + (size_t)G->r0 * E, y + (size_t)G->r0 * E,
                             G->n, s->buf[BUF_TMP], s->cap[BUF_TMP]);
     }
 }
@@ -474,11 +476,23 @@ static float *kv_slot(const struct ad_kv *kv, float *base, int layer, const stru
 }
 
 /* The shared prefix of a chunk's sequence in a layer: its keys (kv = 0) or values (kv = 1) as
- * [seq->n_shared, KVd], borrowed from the mix's adapter (the request holds a reference); NULL
- * if the sequence has none. */
-static const float *shared_prefix(const struct ad_chunk *ch, int layer, int kv)
+ * [seq->n_shared, KVd], borrowed from the hooks (the request holds its adapters); NULL if the
+ * sequence has none. */
+static const float *shared_prefix(const struct ad_hooks *h, const struct ad_chunk *ch, int layer,
+                                  int kv)
 {
-    return ch->seq->n_shared > 0 ? ad_mix_prefix(ch->mix, layer, kv) : NULL;
+    return ch->seq->n_shared > 0 ? h->prefix(ch->ctx, layer, kv) : NULL;
+}
+
+/* Prefix positions and virtual tokens of a chunk's context (0 for the base). */
+static int n_prefix_of(const struct ad_hooks *h, const void *ctx)
+{
+    return ctx && h && h->n_prefix ? h->n_prefix(ctx) : 0;
+}
+
+static int n_virtual_of(const struct ad_hooks *h, const void *ctx)
+{
+    return ctx && h && h->n_virtual ? h->n_virtual(ctx) : 0;
 }
 
 /* Gathers positions [lo, hi) of a sequence's K (or V) into dst [hi - lo, KVd]: the shared
@@ -565,8 +579,8 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
     int lo = first_key(pos0, W);
     float *kg = s->buf[BUF_KG], *vg = s->buf[BUF_VG];
 
-    kv_gather(kv, kv->k, shared_prefix(ch, layer, 0), layer, seq, lo, hi, kg);
-    kv_gather(kv, kv->v, shared_prefix(ch, layer, 1), layer, seq, lo, hi, vg);
+    kv_gather(kv, kv->k, shared_prefix(s->hooks, ch, layer, 0), layer, seq, lo, hi, kg);
+    kv_gather(kv, kv->v, shared_prefix(s->hooks, ch, layer, 1), layer, seq, lo, hi, vg);
     int n_blocks = (n + AD_ATTN_QBLOCK - 1) / AD_ATTN_QBLOCK;
     struct head_job j = {s->k, q, kg, vg, att, s->buf[BUF_S], ld_q, ld_att, c->head_dim,
                          kv->kv_dim, c->n_head / c->n_kv_head, n, hi - lo, pos0, lo, W, n_blocks,
@@ -576,12 +590,13 @@ static void attend_chunk(const struct ad_model *m, const struct ad_kv *kv, struc
 
 /* The one-token chunks of a layer: one pool job whose items are (KV head, chunk) pairs, each
  * for the query heads that share that KV head, KV head first: chunks that share cached prefix
- * blocks are adjacent in the batch (it is sorted by mix), so their items read those blocks one
+ * blocks are adjacent in the batch (it is sorted by ctx), so their items read those blocks one
  * after the other, from cache after the first. It reads the keys and values in place, run by
  * run: the shared prefix, then each cache block's slots, with an online softmax (the attn
  * kernel), so it needs no gather and no score buffer. */
 struct dec_job {
     const struct ad_kernels *k;
+    const struct ad_hooks *hooks;
     const struct ad_model *m;
     const struct ad_kv *kv;
     const struct ad_chunk *chunks;
@@ -621,7 +636,8 @@ static void attend_one(void *ctx, int item, int thread)
         int p = lo;
         if (p < seq->n_shared) { /* the prefix, one run */
             int n = (hi < seq->n_shared ? hi : seq->n_shared) - p;
-            const float *pk = shared_prefix(ch, j->layer, 0), *pv = shared_prefix(ch, j->layer, 1);
+            const float *pk = shared_prefix(j->hooks, ch, j->layer, 0);
+            const float *pv = shared_prefix(j->hooks, ch, j->layer, 1);
             j->k->attn(q, g, hd, pk + (size_t)p * ld + off, pv + (size_t)p * ld + off, ld, n,
                        scale, mx, sum, out);
             p += n;
@@ -652,15 +668,16 @@ int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks)
     return n;
 }
 
-/* Positions of a chunk's sequence before the chunk: a new sequence starts with its mix's
- * prefix, if any (shared from the adapter, not cached: seq->n_shared). */
-static int past_of(const struct ad_chunk *ch)
+/* Positions of a chunk's sequence before the chunk: a new sequence starts with its context's
+ * prefix, if any (read in place through the hooks, not cached: seq->n_shared). */
+static int past_of(const struct ad_hooks *h, const struct ad_chunk *ch)
 {
-    return ch->seq->n_tokens == 0 && ch->mix ? ad_mix_n_prefix(ch->mix) : ch->seq->n_tokens;
+    return ch->seq->n_tokens == 0 ? n_prefix_of(h, ch->ctx) : ch->seq->n_tokens;
 }
 
 static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_chunk *chunks,
-                   int n_chunks, struct ad_scratch *s, struct ad_err *err)
+                   int n_chunks, const struct ad_hooks *hooks, struct ad_scratch *s,
+                   struct ad_err *err)
 {
     const struct ad_model_config *c = &m->cfg;
     size_t T = 0, max_n = 0, max_ctx = 0, n_out = 0;
@@ -668,8 +685,8 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
 
     for (int i = 0; i < n_chunks; i++) {
         const struct ad_chunk *ch = &chunks[i];
-        int end = past_of(ch) + ch->n_tokens;
-        int n_virtual = ch->mix ? ad_mix_n_virtual(ch->mix) : 0;
+        int end = past_of(hooks, ch) + ch->n_tokens;
+        int n_virtual = n_virtual_of(hooks, ch->ctx);
         if (ch->n_tokens <= 0)
             return ad_err_set(err, -EINVAL, "chunk %d has no tokens", i);
         if (end > c->n_ctx_max)
@@ -682,8 +699,10 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
         for (int k = 0; k < i; k++)
             if (chunks[k].seq == ch->seq)
                 return ad_err_set(err, -EINVAL, "a sequence appears twice in one batch");
-        /* the shared prefix is read from the chunk's mix: every chunk must carry it */
-        assert(!ch->seq->n_shared || (ch->mix && ad_mix_n_prefix(ch->mix) == ch->seq->n_shared));
+        /* the shared prefix is read through the chunk's ctx: every chunk must carry it */
+        assert(!ch->seq->n_shared || n_prefix_of(hooks, ch->ctx) == ch->seq->n_shared);
+        if (ch->ctx && !hooks)
+            return ad_err_set(err, -EINVAL, "chunk %d has a context but the pass no hooks", i);
         /* cached tokens after the chunk (a new sequence has n_tokens = n_shared = 0 here) */
         blocks += ad_kv_blocks_for(kv, ch->seq->n_tokens - ch->seq->n_shared + ch->n_tokens) -
                   ch->seq->n_blocks;
@@ -710,8 +729,8 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     }
     size_t n_threads = (size_t)ad_pool_threads(s->pool);
     size_t tmp = T * (widest + E) + 4096;
-    if (tmp < n_threads * AD_MIX_LOCAL_TMP)
-        tmp = n_threads * AD_MIX_LOCAL_TMP;
+    if (tmp < n_threads * AD_HOOK_LOCAL_TMP)
+        tmp = n_threads * AD_HOOK_LOCAL_TMP;
     size_t sizes[N_BUF] = {
         [BUF_X] = T * E,         [BUF_XN] = T * E,     [BUF_QKV] = T * (Hq + 2 * KVd),
         [BUF_ATT] = T * Hq,      [BUF_Y] = T * E,      [BUF_FA] = T * F,
@@ -738,16 +757,16 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
     s->n_groups = 0;
     for (int i = 0, r = 0; i < n_chunks; r += chunks[i].n_tokens, i++) {
         struct group *last = s->n_groups ? &s->groups[s->n_groups - 1] : NULL;
-        if (last && last->mix == chunks[i].mix)
+        if (last && last->ctx == chunks[i].ctx)
             last->n += chunks[i].n_tokens;
         else
-            s->groups[s->n_groups++] = (struct group){r, chunks[i].n_tokens, chunks[i].mix, false};
+            s->groups[s->n_groups++] = (struct group){r, chunks[i].n_tokens, chunks[i].ctx, false};
     }
 
     for (int i = 0; i < n_chunks; i++) {
         struct ad_kv_seq *seq = chunks[i].seq;
         if (seq->n_tokens == 0) /* a new sequence: its prefix is read from the adapter */
-            seq->n_tokens = seq->n_shared = chunks[i].mix ? ad_mix_n_prefix(chunks[i].mix) : 0;
+            seq->n_tokens = seq->n_shared = n_prefix_of(hooks, chunks[i].ctx);
         int r = ad_kv_seq_reserve(kv, seq, seq->n_tokens + chunks[i].n_tokens);
         if (r < 0)
             return ad_err_set(err, r, "KV cache: cannot reserve blocks");
@@ -756,12 +775,14 @@ static int prepare(const struct ad_model *m, struct ad_kv *kv, const struct ad_c
 }
 
 int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
-                     int n_chunks, struct ad_scratch *s, float *logits, struct ad_err *err)
+                     int n_chunks, const struct ad_hooks *hooks, struct ad_scratch *s,
+                     float *logits, struct ad_err *err)
 {
     const struct ad_model_config *c = &m->cfg;
-    int T = prepare(m, kv, chunks, n_chunks, s, err);
+    int T = prepare(m, kv, chunks, n_chunks, hooks, s, err);
     if (T < 0)
         return T;
+    s->hooks = hooks;
     /* The helpers spin between the jobs of a pass (see pool.c). */
     ad_pool_spin(s->pool, true);
 
@@ -776,7 +797,7 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         for (int j = 0; j < chunks[i].n_tokens; j++, r++) {
             int tok = chunks[i].tokens[j];
             const float *emb = tok >= 0 ? m->tok_embd + (size_t)tok * E
-                                        : ad_mix_virtual_embedding(chunks[i].mix, -1 - tok);
+                                        : hooks->virtual_embedding(chunks[i].ctx, -1 - tok);
             pos[r] = chunks[i].seq->n_tokens + j;
             memcpy(x + (size_t)r * E, emb, (size_t)E * sizeof(float));
             if (m->pos_embd)
@@ -821,7 +842,7 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
             if (chunks[i].n_tokens > 1)
                 attend_chunk(m, kv, s, l, &chunks[i], qkv + (size_t)r * ld_qkv, ld_qkv,
                              att + (size_t)r * Hq, Hq);
-        struct dec_job dj = {s->k, m, kv, chunks, s->dec, s->n_dec, l, ld_qkv, Hq, qkv, att};
+        struct dec_job dj = {s->k, hooks, m, kv, chunks, s->dec, s->n_dec, l, ld_qkv, Hq, qkv, att};
         ad_pool_run(s->pool, s->n_dec * c->n_kv_head, attend_one, &dj);
         site_groups(L->site[AD_ROLE_O], s, att, Hq, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_ATTN, x, y);
@@ -863,10 +884,10 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
         int n = chunks[i].n_tokens - first;
         memcpy(xo + (size_t)n_out * E, x + (size_t)(r + first) * E, (size_t)n * E * sizeof(float));
         struct group *last = s->n_groups ? &s->groups[s->n_groups - 1] : NULL;
-        if (last && last->mix == chunks[i].mix)
+        if (last && last->ctx == chunks[i].ctx)
             last->n += n;
         else
-            s->groups[s->n_groups++] = (struct group){n_out, n, chunks[i].mix, false};
+            s->groups[s->n_groups++] = (struct group){n_out, n, chunks[i].ctx, false};
         n_out += n;
     }
     norm_groups(m, s, -1, AD_NORM_FINAL, xo, xo);

@@ -56,12 +56,12 @@ static double run_batch(struct run *runs, const int *which)
         memcpy(toks[s] + n_virt[s], prompts[s], (size_t)prompt_len[s] * sizeof(int32_t));
         chunks[s] = (struct ad_chunk){.seq = &seqs[s], .tokens = toks[s],
                                       .n_tokens = n_virt[s] + prompt_len[s], .all_logits = true,
-                                      .mix = mix};
+                                      .ctx = mix};
         rows += (size_t)(n_virt[s] + prompt_len[s]);
     }
     float *logits = calloc(rows * (size_t)V, sizeof(float));
     CHECK(logits);
-    if (ad_model_forward(model, &kv, chunks, n_seq, scr, logits, &err) < 0) {
+    if (ad_model_forward(model, &kv, chunks, n_seq, &ad_mix_hooks, scr, logits, &err) < 0) {
         fprintf(stderr, "forward: %s\n", err.msg);
         exit(1);
     }
@@ -85,7 +85,7 @@ static double run_batch(struct run *runs, const int *which)
             chunks[s].n_tokens = 1;
             chunks[s].all_logits = false;
         }
-        if (ad_model_forward(model, &kv, chunks, n_seq, scr, logits, &err) < 0) {
+        if (ad_model_forward(model, &kv, chunks, n_seq, &ad_mix_hooks, scr, logits, &err) < 0) {
             fprintf(stderr, "forward: %s\n", err.msg);
             exit(1);
         }

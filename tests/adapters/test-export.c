@@ -146,7 +146,7 @@ static double prefill_diff(const struct ad_model *m, const float *want)
     for (int s = 0; s < n_seq; s++)
         chunks[s] = (struct ad_chunk){.seq = &seqs[s], .tokens = prompts[s],
                                       .n_tokens = prompt_len[s], .all_logits = true};
-    if (ad_model_forward(m, &kv, chunks, n_seq, scr, logits, &err) < 0) {
+    if (ad_model_forward(m, &kv, chunks, n_seq, &ad_mix_hooks, scr, logits, &err) < 0) {
         fprintf(stderr, "forward: %s\n", err.msg);
         exit(1);
     }

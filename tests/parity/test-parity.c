@@ -55,7 +55,7 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
         int n_out = ad_batch_n_logits(chunks, n_chunks);
         float *first = calloc((size_t)n_out * (size_t)V, sizeof(float));
         CHECK(first);
-        if (ad_model_forward(m, &kv, chunks, n_chunks, s, first, &err) < 0) {
+        if (ad_model_forward(m, &kv, chunks, n_chunks, NULL, s, first, &err) < 0) {
             fprintf(stderr, "forward: %s\n", err.msg);
             exit(1);
         }
@@ -80,7 +80,7 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
         for (int i = 0; i < n_seq; i++)
             chunks[n_chunks++] = (struct ad_chunk){.seq = &seqs[i], .tokens = toks[i], .n_tokens = len[i], .all_logits = true};
     }
-    if (ad_model_forward(m, &kv, chunks, n_chunks, s, logits, &err) < 0) {
+    if (ad_model_forward(m, &kv, chunks, n_chunks, NULL, s, logits, &err) < 0) {
         fprintf(stderr, "forward: %s\n", err.msg);
         exit(1);
     }
@@ -102,7 +102,7 @@ static double run(const struct ad_model *m, json_t *ref, int mode, const float *
                 json_array_get(json_array_get(decode, (size_t)i), (size_t)t));
             chunks[i] = (struct ad_chunk){.seq = &seqs[i], .tokens = &step_tok[i], .n_tokens = 1};
         }
-        if (ad_model_forward(m, &kv, chunks, n_seq, s, logits, &err) < 0) {
+        if (ad_model_forward(m, &kv, chunks, n_seq, NULL, s, logits, &err) < 0) {
             fprintf(stderr, "forward: %s\n", err.msg);
             exit(1);
         }

@@ -93,7 +93,7 @@ static void test_bias_replacement(void)
 
     struct ad_mix mix = {.n = 1, .a = {a}, .w = {1}};
     float x[16] = {0}, y[2][16] = {{0}}, tmp[64];
-    ad_mix_site_post(&mix, d->site, x, 16, false, y[0], 16, 2, tmp, 64);
+    ad_mix_hooks.site_post(&mix, d->site, x, 16, false, y[0], 16, 2, tmp, 64);
     for (int j = 0; j < 16; j++) /* no base bias here: y = 0 + b_new */
         CHECK_NEAR(y[1][j], 0.25, 0);
     CHECK_INT(ad_mix_validate(&mix, &err), ==, 0);
@@ -211,8 +211,8 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
         for (int j = 0; j < 24; j++)
             x[i][j] = 0.05f * (float)((i * 7 + j * 3) % 11) - 0.25f;
     for (int i = 0; i < 8; i++)
-        ad_mix_site_post(&mix, d->site, x[i], 24, false, one[i], 16, 1, tmp, 256);
-    ad_mix_site_post(&mix, d->site, x[0], 24, false, many[0], 16, 8, tmp, 256);
+        ad_mix_hooks.site_post(&mix, d->site, x[i], 24, false, one[i], 16, 1, tmp, 256);
+    ad_mix_hooks.site_post(&mix, d->site, x[0], 24, false, many[0], 16, 8, tmp, 256);
     for (int i = 0; i < 8; i++)
         for (int o = 0; o < 16; o++) {
             double want = 0;
@@ -232,7 +232,8 @@ static void test_lora_rows(enum ad_dtype dtype, unsigned flags)
 #define Q "base_model.model.model.layers.0.self_attn.q_proj"
 #define LORA_A {Q ".lora_A.weight", 2, 16, 0.1f}
 #define LORA_B {Q ".lora_B.weight", 16, 2, -1}
-#define LORA "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4"
+#define LORA_ALPHA "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": "
+#define LORA LORA_ALPHA "4"
 #define BN "model.layers.1.output_adapters.adapters.h."
 
 /* A NaN or an infinity in any tensor of any kind, in each dtype (as stored: BF16 and F16 LoRA
@@ -319,14 +320,13 @@ static void test_scales(void)
     static const struct {
         const char *config, *says; /* says: NULL if it loads */
     } cases[] = {
-        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e308}", "lora_alpha / r = 1e+308 / 2"},
-        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e39}", "lora_alpha / r = 1e+39 / 2"},
-        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e308, \"use_rslora\": true}",
-         "lora_alpha / sqrt(r)"},
+        {LORA_ALPHA "1e308}", "lora_alpha / r = 1e+308 / 2"},
+        {LORA_ALPHA "1e39}", "lora_alpha / r = 1e+39 / 2"},
+        {LORA_ALPHA "1e308, \"use_rslora\": true}", "lora_alpha / sqrt(r)"},
         {LORA ", \"alpha_pattern\": {\"q_proj\": 1e308}}", "alpha_pattern / r = 1e+308 / 2"},
         {LORA ", \"rank_pattern\": {\"q_proj\": 1e308}}", "rank 2, but the config says r = 1e+308"},
         {LORA ", \"rank_pattern\": {\"q_proj\": 2.5}}", "rank 2, but the config says r = 2.5"},
-        {"{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e30}", NULL}, /* s = 5e29 */
+        {LORA_ALPHA "1e30}", NULL}, /* s = 5e29 */
     };
     struct ad_adapter *a;
     struct ad_err err;

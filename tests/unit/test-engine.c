@@ -110,9 +110,9 @@ static void plain_greedy(const struct ad_model *m, const int32_t *prompt, int n_
     ad_sampler_init(&greedy, 0, 0, 1, 0);
     CHECK_INT(ad_kv_init(&kv, &m->cfg, 64, 4), ==, 0);
     struct ad_chunk ch = {.seq = &seq, .tokens = prompt, .n_tokens = n_prompt,
-                          .mix = a ? &mix : NULL};
+                          .ctx = a ? &mix : NULL};
     for (int t = 0; t < n; t++) {
-        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, logits, &err), ==, 0);
+        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, s, logits, &err), ==, 0);
         out[t] = ad_sampler_sample(&greedy, logits, 40, work);
         ch.tokens = &out[t];
         ch.n_tokens = 1;

@@ -55,7 +55,7 @@ static void test_shared_prefix(void)
         memcpy(full + N_PREFIX, own[q], sizeof(own[q]));
         struct ad_chunk ch = {.seq = &seq[q], .tokens = full, .n_tokens = N_PREFIX + N_OWN,
                               .all_logits = true};
-        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, lg, &err), ==, 0);
+        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, s, lg, &err), ==, 0);
         memcpy(want[q], lg + (size_t)N_PREFIX * V, sizeof(want[q]));
         ad_kv_seq_release(&kv, &seq[q]);
         free(lg);
@@ -70,8 +70,8 @@ static void test_shared_prefix(void)
             if (sched[q][step])
                 ch[n++] = (struct ad_chunk){.seq = &seq[q], .tokens = own[q] + done[q],
                                             .n_tokens = sched[q][step], .all_logits = true,
-                                            .mix = &mix};
-        CHECK_INT(ad_model_forward(m, &kv, ch, n, s, got, &err), ==, 0);
+                                            .ctx = &mix};
+        CHECK_INT(ad_model_forward(m, &kv, ch, n, &ad_mix_hooks, s, got, &err), ==, 0);
         const float *row = got;
         for (int i = 0; i < n; i++) {
             int q = ch[i].seq == &seq[1];
@@ -98,8 +98,8 @@ static void test_shared_prefix(void)
     CHECK_INT(seq[1].n_shared, ==, 0);
     CHECK_INT(seq[1].n_tokens, ==, 0);
     struct ad_chunk again = {.seq = &seq[1], .tokens = own[1], .n_tokens = N_OWN,
-                             .all_logits = false, .mix = &mix};
-    CHECK_INT(ad_model_forward(m, &kv, &again, 1, s, got, &err), ==, 0);
+                             .all_logits = false, .ctx = &mix};
+    CHECK_INT(ad_model_forward(m, &kv, &again, 1, &ad_mix_hooks, s, got, &err), ==, 0);
     CHECK_NEAR(max_diff(got, want[1][N_OWN - 1], (size_t)V), 0, 1e-4);
     CHECK_INT(seq[1].n_blocks, ==, 3);
 
@@ -138,7 +138,7 @@ static void test_prefix_forward(void)
     CHECK_INT(ad_kv_init(&solo, &m->cfg, 32, 4), ==, 0);
 
     struct ad_chunk ch = {.seq = &a, .tokens = ta, .n_tokens = 14, .all_logits = true};
-    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, la, &err), ==, 0);
+    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, s, la, &err), ==, 0);
     ad_kv_seq_publish(&kv, &a, 0, ta);
     CHECK_INT(kv.n_cached, ==, 3); /* 14 tokens: 3 whole blocks */
     CHECK_INT(a.n_published, ==, 3);
@@ -151,9 +151,9 @@ static void test_prefix_forward(void)
     CHECK_INT(b.blocks[1], ==, a.blocks[1]);
     CHECK_INT(kv.n_free, ==, 32 - 4); /* shared blocks are held, not taken twice */
     ch = (struct ad_chunk){.seq = &b, .tokens = tb + 8, .n_tokens = 5, .all_logits = true};
-    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, lb, &err), ==, 0);
+    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, s, lb, &err), ==, 0);
     ch = (struct ad_chunk){.seq = &d, .tokens = tb, .n_tokens = 13, .all_logits = true};
-    CHECK_INT(ad_model_forward(m, &solo, &ch, 1, s, want, &err), ==, 0);
+    CHECK_INT(ad_model_forward(m, &solo, &ch, 1, &ad_mix_hooks, s, want, &err), ==, 0);
     ad_kv_seq_release(&solo, &d);
     CHECK_NEAR(max_diff(lb, want + 8 * (size_t)V, 5 * (size_t)V), 0, 1e-5);
     ad_kv_seq_publish(&kv, &b, 0, tb);
@@ -180,7 +180,7 @@ static void test_prefix_forward(void)
     CHECK_INT(kv.n_cached, ==, 3);
     ad_kv_seq_release(&kv, &c);
     ch = (struct ad_chunk){.seq = &d, .tokens = ta + 12, .n_tokens = 2, .all_logits = true};
-    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, s, lb, &err), ==, 0);
+    CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, s, lb, &err), ==, 0);
     CHECK_NEAR(max_diff(lb, la + 12 * (size_t)V, 2 * (size_t)V), 0, 1e-5);
     ad_kv_seq_release(&kv, &d);
     CHECK_INT(kv.n_free, ==, 32);
