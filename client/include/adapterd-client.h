@@ -18,9 +18,9 @@
  * The status codes map to errno values: 400 -EINVAL, 401 -EACCES, 403 -EPERM, 404 -ENOENT,
  * 405 -EOPNOTSUPP, 409 -EEXIST, 413 -E2BIG, 429 -EBUSY, 503 -EAGAIN, another 4xx -EINVAL,
  * another status -EIO. Without an answer: -ECONNREFUSED (nothing listens), -EHOSTUNREACH (no
- * such host or no route), -ETIMEDOUT, -ECANCELED (adc_client_cancel() or a callback that
- * returned non-zero), -EPROTO (an answer that is not what the API says), -ENOMEM, or the
- * -errno of a local file. */
+ * such host or no route), -ETIMEDOUT, -ECONNRESET (the connection broke), -ECANCELED
+ * (adc_client_cancel() or a callback that returned non-zero), -EPROTO (an answer that is not what
+ * the API says), -ENOMEM, or the -errno of a local file. */
 #pragma once
 
 #include <stddef.h>
@@ -56,8 +56,9 @@ ADC_API void adc_client_free(struct adc_client *c);
  * limit; streams may be long). */
 ADC_API void adc_client_set_timeouts(struct adc_client *c, long connect_ms, long total_ms);
 
-/* Stops the call in progress, if any, which returns -ECANCELED within a few milliseconds (the
- * connection is closed, so the server stops generating), and makes every later call return
+/* Stops the call in progress, if any, which returns -ECANCELED (at once when the caller is a
+ * signal handler, whose signal wakes the transfer; within 100 ms from another thread); the
+ * connection is closed, so the server cancels what it was generating. Every later call returns
  * -ECANCELED until adc_client_clear_cancel(). Async-signal-safe: made for a SIGINT handler. */
 ADC_API void adc_client_cancel(struct adc_client *c);
 ADC_API void adc_client_clear_cancel(struct adc_client *c);
@@ -100,8 +101,8 @@ ADC_API int adc_tokenize(struct adc_client *c, const char *model, const char *te
  * Adapters */
 
 /* Progress of a transfer: bytes done of total (0 when the server did not say how many). A
- * non-zero return stops the transfer: the call returns -ECANCELED. Called every few hundred
- * milliseconds at least, and after each piece of data. */
+ * non-zero return stops the transfer: the call returns -ECANCELED. Called often: as data
+ * moves, and about once a second while it does not. */
 typedef int (*adc_progress_fn)(void *ud, uint64_t done, uint64_t total);
 
 /* GET /v1/adapters: {"object": "list", "data": [...]}; GET /v1/adapters/{name}: one adapter
