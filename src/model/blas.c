@@ -3,9 +3,10 @@
  *
  * Cores are compared by the widest instructions their kernels use: the names are those of
  * OpenBLAS 0.3.21's driver/others/dynamic.c (OPENBLAS_CORETYPE matches them ignoring case), and
- * what each needs follows its build flags (Makefile.x86_64: Cooperlake -march=cooperlake, which
- * has AVX512_VNNI and AVX512_BF16; SkylakeX -march=skylake-avx512; Haswell and Zen AVX2 and
- * FMA; Sandybridge and the Bulldozer family AVX). */
+ * what each needs follows the flags OpenBLAS compiles its kernels with (Cooperlake:
+ * -march=cooperlake from GCC 10 on, which allows AVX512_VNNI and AVX512_BF16; SkylakeX:
+ * -march=skylake-avx512; Haswell and Zen: AVX2 and FMA; Sandybridge and the Bulldozer family:
+ * 256-bit AVX). Only the first four are ever forced. */
 #include <cblas.h>
 #include <errno.h>
 #include <stdarg.h>
