@@ -3,10 +3,11 @@
  *
  * Debian 12's OpenBLAS 0.3.21 is a DYNAMIC_ARCH build: a constructor picks its core when the
  * library is loaded, from the variable OPENBLAS_CORETYPE if it is set, else from OpenBLAS's own
- * table of CPU models. That table does not know CPUs newer than itself: an Emerald Rapids
- * (family 6 model 207, AVX-512 with BF16) gets the SSE3 kernels ("Prescott"), a fifth of the
- * sgemm its AVX-512 kernels reach. The variable is read only at load time, before main(), so a
- * program that wants another core sets it and executes itself again (ad_blas_startup).
+ * table of CPU models. That table does not know some CPUs newer than itself: an Emerald Rapids
+ * (family 6 model 207, AVX-512 with BF16) gets the SSE3 kernels ("Prescott") and prefills a
+ * third as fast as with its AVX-512 ones. The variable is read only at load time, before
+ * main(), so a program that wants another core sets it and executes itself again
+ * (ad_blas_startup).
  *
  * Variables: OPENBLAS_CORETYPE, when set, is respected (and reported if this OpenBLAS does not
  * know it, or the CPU cannot run it). ADAPTERD_BLAS_AUTO=0 leaves OpenBLAS's own choice (the
