@@ -6,6 +6,7 @@
 #include <cblas.h>
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,8 +73,13 @@ static int width_of(struct load_ctx *c, json_t *bc, int layer, int *ret)
     if (!json_is_number(rf) || !(json_number_value(rf) > 0))
         return ad_err_set(c->err, -EINVAL, "adapter_config.json: config.reduction_factor must "
                           "be a positive number or a mapping with 'default'");
-    *ret = (int)floor(c->m->cfg.n_embd / json_number_value(rf));
-    return *ret >= 1 ? 0 : ad_err_set(c->err, -EINVAL, "reduction_factor leaves no width");
+    /* in doubles: the width of a tiny factor is no int */
+    double w = floor(c->m->cfg.n_embd / json_number_value(rf));
+    if (!(w >= 1 && w <= INT32_MAX))
+        return ad_err_set(c->err, -EINVAL, "adapter_config.json: config.reduction_factor %g "
+                          "gives a width of %g (hidden size / factor)", json_number_value(rf), w);
+    *ret = (int)w;
+    return 0;
 }
 
 /* "<root>?<layer_fmt>.{attention,output}_adapters.adapters.<name>.<param>" -> layer, where,

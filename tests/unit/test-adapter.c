@@ -346,6 +346,45 @@ static void test_scales(void)
     }
 }
 
+/* A bottleneck's width is hidden / reduction_factor rounded down, refused unless it is a positive
+ * int (computed from 1e-300 it is none); a factor below 1 widens. */
+static void test_bottleneck_width(void)
+{
+    static const struct tensor wide[] = {
+        {BN "adapter_down.0.weight", 32, 16, -1}, {BN "adapter_down.0.bias", 32, 0, 0.1f},
+        {BN "adapter_up.weight", 16, 32, -1}, {BN "adapter_up.bias", 16, 0, 0.1f},
+    };
+    static const struct tensor narrow[] = {
+        {BN "adapter_down.0.weight", 1, 16, -1}, {BN "adapter_down.0.bias", 1, 0, 0.1f},
+        {BN "adapter_up.weight", 16, 1, -1}, {BN "adapter_up.bias", 16, 0, 0.1f},
+    };
+    static const struct {
+        const char *factor;
+        const struct tensor *t;
+        int dim; /* 0: refused */
+    } cases[] = {
+        {"1e-300", wide, 0}, {"17", narrow, 0}, {"16", narrow, 1}, {"0.5", wide, 32},
+    };
+    struct ad_adapter *a;
+    struct ad_err err;
+    char config[160];
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(config, sizeof(config), "{\"config\": {\"reduction_factor\": %s, "
+                 "\"non_linearity\": \"relu\"}}", cases[i].factor);
+        int r = load("bn", config, cases[i].t, 4, &a, &err);
+        if (!cases[i].dim) {
+            CHECK_INT(r, ==, -EINVAL);
+            CHECK_CONTAINS(err.msg, "reduction_factor");
+            CHECK_CONTAINS(err.msg, "gives a width of");
+            continue;
+        }
+        CHECK_INT(r, ==, 0);
+        CHECK_INT(a->bn_mlp[1].dim, ==, cases[i].dim);
+        ad_adapter_unref(a);
+    }
+}
+
 int main(void)
 {
     model = tiny_model(model_dir);
@@ -358,6 +397,7 @@ int main(void)
     }
     test_non_finite();
     test_scales();
+    test_bottleneck_width();
     ad_model_free(model);
     CHECK_INT(ad_rm_rf(model_dir), ==, 0);
     printf("adapter: ok\n");

@@ -137,10 +137,12 @@ static void test_layout(void)
         {"{" T("a", "F32", "4", 0, 16) "," T("b", "F32", "1", 4, 8) "}", 16,
          "tensors 'a' [0, 16] and 'b' [4, 8] overlap"},
         /* holes: before the first tensor, between two, after the last (trailing bytes) */
-        {"{" T("a", "F32", "1", 4, 8) "}", 8, "bytes [0, 4) of the data are not part of any tensor"},
+        {"{" T("a", "F32", "1", 4, 8) "}", 8,
+         "bytes [0, 4) of the data are not part of any tensor"},
         {"{" T("a", "F32", "1", 0, 4) "," T("b", "F16", "2", 12, 16) "}", 16,
          "bytes [4, 12) of the data are not part of any tensor"},
-        {"{" T("a", "F32", "1", 0, 4) "}", 7, "bytes [4, 7) of the data are not part of any tensor"},
+        {"{" T("a", "F32", "1", 0, 4) "}", 7,
+         "bytes [4, 7) of the data are not part of any tensor"},
         {"{}", 3, "bytes [0, 3) of the data are not part of any tensor"},
         /* zero-byte tensors: on a boundary (first, between, last, two at one offset) they are
          * fine; inside another tensor they are not (the reference refuses them too) */
