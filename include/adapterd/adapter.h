@@ -154,3 +154,61 @@ int ad_mix_n_prefix(const struct ad_mix *mix);
 /* The hook points of the forward pass (model.h) for serving: ctx is a const struct ad_mix
  * whose adapters the caller holds. The deltas of each kind are in its own file. */
 extern const struct ad_hooks ad_mix_hooks;
+
+/* ==========================================================================================
+ * Training: an adapter as trainable parameters (src/train runs them)
+ *
+ * Each kind's file holds its training init (as Hugging Face PEFT initialises it), its forward
+ * and backward hooks for ad_model_train (model.h) over f32 parameters, and what it saves. The
+ * parameters are named as the adapter's files name them, sorted by name. */
+
+struct ad_param {
+    char name[192]; /* as the saved file (or, for parameters only training has, trainable.c) */
+    int n_dims;
+    int64_t shape[2];
+    size_t n;
+    float *w;      /* values */
+    float *g;      /* gradient, accumulated by the backward */
+    bool decay;    /* weight decay applies: not to biases, norms and embeddings (HF Trainer) */
+    bool maskable; /* child-tuning may mask it: not embeddings or norms */
+};
+
+struct ad_trainable {
+    enum ad_adapter_kind kind;
+    const struct ad_model *m;
+    struct ad_param *params; /* sorted by name */
+    int n_params;
+    const struct ad_hooks *hooks; /* ctx: this trainable */
+    uint64_t seed;     /* dropout masks */
+    uint64_t step;     /* the optimizer steps taken (dropout masks differ each step) */
+    int micro;         /* the batch within the step */
+    bool train;        /* dropout on: set by the trainer around backward passes */
+    /* private to trainable.c and the kind */
+    void *cfg;         /* json_t: the training config */
+    void *priv;
+    struct ad_param *cap_params;
+    int cap;
+};
+
+/* A new trainable adapter for m from a PEFT adapter_config.json text (LORA, IA3, PREFIX_TUNING,
+ * PROMPT_TUNING, BITFIT, or an AdapterHub bottleneck config), initialised as PEFT does from
+ * seed; init_ids (NULL unless prompt_tuning_init TEXT) are the init text's token ids. Returns 0
+ * or -EINVAL / -ENOTSUP with err naming the field. */
+int ad_trainable_new(const struct ad_model *m, const char *config_json, uint64_t seed,
+                     const int32_t *init_ids, int n_init_ids, struct ad_trainable **ret,
+                     struct ad_err *err);
+/* Sets parameters from the tensors of a safetensors file by name (continuing from an adapter,
+ * or a checkpoint); every parameter must be there, with its shape. Returns 0 or -EINVAL. */
+int ad_trainable_set(struct ad_trainable *t, const struct ad_st_file *f, struct ad_err *err);
+/* Sets every gradient to 0. */
+void ad_trainable_zero_grad(struct ad_trainable *t);
+/* Finishes the gradients after the batches of a step (parameters that only feed others, e.g.
+ * prefix tuning's projection MLP). */
+void ad_trainable_finish(struct ad_trainable *t);
+/* Writes the adapter as serving loads it into dir (existing, empty): adapter_config.json
+ * (inference_mode true) and adapter_model.safetensors (AdapterHub: adapter.safetensors), each
+ * fsync'd. Returns 0 or -errno. */
+int ad_trainable_save(struct ad_trainable *t, const char *dir, struct ad_err *err);
+void ad_trainable_free(struct ad_trainable *t);
+/* The parameter of that name, or NULL. */
+struct ad_param *ad_trainable_param(struct ad_trainable *t, const char *name);

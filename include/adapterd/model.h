@@ -144,6 +144,11 @@ enum ad_norm_slot {
 int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_layer,
                        enum ad_norm_slot *ret_slot);
 
+/* The module path of a norm (e.g. "model.layers.2.input_layernorm", "transformer.ln_f"; layer
+ * -1 for the final one) into buf. */
+void ad_model_norm_path(const struct ad_model *m, int layer, enum ad_norm_slot slot, char *buf,
+                        size_t size);
+
 /* The site with this PEFT module path (with or without a leading "model."/"transformer."
  * as the family has it), or NULL. */
 const struct ad_site *ad_model_find_site(const struct ad_model *m, const char *path);
@@ -258,6 +263,41 @@ struct ad_hooks {
      * AD_NORM_MLP), with x the residual stream entering the sub-layer, updated in place. */
     void (*sublayer)(const void *ctx, int layer, enum ad_norm_slot slot, const float *x,
                      float *y, int n, float *tmp, size_t tmp_len);
+
+    /* ---- Training (ad_model_train): the backward of each point; NULL for serving. Each is
+     * called once per batch and point, from the training thread, for all n rows, and may use
+     * ad_train_sgemm. It gets what its forward point got, and the gradient of the loss with
+     * respect to that point's output; it accumulates the gradients of ctx's parameters (ctx is
+     * the one the forward got, written through here) and hands back the gradient with respect
+     * to the point's input. */
+    /* d: the gradient with respect to the embedding of virtual token v [n_embd], per row that
+     * is one (rows of several sequences call it for the same v). */
+    void (*virtual_grad)(void *ctx, int v, const float *d);
+    /* d: the gradient with respect to a layer's prefix keys (kv 0) or values (kv 1),
+     * [n_prefix, n_kv_head * head_dim], summed over the batch's sequences. */
+    void (*prefix_grad)(void *ctx, int layer, int kv, const float *d);
+    /* dw, db: the gradients with respect to the norm's parameters in effect [n_embd] (db NULL
+     * for RMSNorm), summed over the rows. */
+    void (*norm_grad)(void *ctx, int layer, enum ad_norm_slot slot, const float *dw,
+                      const float *db);
+    /* Whether site_post_grad needs yb, the base linear's output (before site_post). */
+    bool (*site_wants_yb)(const void *ctx, const struct ad_site *s);
+    /* A site's output side: x as site_post got it (before site_pre), yb the base's output if
+     * site_wants_yb said so (else NULL), dy the gradient with respect to the site's output.
+     * Adds to dx the gradient that reaches x through ctx's own path (LoRA: B A), and overwrites
+     * dy with the gradient with respect to yb (what flows on through W). Returns false when W
+     * is not on the path at all (a replaced module): the model then skips it. */
+    bool (*site_post_grad)(void *ctx, const struct ad_site *s, const float *x, int ldx,
+                           const float *yb, float *dy, int ldy, float *dx, int lddx, int n);
+    /* A site's input side: g is the gradient with respect to the linear's input (x after
+     * site_pre): turn it into the gradient with respect to x, in place. */
+    void (*site_pre_grad)(void *ctx, const struct ad_site *s, const float *x, int ldx, float *g,
+                          int ldg, int n);
+    /* A sub-layer's output: x and y_in as sublayer got them (y before it changed it), dy the
+     * gradient with respect to its output: overwrite dy with the gradient with respect to
+     * y_in, and add the one with respect to x to dx. */
+    void (*sublayer_grad)(void *ctx, int layer, enum ad_norm_slot slot, const float *x,
+                          const float *y_in, float *dy, float *dx, int n);
 };
 
 /* The work space each thread's local site_post calls get, in floats. */
@@ -306,6 +346,74 @@ int ad_batch_n_logits(const struct ad_chunk *chunks, int n_chunks);
 int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk *chunks,
                      int n_chunks, const struct ad_hooks *hooks, struct ad_scratch *s,
                      float *logits, struct ad_err *err);
+
+/* ==========================================================================================
+ * Training (train.c): a forward pass that keeps what the backward needs, and the backward
+ *
+ * A batch is dense: n_seq sequences, each one the hooks' virtual tokens (prompt tuning) then
+ * its tokens, as rows one after another; no KV cache: a sequence attends to its own rows and
+ * the hooks' prefix, as in serving (real tokens start at position n_prefix + n_virtual). Every
+ * activation of the pass is kept for its backward (4 * ad_train_floats_per_row bytes a row):
+ * the caller splits a step's batch to fit its memory and accumulates. One ctx adapts the whole
+ * batch (the adapter being trained); full fine-tuning passes ctx NULL and base gradients. */
+
+struct ad_train_batch {
+    int n_seq;
+    const int *n_tokens;           /* [n_seq] */
+    const int32_t *const *tokens;  /* [n_seq][n_tokens[s]] */
+    const int32_t *const *targets; /* [n_seq][n_tokens[s]]: the token row i predicts, or -1 */
+};
+
+/* The gradients of a model's weights (full fine-tuning), zeroed at creation. */
+struct ad_model_grads;
+struct ad_model_grads *ad_model_grads_new(const struct ad_model *m); /* NULL: out of memory */
+void ad_model_grads_free(struct ad_model_grads *g);
+
+/* One weight tensor of the model: its name in the checkpoint (a Hugging Face directory), its
+ * values, and its gradient in g. */
+struct ad_model_tensor {
+    char name[128];
+    float *w; /* writable only in a model from ad_model_clone */
+    float *g; /* NULL without grads */
+    size_t n;
+    int n_dims;
+    int64_t shape[2];
+    bool embedding, norm, bias; /* kinds that child-tuning never masks / weight decay skips */
+};
+
+/* Every distinct weight tensor (a tied lm_head is the embedding), in checkpoint order, with its
+ * gradient in g (may be NULL). Returns the count and a new array (free it), or -ENOMEM. */
+int ad_model_tensors(const struct ad_model *m, struct ad_model_grads *g,
+                     struct ad_model_tensor **ret);
+/* A copy of m whose every weight is a writable f32 array of its own (full fine-tuning trains
+ * it; ad_model_free frees it). Returns 0 or -ENOMEM. */
+int ad_model_clone(const struct ad_model *m, struct ad_model **ret, struct ad_err *err);
+
+/* Floats of activations ad_model_train keeps per row of a batch (for ctx's hooks: their saved
+ * outputs count), to size batches. */
+size_t ad_train_floats_per_row(const struct ad_model *m, const struct ad_hooks *hooks,
+                               const void *ctx);
+
+/* Work space and threads of training passes (grown on demand). NULL: out of memory. */
+struct ad_train_scratch;
+struct ad_train_scratch *ad_train_scratch_new(int n_threads);
+void ad_train_scratch_free(struct ad_train_scratch *ts);
+
+/* The forward and backward pass of one batch: adds loss_scale times the gradient of the sum
+ * over the rows with a target of -log p(target) to ctx's gradients (through hooks) and to g
+ * (NULL: the base is frozen), and that sum (unscaled) to *ret_loss, the number of targets to
+ * *ret_n_targets. With loss_scale 0 it is a forward pass only (evaluation: no gradient is
+ * touched). Returns 0, -EINVAL (a token or sequence out of range, err says which) or -ENOMEM.
+ * One batch at a time per scratch. */
+int ad_model_train(const struct ad_model *m, const struct ad_train_batch *b,
+                   const struct ad_hooks *hooks, void *ctx, struct ad_model_grads *g,
+                   float loss_scale, struct ad_train_scratch *ts, double *ret_loss,
+                   int64_t *ret_n_targets, struct ad_err *err);
+
+/* C = alpha op(A) op(B) + beta C (row-major; op: transposed if t_a / t_b), on the threads of the
+ * training pass that calls the hooks on this thread, else on this thread alone. For hooks. */
+void ad_train_sgemm(bool t_a, bool t_b, int m, int n, int k, float alpha, const float *a,
+                    int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 /* ==========================================================================================
  * Sampling */

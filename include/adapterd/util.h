@@ -74,3 +74,21 @@ int ad_path_join(char *buf, size_t size, const char *dir, const char *name);
 
 /* Monotonic clock in seconds. */
 double ad_now(void);
+
+/* SplitMix64 (Steele, Lea, Flood 2014): z + 0x9E3779B97F4A7C15, then its two xor-shift-multiply
+ * rounds. The counter-based generator of training's random choices (initialisation, dropout,
+ * child-tuning masks): element i of stream k draws ad_splitmix64(key + (k << 40) + i), so any
+ * element is drawn without the others, identically on any thread and in a reference. */
+static inline unsigned long long ad_splitmix64(unsigned long long z)
+{
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* A uniform double in [0, 1) from 64 random bits (their top 53). */
+static inline double ad_unit(unsigned long long x)
+{
+    return (double)(x >> 11) * 0x1.0p-53;
+}

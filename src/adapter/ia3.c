@@ -27,12 +27,12 @@ int ad_ia3_load(struct load_ctx *c)
         if (!s)
             return ad_err_set(c->err, -EINVAL, "tensor '%s': '%s' is not a linear layer of the "
                               "model", t->name, module);
-        r = ctx_targeted(c, json_object_get(c->cfg, "target_modules"), module, true);
+        r = ctx_targeted(json_object_get(c->cfg, "target_modules"), module, true, c->err);
         if (r <= 0)
             return r < 0 ? r : ad_err_set(c->err, -EINVAL, "tensor '%s': module '%s' is not in "
                                           "target_modules", t->name, module);
         /* PEFT matches feedforward_modules by plain suffix (no dot), or a full regex. */
-        r = ff && !json_is_null(ff) ? ctx_targeted(c, ff, module, false) : 0;
+        r = ff && !json_is_null(ff) ? ctx_targeted(ff, module, false, c->err) : 0;
         if (r < 0)
             return r;
         struct ad_site_delta *d = ctx_delta(c, s);

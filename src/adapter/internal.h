@@ -45,7 +45,7 @@ int ctx_check_all_used(struct load_ctx *c);
 
 /* PEFT target_modules matching (list: exact or "." suffix; string: full regex match). Returns
  * 1 (targeted), 0, or -EINVAL for a bad pattern. */
-int ctx_targeted(struct load_ctx *c, json_t *targets, const char *module, bool dot_suffix);
+int ctx_targeted(json_t *targets, const char *module, bool dot_suffix, struct ad_err *err);
 /* re.match(pattern, subject) (anchored at the start only) with PCRE2. 1, 0 or -EINVAL. */
 int ctx_regex_match(const char *pattern, const char *subject, bool full, struct ad_err *err);
 
@@ -61,3 +61,39 @@ void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, 
                    int ldy, int n, float *tmp, size_t tmp_len);
 void ad_bottleneck_apply(const struct ad_adapter *a, const struct ad_bottleneck *bn,
                          const float *x, float *y, int n, int n_embd, float *tmp);
+
+/* ==========================================================================================
+ * Training (trainable.c, and each kind's file) */
+
+/* What a kind does for training (adapter.h, ad_trainable). */
+struct train_kind {
+    enum ad_adapter_kind kind;
+    /* Adds the parameters (tr_add) as PEFT initialises them, sets t->priv. */
+    int (*init)(struct ad_trainable *t, json_t *cfg, const int32_t *ids, int n_ids,
+                struct ad_err *err);
+    const struct ad_hooks *hooks;
+    void (*finish)(struct ad_trainable *t); /* NULL: nothing to finish */
+    /* The tensors serving loads, if they are not the parameters themselves (NULL): fills
+     * entries (up to n_max), their data owned by *owned (freed by the caller). */
+    int (*saved)(struct ad_trainable *t, struct ad_st_entry *entries, size_t n_max,
+                 float **owned, struct ad_err *err);
+    void (*free)(void *priv);
+};
+
+extern const struct train_kind ad_lora_train;
+
+/* Adds a parameter with zeroed values and gradient. Returns it (valid until the next tr_add;
+ * keep its w and g, which stay), or NULL with err set. */
+struct ad_param *tr_add(struct ad_trainable *t, const char *name, int n_dims, int64_t d0,
+                        int64_t d1, bool decay, bool maskable, struct ad_err *err);
+/* Fills p with U(-bound, bound), or N(0, std), drawn from the trainable's seed and p's name
+ * (so the values do not depend on the order parameters are made in). */
+void tr_uniform(const struct ad_trainable *t, struct ad_param *p, double bound);
+void tr_normal(const struct ad_trainable *t, struct ad_param *p, double std);
+/* The key of the random stream `what` (a site's dropout...) at the trainer's current step and
+ * batch: element i draws ad_splitmix64(key + i). */
+uint64_t tr_stream(const struct ad_trainable *t, uint64_t what);
+/* The training config's target_modules (PEFT: a list, a regex, or "all-linear") against a
+ * site's module path. 1, 0 or -EINVAL. */
+int tr_targeted(const struct ad_trainable *t, json_t *targets, const struct ad_site *s,
+                struct ad_err *err);

@@ -29,21 +29,22 @@ static bool is_set(json_t *v)
 }
 
 /* rank_pattern / alpha_pattern: the first key k (in file order) with re.match("(.*\.)?(k)$"). */
-static int pattern_value(struct load_ctx *c, const char *field, const char *module, double *ret)
+static int pattern_value(json_t *cfg, const char *field, const char *module, double *ret,
+                         struct ad_err *err)
 {
-    json_t *obj = json_object_get(c->cfg, field), *v;
+    json_t *obj = json_object_get(cfg, field), *v;
     const char *k;
     if (!json_is_object(obj))
         return 0;
     json_object_foreach(obj, k, v) {
         char re[512];
         snprintf(re, sizeof(re), "(.*\\.)?(%s)$", k);
-        int r = ctx_regex_match(re, module, false, c->err);
+        int r = ctx_regex_match(re, module, false, err);
         if (r < 0)
             return r;
         if (r) {
             if (!json_is_number(v))
-                return ad_err_set(c->err, -EINVAL, "adapter_config.json: %s['%s'] is not a "
+                return ad_err_set(err, -EINVAL, "adapter_config.json: %s['%s'] is not a "
                                   "number", field, k);
             *ret = json_number_value(v);
             return 1;
@@ -301,7 +302,7 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
     if (!s)
         return ad_err_set(c->err, -EINVAL, "tensor '%s': '%s' is not a linear layer of the model",
                           ta->name, module);
-    r = ctx_targeted(c, json_object_get(cfg, "target_modules"), module, true);
+    r = ctx_targeted(json_object_get(cfg, "target_modules"), module, true, c->err);
     if (r <= 0)
         return r < 0 ? r : ad_err_set(c->err, -EINVAL, "tensor '%s': module '%s' is not in "
                                       "target_modules", ta->name, module);
@@ -313,8 +314,8 @@ static int load_module(struct load_ctx *c, const struct arena *ar, const char *m
                       ? (double)json_integer_value(json_object_get(cfg, "r")) : 8;
     double alpha = json_is_number(json_object_get(cfg, "lora_alpha"))
                        ? json_number_value(json_object_get(cfg, "lora_alpha")) : 8;
-    if ((r = pattern_value(c, "rank_pattern", module, &rank)) < 0 ||
-        (r = pattern_value(c, "alpha_pattern", module, &alpha)) < 0)
+    if ((r = pattern_value(cfg, "rank_pattern", module, &rank, c->err)) < 0 ||
+        (r = pattern_value(cfg, "alpha_pattern", module, &alpha, c->err)) < 0)
         return r;
     const char *alpha_from = r ? "alpha_pattern" : "lora_alpha";
     /* compared as doubles: the config's value may be any number (1e308, 2.5) */
@@ -433,3 +434,438 @@ int ad_lora_load(struct load_ctx *c)
     free(ar.off);
     return r;
 }
+
+/* ==========================================================================================
+ * Training: the factors as f32 parameters, forward and backward over a training batch
+ * (model.h's training hooks). y += s B (A d(x)), d: dropout (training only); DoRA: y = k (W x +
+ * s B A x) + b with k = m / |W + s B A|_row, the norm held constant in the backward, as PEFT
+ * does (lora/dora.py: weight_norm.detach()). bias="all" trains every base bias as a
+ * replacement, modules_to_save whole modules. */
+
+struct lora_tsite {
+    int rank;
+    float scale;
+    float *a, *ga, *b, *gb;     /* [rank, n_in], [n_out, rank] (or NULL: not adapted) */
+    float *mag, *gmag, *norm;   /* DoRA: [n_out] magnitude, its gradient, |W + s B A| */
+    float *b_new, *gb_new;      /* a replacement bias (bias="all"), or NULL */
+    float *w_new, *gw_new;      /* modules_to_save: the module's weight [n_out, n_in] */
+};
+
+struct lora_train {
+    struct lora_tsite *site;    /* [n_sites] */
+    int n_sites;
+    float **norm_b, **norm_gb;  /* [2 n_layer + 1] (norm_index): replacement norm biases */
+    double dropout;
+    float *t, *dt, *xd, *u;     /* work space, grown on demand */
+    size_t t_cap, xd_cap, u_cap;
+};
+
+static int norm_index(const struct ad_model *m, int layer, enum ad_norm_slot slot)
+{
+    return slot == AD_NORM_FINAL ? 2 * m->cfg.n_layer : 2 * layer + (int)slot;
+}
+
+static float *grow(float **p, size_t *cap, size_t n)
+{
+    if (n > *cap) {
+        free(*p);
+        *p = malloc(n * sizeof(float));
+        *cap = *p ? n : 0;
+    }
+    return *p;
+}
+
+/* x with dropout (each element kept with probability 1 - p, kept ones scaled by 1 / (1 - p)),
+ * the same mask in the forward and the backward of a batch: into the work space. */
+static const float *dropped(struct ad_trainable *t, struct lora_train *lt, const struct ad_site *s,
+                            const float *x, int ldx, int n)
+{
+    if (!t->train || lt->dropout <= 0)
+        return x;
+    float *xd = grow(&lt->xd, &lt->xd_cap, (size_t)n * (size_t)s->n_in);
+    uint64_t key = tr_stream(t, (uint64_t)(s - t->m->sites));
+    float keep = (float)(1 / (1 - lt->dropout));
+    for (int r = 0; r < n; r++)
+        for (int i = 0; i < s->n_in; i++) {
+            size_t e = (size_t)r * (size_t)s->n_in + (size_t)i;
+            xd[e] = ad_unit(ad_splitmix64(key + e)) >= lt->dropout ? x[(size_t)r * ldx + i] * keep
+                                                                  : 0;
+        }
+    return xd;
+}
+
+/* W as [n_out, n_in] element (o, i), whichever way the site stores it. */
+static float w_at(const struct ad_site *s, int o, int i)
+{
+    return s->w_in_out ? s->w[(size_t)i * s->n_out + o] : s->w[(size_t)o * s->n_in + i];
+}
+
+/* DoRA: |W + s B A| per output row, for this batch's factors. */
+static void dora_norms(const struct ad_site *s, struct lora_tsite *ls)
+{
+    for (int o = 0; o < s->n_out; o++) {
+        double sum = 0;
+        for (int i = 0; i < s->n_in; i++) {
+            double v = w_at(s, o, i);
+            for (int k = 0; k < ls->rank; k++)
+                v += (double)ls->scale * ls->b[(size_t)o * ls->rank + k] *
+                     ls->a[(size_t)k * s->n_in + i];
+            sum += v * v;
+        }
+        ls->norm[o] = (float)sqrt(sum);
+    }
+}
+
+static void lora_t_site_post(const void *ctx, const struct ad_site *s, const float *x, int ldx,
+                             bool x_scaled, float *y, int ldy, int n, float *tmp, size_t tmp_len)
+{
+    struct ad_trainable *t = (void *)ctx; /* a training ctx is mutable: its work space */
+    struct lora_train *lt = t->priv;
+    struct lora_tsite *ls = &lt->site[s - t->m->sites];
+    (void)x_scaled, (void)tmp, (void)tmp_len;
+    if (ls->w_new) { /* modules_to_save: y = x W'^T + b' */
+        ad_train_sgemm(false, true, n, s->n_out, s->n_in, 1.0f, x, ldx, ls->w_new, s->n_in, 0.0f,
+                       y, ldy);
+        const float *b = ls->b_new ? ls->b_new : s->b;
+        for (int r = 0; b && r < n; r++)
+            for (int j = 0; j < s->n_out; j++)
+                y[(size_t)r * ldy + j] += b[j];
+        return;
+    }
+    const float *b_eff = ls->b_new ? ls->b_new : s->b;
+    if (ls->mag) { /* DoRA: y = k (y - b_base + s B A x) + b_eff */
+        dora_norms(s, ls);
+        for (int r = 0; s->b && r < n; r++)
+            for (int j = 0; j < s->n_out; j++)
+                y[(size_t)r * ldy + j] -= s->b[j];
+    } else if (ls->b_new) {
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < s->n_out; j++)
+                y[(size_t)r * ldy + j] += ls->b_new[j] - (s->b ? s->b[j] : 0.0f);
+    }
+    if (ls->a) {
+        const float *xd = dropped(t, lt, s, x, ldx, n);
+        int ldd = xd == x ? ldx : s->n_in;
+        float *tt = grow(&lt->t, &lt->t_cap, (size_t)n * (size_t)ls->rank);
+        ad_train_sgemm(false, true, n, ls->rank, s->n_in, 1.0f, xd, ldd, ls->a, s->n_in, 0.0f,
+                       tt, ls->rank);
+        ad_train_sgemm(false, true, n, s->n_out, ls->rank, ls->scale, tt, ls->rank, ls->b,
+                       ls->rank, 1.0f, y, ldy);
+    }
+    if (ls->mag)
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < s->n_out; j++) {
+                float *v = &y[(size_t)r * ldy + j];
+                *v = *v * (ls->mag[j] / ls->norm[j]) + (b_eff ? b_eff[j] : 0.0f);
+            }
+}
+
+static bool lora_t_wants_yb(const void *ctx, const struct ad_site *s)
+{
+    const struct ad_trainable *t = ctx;
+    const struct lora_train *lt = t->priv;
+    return lt->site[s - t->m->sites].mag != NULL;
+}
+
+static bool lora_t_site_post_grad(void *ctx, const struct ad_site *s, const float *x, int ldx,
+                                  const float *yb, float *dy, int ldy, float *dx, int lddx, int n)
+{
+    struct ad_trainable *t = ctx;
+    struct lora_train *lt = t->priv;
+    struct lora_tsite *ls = &lt->site[s - t->m->sites];
+    if (ls->w_new) { /* the replaced module: dW' = dy^T x, db' = sum dy, dx += dy W' */
+        ad_train_sgemm(true, false, s->n_out, s->n_in, n, 1.0f, dy, ldy, x, ldx, 1.0f, ls->gw_new,
+                       s->n_in);
+        for (int r = 0; ls->gb_new && r < n; r++)
+            for (int j = 0; j < s->n_out; j++)
+                ls->gb_new[j] += dy[(size_t)r * ldy + j];
+        ad_train_sgemm(false, false, n, s->n_in, s->n_out, 1.0f, dy, ldy, ls->w_new, s->n_in,
+                       1.0f, dx, lddx);
+        return false;
+    }
+    for (int r = 0; ls->gb_new && r < n; r++) /* the bias in effect: its gradient is dy's */
+        for (int j = 0; j < s->n_out; j++)
+            ls->gb_new[j] += dy[(size_t)r * ldy + j];
+    if (!ls->a)
+        return true;
+    const float *xd = dropped(t, lt, s, x, ldx, n);
+    int ldd = xd == x ? ldx : s->n_in;
+    float *tt = grow(&lt->t, &lt->t_cap, 2 * (size_t)n * (size_t)ls->rank);
+    float *dt = tt + (size_t)n * (size_t)ls->rank;
+    ad_train_sgemm(false, true, n, ls->rank, s->n_in, 1.0f, xd, ldd, ls->a, s->n_in, 0.0f, tt,
+                   ls->rank);
+    if (ls->mag) {
+        /* u = yb - b + s t B^T; dm += sum dy u / norm; then dy <- dy k (the gradient of u,
+         * which flows to W x and to the LoRA path) */
+        float *u = grow(&lt->u, &lt->u_cap, (size_t)n * (size_t)s->n_out);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < s->n_out; j++)
+                u[(size_t)r * s->n_out + j] = yb[(size_t)r * s->n_out + j] - (s->b ? s->b[j] : 0);
+        ad_train_sgemm(false, true, n, s->n_out, ls->rank, ls->scale, tt, ls->rank, ls->b,
+                       ls->rank, 1.0f, u, s->n_out);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < s->n_out; j++) {
+                float *d = &dy[(size_t)r * ldy + j];
+                ls->gmag[j] += *d * u[(size_t)r * s->n_out + j] / ls->norm[j];
+                *d *= ls->mag[j] / ls->norm[j];
+            }
+    }
+    /* dB += s dy^T t; dt = s dy B; dA += dt^T d(x); dx += d'(dt A) */
+    ad_train_sgemm(true, false, s->n_out, ls->rank, n, ls->scale, dy, ldy, tt, ls->rank, 1.0f,
+                   ls->gb, ls->rank);
+    ad_train_sgemm(false, false, n, ls->rank, s->n_out, ls->scale, dy, ldy, ls->b, ls->rank,
+                   0.0f, dt, ls->rank);
+    ad_train_sgemm(true, false, ls->rank, s->n_in, n, 1.0f, dt, ls->rank, xd, ldd, 1.0f, ls->ga,
+                   s->n_in);
+    if (xd == x) {
+        ad_train_sgemm(false, false, n, s->n_in, ls->rank, 1.0f, dt, ls->rank, ls->a, s->n_in,
+                       1.0f, dx, lddx);
+    } else { /* through the dropout: the same mask and scale */
+        float *g = (float *)xd; /* spent: reuse its space for d(dropped x) */
+        ad_train_sgemm(false, false, n, s->n_in, ls->rank, 1.0f, dt, ls->rank, ls->a, s->n_in,
+                       0.0f, g, s->n_in);
+        uint64_t key = tr_stream(t, (uint64_t)(s - t->m->sites));
+        float keep = (float)(1 / (1 - lt->dropout));
+        for (int r = 0; r < n; r++)
+            for (int i = 0; i < s->n_in; i++) {
+                size_t e = (size_t)r * (size_t)s->n_in + (size_t)i;
+                if (ad_unit(ad_splitmix64(key + e)) >= lt->dropout)
+                    dx[(size_t)r * lddx + i] += g[e] * keep;
+            }
+    }
+    return true;
+}
+
+static void lora_t_norm(const void *ctx, int layer, enum ad_norm_slot slot, const float **w,
+                        const float **b)
+{
+    const struct ad_trainable *t = ctx;
+    const struct lora_train *lt = t->priv;
+    (void)w;
+    float *nb = lt->norm_b[norm_index(t->m, layer, slot)];
+    if (nb)
+        *b = nb;
+}
+
+static void lora_t_norm_grad(void *ctx, int layer, enum ad_norm_slot slot, const float *dw,
+                             const float *db)
+{
+    struct ad_trainable *t = ctx;
+    struct lora_train *lt = t->priv;
+    (void)dw;
+    float *g = lt->norm_gb[norm_index(t->m, layer, slot)];
+    for (int i = 0; g && db && i < t->m->cfg.n_embd; i++)
+        g[i] += db[i];
+}
+
+static const struct ad_hooks lora_train_hooks = {
+    .norm = lora_t_norm,
+    .site_post = lora_t_site_post,
+    .norm_grad = lora_t_norm_grad,
+    .site_wants_yb = lora_t_wants_yb,
+    .site_post_grad = lora_t_site_post_grad,
+};
+
+static void lora_t_free(void *priv)
+{
+    struct lora_train *lt = priv;
+    if (!lt)
+        return;
+    for (int i = 0; lt->site && i < lt->n_sites; i++)
+        free(lt->site[i].norm);
+    free(lt->site);
+    free(lt->norm_b);
+    free(lt->norm_gb);
+    free(lt->t);
+    free(lt->xd);
+    free(lt->u);
+    free(lt);
+}
+
+/* A module listed in modules_to_save: a list of names matched as PEFT does (the module's path
+ * or a suffix after a dot). */
+static int in_modules_to_save(json_t *list, const char *path, struct ad_err *err)
+{
+    if (!list || json_is_null(list))
+        return 0;
+    if (!json_is_array(list))
+        return ad_err_set(err, -EINVAL, "adapter config: modules_to_save must be a list");
+    return ctx_targeted(list, path, true, err);
+}
+
+static int lora_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids, int n_ids,
+                       struct ad_err *err)
+{
+    const struct ad_model *m = t->m;
+    struct lora_train *lt = calloc(1, sizeof(*lt));
+    char name[224];
+    (void)ids, (void)n_ids;
+    if (!lt)
+        return ad_err_set(err, -ENOMEM, "out of memory");
+    t->priv = lt;
+    lt->site = calloc((size_t)m->n_sites, sizeof(*lt->site));
+    lt->n_sites = m->n_sites;
+    lt->norm_b = calloc(2 * (size_t)m->cfg.n_layer + 1, sizeof(float *));
+    lt->norm_gb = calloc(2 * (size_t)m->cfg.n_layer + 1, sizeof(float *));
+    if (!lt->site || !lt->norm_b || !lt->norm_gb)
+        return ad_err_set(err, -ENOMEM, "out of memory");
+
+    for (size_t i = 0; i < sizeof(unsupported) / sizeof(unsupported[0]); i++)
+        if (is_set(json_object_get(cfg, unsupported[i])))
+            return ad_err_set(err, -ENOTSUP, "adapter config: '%s' is not supported",
+                              unsupported[i]);
+    json_t *init = json_object_get(cfg, "init_lora_weights");
+    bool gaussian = json_is_string(init) && !strcmp(json_string_value(init), "gaussian");
+    if (init && !json_is_boolean(init) && !gaussian)
+        return ad_err_set(err, -ENOTSUP, "adapter config: init_lora_weights must be true, false "
+                          "or \"gaussian\" to train");
+    json_t *targets = json_object_get(cfg, "target_modules");
+    if (!targets || json_is_null(targets)) { /* PEFT's default per architecture */
+        targets = m->cfg.family == AD_FAMILY_GPT2 ? json_pack("[s]", "c_attn")
+                                                  : json_pack("[s, s]", "q_proj", "v_proj");
+        json_object_set_new(cfg, "target_modules", targets);
+    }
+    json_t *dr = json_object_get(cfg, "lora_dropout");
+    lt->dropout = json_is_number(dr) ? json_number_value(dr) : 0;
+    if (!(lt->dropout >= 0 && lt->dropout < 1))
+        return ad_err_set(err, -EINVAL, "adapter config: lora_dropout must be in [0, 1)");
+    bool dora = json_is_true(json_object_get(cfg, "use_dora"));
+    bool rs = json_is_true(json_object_get(cfg, "use_rslora"));
+    if (dora && lt->dropout > 0)
+        return ad_err_set(err, -ENOTSUP, "adapter config: use_dora with lora_dropout > 0 is not "
+                          "supported for training (set lora_dropout 0)");
+    const char *bias = json_string_value(json_object_get(cfg, "bias"));
+    bias = bias ? bias : "none";
+    if (strcmp(bias, "none") && strcmp(bias, "all") && strcmp(bias, "lora_only"))
+        return ad_err_set(err, -EINVAL, "adapter config: bias must be \"none\", \"all\" or "
+                          "\"lora_only\"");
+    json_t *mts = json_object_get(cfg, "modules_to_save");
+
+    for (int si = 0; si < m->n_sites; si++) {
+        const struct ad_site *s = &m->sites[si];
+        struct lora_tsite *ls = &lt->site[si];
+        int r = tr_targeted(t, targets, s, err), keep;
+        if (r < 0 || (keep = in_modules_to_save(mts, s->path, err)) < 0)
+            return r < 0 ? r : keep;
+        if (r && s->layer >= 0 && !in_layers(json_object_get(cfg, "layers_to_transform"), s->layer))
+            r = 0;
+        if (r && keep)
+            return ad_err_set(err, -EINVAL, "adapter config: module '%s' is both targeted and in "
+                              "modules_to_save", s->path);
+        struct ad_param *p;
+        if (keep) {
+            if (s->w_in_out)
+                return ad_err_set(err, -ENOTSUP, "adapter config: modules_to_save of a Conv1D "
+                                  "module ('%s') is not supported", s->path);
+            snprintf(name, sizeof(name), "base_model.model.%s.weight", s->path);
+            if (!(p = tr_add(t, name, 2, s->n_out, s->n_in, true, true, err)))
+                return -ENOMEM;
+            memcpy(p->w, s->w, p->n * sizeof(float));
+            ls->w_new = p->w;
+            ls->gw_new = p->g;
+            if (s->b) {
+                snprintf(name, sizeof(name), "base_model.model.%s.bias", s->path);
+                if (!(p = tr_add(t, name, 1, s->n_out, 0, false, true, err)))
+                    return -ENOMEM;
+                memcpy(p->w, s->b, p->n * sizeof(float));
+                ls->b_new = p->w;
+                ls->gb_new = p->g;
+            }
+            continue;
+        }
+        if (s->b && (!strcmp(bias, "all") || (r && !strcmp(bias, "lora_only")))) {
+            snprintf(name, sizeof(name), "base_model.model.%s.%s", s->path,
+                     r ? "base_layer.bias" : "bias");
+            if (!(p = tr_add(t, name, 1, s->n_out, 0, false, true, err)))
+                return -ENOMEM;
+            memcpy(p->w, s->b, p->n * sizeof(float));
+            ls->b_new = p->w;
+            ls->gb_new = p->g;
+        }
+        if (!r)
+            continue;
+        double rank = json_is_integer(json_object_get(cfg, "r"))
+                          ? (double)json_integer_value(json_object_get(cfg, "r")) : 8;
+        double alpha = json_is_number(json_object_get(cfg, "lora_alpha"))
+                           ? json_number_value(json_object_get(cfg, "lora_alpha")) : 8;
+        if ((r = pattern_value(cfg, "rank_pattern", s->path, &rank, err)) < 0 ||
+            (r = pattern_value(cfg, "alpha_pattern", s->path, &alpha, err)) < 0)
+            return r;
+        if (!(rank >= 1 && rank <= AD_HOOK_LOCAL_TMP / AD_LORA_ROWS))
+            return ad_err_set(err, -EINVAL, "adapter config: r = %g for '%s' is out of range (1 "
+                              "to %d)", rank, s->path, AD_HOOK_LOCAL_TMP / AD_LORA_ROWS);
+        ls->rank = (int)rank;
+        ls->scale = (float)(rs ? alpha / sqrt(rank) : alpha / rank);
+        if (!isfinite(ls->scale))
+            return ad_err_set(err, -EINVAL, "adapter config: lora_alpha / r is not finite");
+        snprintf(name, sizeof(name), "base_model.model.%s.lora_A.weight", s->path);
+        if (!(p = tr_add(t, name, 2, ls->rank, s->n_in, true, true, err)))
+            return -ENOMEM;
+        if (json_is_false(init))
+            tr_uniform(t, p, 1.0 / sqrt((double)s->n_in));
+        else if (gaussian)
+            tr_normal(t, p, 1.0 / rank);
+        else /* kaiming_uniform_(a = sqrt(5)): bound = gain sqrt(3 / fan_in) = 1 / sqrt(fan_in) */
+            tr_uniform(t, p, 1.0 / sqrt((double)s->n_in));
+        ls->a = p->w;
+        ls->ga = p->g;
+        snprintf(name, sizeof(name), "base_model.model.%s.lora_B.weight", s->path);
+        if (!(p = tr_add(t, name, 2, s->n_out, ls->rank, true, true, err)))
+            return -ENOMEM;
+        if (json_is_false(init))
+            tr_uniform(t, p, 1.0 / sqrt(rank));
+        ls->b = p->w; /* zeros: the adapter starts as the base */
+        ls->gb = p->g;
+        if (dora) {
+            snprintf(name, sizeof(name), "base_model.model.%s.lora_magnitude_vector", s->path);
+            if (!(p = tr_add(t, name, 1, s->n_out, 0, true, true, err)))
+                return -ENOMEM;
+            ls->mag = p->w;
+            ls->gmag = p->g;
+            ls->norm = calloc((size_t)s->n_out, sizeof(float));
+            if (!ls->norm)
+                return ad_err_set(err, -ENOMEM, "out of memory");
+            dora_norms(s, ls); /* m = |W + s B A| (B = 0: |W|) */
+            memcpy(ls->mag, ls->norm, (size_t)s->n_out * sizeof(float));
+        }
+    }
+    if (json_is_string(targets) && !strcmp(json_string_value(targets), "all-linear")) {
+        /* saved as PEFT saves it: the modules' names it resolved to */
+        json_t *names = json_array();
+        for (int si = 0; si < m->n_sites; si++) {
+            const char *dot = strrchr(m->sites[si].path, '.');
+            const char *leaf = dot ? dot + 1 : m->sites[si].path;
+            bool seen = false;
+            for (size_t k = 0; k < json_array_size(names) && !seen; k++)
+                seen = !strcmp(json_string_value(json_array_get(names, k)), leaf);
+            if (lt->site[si].a && !seen)
+                json_array_append_new(names, json_string(leaf));
+        }
+        json_object_set_new(cfg, "target_modules", names);
+    }
+    if (!strcmp(bias, "all") && m->final_norm_b) { /* LayerNorm biases too (GPT-2) */
+        for (int k = 0; k <= 2 * m->cfg.n_layer; k++) {
+            bool fin = k == 2 * m->cfg.n_layer;
+            const struct ad_layer *L = fin ? NULL : &m->layers[k / 2];
+            const float *b = fin ? m->final_norm_b : k % 2 ? L->norm2_b : L->norm1_b;
+            char mod[128];
+            struct ad_param *p;
+            ad_model_norm_path(m, fin ? -1 : k / 2, fin ? AD_NORM_FINAL : (enum ad_norm_slot)(k % 2),
+                               mod, sizeof(mod));
+            snprintf(name, sizeof(name), "base_model.model.%s.bias", mod);
+            if (!(p = tr_add(t, name, 1, m->cfg.n_embd, 0, false, false, err)))
+                return -ENOMEM;
+            memcpy(p->w, b, p->n * sizeof(float));
+            lt->norm_b[k] = p->w;
+            lt->norm_gb[k] = p->g;
+        }
+    }
+    return 0;
+}
+
+const struct train_kind ad_lora_train = {
+    .kind = AD_ADAPTER_LORA,
+    .init = lora_t_init,
+    .hooks = &lora_train_hooks,
+    .free = lora_t_free,
+};

@@ -247,14 +247,14 @@ int ctx_regex_match(const char *pattern, const char *subject, bool full, struct 
     return 1;
 }
 
-int ctx_targeted(struct load_ctx *c, json_t *targets, const char *module, bool dot_suffix)
+int ctx_targeted(json_t *targets, const char *module, bool dot_suffix, struct ad_err *err)
 {
     if (!targets || json_is_null(targets))
         return 1; /* nothing to cross-check against */
     if (json_is_string(targets))
-        return ctx_regex_match(json_string_value(targets), module, true, c->err);
+        return ctx_regex_match(json_string_value(targets), module, true, err);
     if (!json_is_array(targets))
-        return ad_err_set(c->err, -EINVAL, "adapter_config.json: target_modules must be a list "
+        return ad_err_set(err, -EINVAL, "adapter_config.json: target_modules must be a list "
                           "or a string");
     size_t i, n = strlen(module);
     json_t *t;

@@ -418,32 +418,6 @@ static void sublayer_groups(const struct ad_model *m, struct ad_scratch *s, int 
     }
 }
 
-static float act(enum ad_act a, float x)
-{
-    switch (a) {
-    case AD_ACT_SILU:
-        return x / (1.0f + expf(-x));
-    case AD_ACT_GELU_TANH:
-        return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    default:
-        return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    }
-}
-
-/* Rotates each head of n_heads (head_dim hd) in place: the "rotate_half" layout of HF Llama. */
-static void rope(float *x, int n_heads, int hd, const float *cos_, const float *sin_)
-{
-    int half = hd / 2;
-    for (int h = 0; h < n_heads; h++) {
-        float *v = x + h * hd;
-        for (int j = 0; j < half; j++) {
-            float a = v[j], b = v[j + half];
-            v[j] = a * cos_[j] - b * sin_[j];
-            v[j + half] = b * cos_[j] + a * sin_[j];
-        }
-    }
-}
-
 /* Softmax of row[0..n) in place; entries outside [lo, hi) become 0. */
 static void softmax_range(const struct ad_kernels *k, float *row, int n, int lo, int hi)
 {
@@ -830,8 +804,8 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
                 if (m->rope_inv_freq) {
                     const float *cs = s->buf[BUF_COS] + (size_t)r * half;
                     const float *sn = s->buf[BUF_SIN] + (size_t)r * half;
-                    rope(row, c->n_head, hd, cs, sn);
-                    rope(row + Hq, c->n_kv_head, hd, cs, sn);
+                    ad_rope(row, c->n_head, hd, cs, sn);
+                    ad_rope(row + Hq, c->n_kv_head, hd, cs, sn);
                 }
                 memcpy(kv_slot(kv, kv->k, l, chunks[i].seq, pos[r]), row + Hq,
                        (size_t)KVd * sizeof(float));
@@ -864,10 +838,10 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
             s->k->silu_mul(fa, gated ? fb : NULL, (size_t)T * F);
         else if (gated)
             for (size_t i = 0; i < (size_t)T * F; i++)
-                fa[i] *= act(c->act, fb[i]);
+                fa[i] *= ad_act(c->act, fb[i]);
         else
             for (size_t i = 0; i < (size_t)T * F; i++)
-                fa[i] = act(c->act, fa[i]);
+                fa[i] = ad_act(c->act, fa[i]);
         site_groups(L->site[AD_ROLE_DOWN], s, fa, F, true, T, y, E);
         sublayer_groups(m, s, l, AD_NORM_MLP, x, y);
         for (size_t i = 0; i < (size_t)T * E; i++)

@@ -1,6 +1,7 @@
 /* Private to src/model: architecture descriptions. */
 #pragma once
 
+#include <math.h>
 #include <stdbool.h>
 
 #include "adapterd/kernels.h"
@@ -51,3 +52,33 @@ void ad_pool_spin(struct ad_pool *p, bool on);
 /* Runs fn(ctx, i, thread) for every i in [0, n_items) on the caller and the helpers, and returns
  * when all are done. Items may run in any order and at the same time. One caller at a time. */
 void ad_pool_run(struct ad_pool *p, int n_items, ad_pool_fn *fn, void *ctx);
+
+/* ==========================================================================================
+ * Elementwise maths shared by the forward (forward.c) and training (train.c) passes */
+
+static inline float ad_act(enum ad_act a, float x)
+{
+    switch (a) {
+    case AD_ACT_SILU:
+        return x / (1.0f + expf(-x));
+    case AD_ACT_GELU_TANH:
+        return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    default:
+        return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    }
+}
+
+/* Rotates each head of n_heads (head_dim hd) in place: the "rotate_half" layout of HF Llama.
+ * With sin_ negated it rotates back (the transpose: RoPE's backward). */
+static inline void ad_rope(float *x, int n_heads, int hd, const float *cos_, const float *sin_)
+{
+    int half = hd / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + h * hd;
+        for (int j = 0; j < half; j++) {
+            float a = v[j], b = v[j + half];
+            v[j] = a * cos_[j] - b * sin_[j];
+            v[j + half] = b * cos_[j] + a * sin_[j];
+        }
+    }
+}

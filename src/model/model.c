@@ -452,6 +452,17 @@ int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_laye
     return -ENOENT;
 }
 
+void ad_model_norm_path(const struct ad_model *m, int layer, enum ad_norm_slot slot, char *buf,
+                        size_t size)
+{
+    const struct ad_arch *a = m->arch;
+    char pfx[64] = "";
+    if (slot != AD_NORM_FINAL)
+        snprintf(pfx, sizeof(pfx), a->layer_fmt, layer);
+    snprintf(buf, size, "%s%s%s", a->root, pfx,
+             slot == AD_NORM_FINAL ? a->final_norm : slot == AD_NORM_ATTN ? a->norm1 : a->norm2);
+}
+
 bool ad_model_is_eos(const struct ad_model_config *cfg, int tok)
 {
     for (int i = 0; i < cfg->n_eos; i++)
