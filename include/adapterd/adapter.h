@@ -202,6 +202,9 @@ int ad_trainable_new(const struct ad_model *m, const char *config_json, uint64_t
 int ad_trainable_set(struct ad_trainable *t, const struct ad_st_file *f, struct ad_err *err);
 /* Sets every gradient to 0. */
 void ad_trainable_zero_grad(struct ad_trainable *t);
+/* Brings what the hooks derive from the parameters up to date (prefix tuning's keys and values,
+ * from its projection): after the parameters change, before the next training pass. */
+void ad_trainable_prepare(struct ad_trainable *t);
 /* Finishes the gradients after the batches of a step (parameters that only feed others, e.g.
  * prefix tuning's projection MLP). */
 void ad_trainable_finish(struct ad_trainable *t);

@@ -72,7 +72,8 @@ struct train_kind {
     int (*init)(struct ad_trainable *t, json_t *cfg, const int32_t *ids, int n_ids,
                 struct ad_err *err);
     const struct ad_hooks *hooks;
-    void (*finish)(struct ad_trainable *t); /* NULL: nothing to finish */
+    void (*prepare)(struct ad_trainable *t); /* NULL: nothing derived from the parameters */
+    void (*finish)(struct ad_trainable *t);  /* NULL: nothing to finish */
     /* The tensors serving loads, if they are not the parameters themselves (NULL): fills
      * entries (up to n_max), their data owned by *owned (freed by the caller). */
     int (*saved)(struct ad_trainable *t, struct ad_st_entry *entries, size_t n_max,
@@ -80,7 +81,13 @@ struct train_kind {
     void (*free)(void *priv);
 };
 
-extern const struct train_kind ad_lora_train;
+extern const struct train_kind ad_lora_train, ad_ia3_train, ad_prefix_train, ad_prompt_train,
+    ad_bias_train, ad_bottleneck_train;
+
+/* The activation of a bottleneck adapter (bottleneck.c's, AD_BN_ACT_RELU or enum ad_act) and its
+ * derivative. */
+float ad_bn_act(int act, float x);
+float ad_bn_act_grad(int act, float x);
 
 /* Adds a parameter with zeroed values and gradient. Returns it (valid until the next tr_add;
  * keep its w and g, which stay), or NULL with err set. */
@@ -97,3 +104,7 @@ uint64_t tr_stream(const struct ad_trainable *t, uint64_t what);
  * site's module path. 1, 0 or -EINVAL. */
 int tr_targeted(const struct ad_trainable *t, json_t *targets, const struct ad_site *s,
                 struct ad_err *err);
+/* Fills a prompt-learning config's model fields (token_dim, num_layers, num_attention_heads,
+ * num_transformer_submodules) as PEFT does; returns num_virtual_tokens or -EINVAL. */
+int tr_prompt_learning_fields(const struct ad_model *m, json_t *cfg, int token_dim, int heads,
+                              struct ad_err *err);

@@ -15,6 +15,12 @@ static const struct {
     const struct train_kind *kind;
 } kinds[] = {
     {"LORA", &ad_lora_train},
+    {"IA3", &ad_ia3_train},
+    {"PREFIX_TUNING", &ad_prefix_train},
+    {"PROMPT_TUNING", &ad_prompt_train},
+    {"BITFIT", &ad_bias_train},
+    {"BOTTLENECK", &ad_bottleneck_train}, /* adapterd's shorthand for an AdapterHub config */
+    {NULL, &ad_bottleneck_train},
 };
 
 /* ==========================================================================================
@@ -142,7 +148,8 @@ int ad_trainable_new(const struct ad_model *m, const char *config_json, uint64_t
         const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
         json_decref(cfg);
         return ad_err_set(err, -ENOTSUP, "adapter config: peft_type '%.40s' cannot be trained "
-                          "(LORA)", pt ? pt : "(none)");
+                          "(LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BITFIT, BOTTLENECK or an "
+                          "AdapterHub config)", pt ? pt : "(none)");
     }
     struct ad_trainable *t = calloc(1, sizeof(*t));
     if (!t) {
@@ -213,6 +220,13 @@ void ad_trainable_zero_grad(struct ad_trainable *t)
 {
     for (int i = 0; i < t->n_params; i++)
         memset(t->params[i].g, 0, t->params[i].n * sizeof(float));
+}
+
+void ad_trainable_prepare(struct ad_trainable *t)
+{
+    const struct train_kind *k = kind_of(t->cfg);
+    if (k->prepare)
+        k->prepare(t);
 }
 
 void ad_trainable_finish(struct ad_trainable *t)

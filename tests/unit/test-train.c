@@ -47,6 +47,8 @@ static double loss_of(const struct ad_model *m, const struct ad_hooks *h, void *
     struct ad_err err;
     double loss = 0;
     int64_t n = 0;
+    if (ctx)
+        ad_trainable_prepare(ctx);
     CHECK_INT(ad_model_train(m, &b, h, ctx, NULL, 0.0f, ts, &loss, &n, &err), ==, 0);
     if (n_targets)
         *n_targets = n;
@@ -124,6 +126,7 @@ static void train_grads(struct ad_model *m, struct ad_trainable *t, struct ad_tr
     double loss = 0;
     int64_t n = 0;
     ad_trainable_zero_grad(t);
+    ad_trainable_prepare(t);
     CHECK_INT(ad_model_train(m, &b, t->hooks, t, NULL, 1.0f / 10, ts, &loss, &n, &err), ==, 0);
     ad_trainable_finish(t);
 }
@@ -167,11 +170,17 @@ static double served_loss(const struct ad_model *m, const struct ad_adapter *a)
         CHECK_INT(ad_kv_init(&kv, &m->cfg, 16, 16), ==, 0);
         struct ad_kv_seq seq = {0};
         struct ad_mix mix = {.n = 1, .a = {(struct ad_adapter *)a}, .w = {1}};
-        struct ad_chunk ch = {&seq, b.tokens[s], b.n_tokens[s], true, a ? &mix : NULL};
-        float *logits = malloc((size_t)b.n_tokens[s] * (size_t)m->cfg.n_vocab * sizeof(float));
+        int nv = a ? a->n_virtual : 0, rows = nv + b.n_tokens[s];
+        int32_t ids[64]; /* the virtual tokens (prompt tuning) first, as the engine sends them */
+        for (int i = 0; i < nv; i++)
+            ids[i] = -1 - i;
+        memcpy(ids + nv, b.tokens[s], (size_t)b.n_tokens[s] * sizeof(int32_t));
+        struct ad_chunk ch = {&seq, ids, rows, true, a ? &mix : NULL};
+        float *all = malloc((size_t)rows * (size_t)m->cfg.n_vocab * sizeof(float));
+        float *logits = all + (size_t)nv * (size_t)m->cfg.n_vocab;
         struct ad_scratch *sc = ad_scratch_new();
         struct ad_err err;
-        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, sc, logits, &err), ==, 0);
+        CHECK_INT(ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, sc, all, &err), ==, 0);
         for (int i = 0; i < b.n_tokens[s]; i++) {
             int tg = b.targets[s][i];
             if (tg < 0)
@@ -181,7 +190,7 @@ static double served_loss(const struct ad_model *m, const struct ad_adapter *a)
             sum -= lg[tg];
             n++;
         }
-        free(logits);
+        free(all);
         ad_scratch_free(sc);
         ad_kv_seq_release(&kv, &seq);
         ad_kv_fini(&kv);
@@ -315,6 +324,22 @@ int main(void)
                        "\"target_modules\":\"all-linear\"}");
     test_served(m, ts, "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"use_dora\":true,"
                        "\"use_rslora\":true,\"target_modules\":[\"q_proj\",\"v_proj\"]}");
+    static const char *const kinds[] = {
+        "{\"peft_type\":\"IA3\",\"target_modules\":[\"k_proj\",\"v_proj\",\"down_proj\"],"
+        "\"feedforward_modules\":[\"down_proj\"]}",
+        "{\"peft_type\":\"PREFIX_TUNING\",\"num_virtual_tokens\":3}",
+        "{\"peft_type\":\"PREFIX_TUNING\",\"num_virtual_tokens\":2,\"prefix_projection\":true,"
+        "\"encoder_hidden_size\":5}",
+        "{\"peft_type\":\"PROMPT_TUNING\",\"num_virtual_tokens\":3}",
+        "{\"peft_type\":\"BITFIT\"}",
+        "{\"peft_type\":\"BOTTLENECK\",\"preset\":\"houlsby\",\"reduction_factor\":4}",
+        "{\"peft_type\":\"BOTTLENECK\",\"preset\":\"pfeiffer\",\"reduction_factor\":2,"
+        "\"non_linearity\":\"gelu\"}",
+    };
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        test_adapter_fd(m, ts, kinds[i]);
+        test_served(m, ts, kinds[i]);
+    }
     test_init(m);
     test_dropout(m, ts);
 
