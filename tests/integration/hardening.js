@@ -8,87 +8,13 @@
  *   node hardening.js --adapterd PATH --mkmodel PATH --bpe-train PATH [--only NAME] */
 'use strict';
 
-const net = require('net');
-const http = require('http');
 const {
-    assert, fs, path, sleep, TMP, makeLora, Daemon, assertError, runSuite,
+    assert, fs, path, sleep, TMP, makeLora, Daemon, assertError, runSuite, rawExchange, port,
+    statuses, splitUpload, idleSockets, slowSender, health,
 } = require('./lib.js');
 
 const tests = [];
 const test = (name, fn) => tests.push({ name, fn });
-
-/* A raw HTTP exchange: writes `raw` (a string or Buffer, or a list of them written `gap` ms
- * apart), then reads until the server closes or `wait` ms pass. Returns what came back, as a
- * latin1 string, and whether the server closed the connection. */
-function rawExchange(port, raw, { wait = 3000, gap = 0 } = {}) {
-    return new Promise((resolve) => {
-        const s = net.connect(port, '127.0.0.1');
-        const parts = Array.isArray(raw) ? raw : [raw];
-        let out = Buffer.alloc(0), closed = false, timer = null;
-        const done = () => {
-            clearTimeout(timer);
-            s.destroy();
-            resolve({ text: out.toString('latin1'), closed });
-        };
-        s.on('data', (d) => { out = Buffer.concat([out, d]); });
-        s.on('error', () => { closed = true; done(); });
-        s.on('close', () => { closed = true; done(); });
-        s.on('connect', async () => {
-            for (const p of parts) {
-                if (s.destroyed)
-                    break;
-                s.write(p);
-                if (gap)
-                    await sleep(gap);
-            }
-            timer = setTimeout(done, wait);
-        });
-    });
-}
-
-const port = (d) => Number(new URL(d.base).port);
-
-/* Statuses of every response in a raw exchange, in order. */
-const statuses = (text) => [...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1]));
-
-/* A multipart body for PUT /v1/adapters/NAME from an adapter directory. */
-function multipart(dir, boundary = 'HardeningBoundary') {
-    const part = (name, file) => Buffer.concat([
-        Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${name}"; ` +
-                    `filename="${path.basename(file)}"\r\nContent-Type: application/octet-stream\r\n\r\n`),
-        fs.readFileSync(file), Buffer.from('\r\n')]);
-    return Buffer.concat([part('config', path.join(dir, 'adapter_config.json')),
-                          part('weights', path.join(dir, 'adapter_model.safetensors')),
-                          Buffer.from(`--${boundary}--\r\n`)]);
-}
-
-/* An upload whose body is sent in two halves: `between` runs after the first half has reached
- * the server (its staging directory exists by then). Resolves to {status, json}. */
-function splitUpload(d, name, dir, between) {
-    const body = multipart(dir);
-    return new Promise((resolve, reject) => {
-        const req = http.request({
-            host: '127.0.0.1', port: port(d), method: 'PUT', path: `/v1/adapters/${name}`,
-            headers: { 'Content-Type': 'multipart/form-data; boundary=HardeningBoundary',
-                       'Content-Length': body.length },
-        }, (res) => {
-            let text = '';
-            res.on('data', (c) => { text += c; });
-            res.on('end', () => {
-                let json = null;
-                try { json = JSON.parse(text); } catch { /* not JSON */ }
-                resolve({ status: res.statusCode, json, text });
-            });
-        });
-        req.on('error', reject);
-        const half = Math.floor(body.length / 2);
-        req.write(body.subarray(0, half), () => {
-            sleep(50) // the server has read the first half
-                .then(between)
-                .then(() => req.end(body.subarray(half)), (e) => { req.destroy(); reject(e); });
-        });
-    });
-}
 
 /* Sends SIGHUP and waits until the daemon logs the rescan it triggers (debug level). */
 async function hupAndWait(d) {
@@ -109,60 +35,6 @@ async function logprobsOf(d, model, extra = {}) {
                                                       ...extra });
     assert.equal(r.status, 200, r.text);
     return r.json.choices[0].logprobs.token_logprobs;
-}
-
-/* Opens n sockets that send nothing; resolves when all are connected. Each records when the
- * server closed it (closedAt, ms since epoch). */
-async function idleSockets(d, n) {
-    const socks = [];
-    await Promise.all(Array.from({ length: n }, () => new Promise((res) => {
-        const s = net.connect(port(d), '127.0.0.1');
-        s.closedAt = null;
-        s.on('connect', res);
-        s.on('error', () => { s.closedAt ??= Date.now(); res(); });
-        s.on('close', () => { s.closedAt ??= Date.now(); });
-        s.on('end', () => { s.closedAt ??= Date.now(); });
-        socks.push(s);
-    })));
-    return socks;
-}
-
-/* Sends `head`, then `trickle` one byte every `ms` ms until the server closes the socket or
- * `limit` ms pass. Resolves to the ms the connection lived (or null if it was never cut). */
-function slowSender(d, head, trickle, ms, limit) {
-    return new Promise((resolve) => {
-        const s = net.connect(port(d), '127.0.0.1');
-        const t0 = Date.now();
-        let i = 0, timer = null, done = false;
-        const finish = (v) => {
-            if (done)
-                return;
-            done = true;
-            clearInterval(timer);
-            s.destroy();
-            resolve(v);
-        };
-        s.on('connect', () => {
-            s.write(head);
-            timer = setInterval(() => {
-                if (Date.now() - t0 > limit)
-                    return finish(null);
-                s.write(trickle[i++ % trickle.length]);
-            }, ms);
-        });
-        s.on('data', () => { /* a response: read, not needed */ });
-        s.on('end', () => finish(Date.now() - t0));
-        s.on('close', () => finish(Date.now() - t0));
-        s.on('error', () => finish(Date.now() - t0));
-    });
-}
-
-/* GET /health on a connection of its own (a kept-alive one of fetch's pool may be one the
- * server closed to make room): its status, or 'closed' / 'timeout'. */
-async function health(d, ms = 2000) {
-    const r = await rawExchange(port(d), 'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close' +
-                                '\r\n\r\n', { wait: ms });
-    return statuses(r.text)[0] ?? (r.closed ? 'closed' : 'timeout');
 }
 
 /* ------------------------------------------------------------------------------------------
