@@ -24,6 +24,7 @@ enum ad_adapter_kind {
     AD_ADAPTER_PROMPT, /* prompt tuning and P-tuning (saved encoder output) */
     AD_ADAPTER_BIAS,   /* BitFit bias sets */
     AD_ADAPTER_BOTTLENECK,
+    AD_ADAPTER_SPARSE, /* child-tuning's sparse deltas of the weights (README) */
     AD_ADAPTER_KIND_COUNT,
 };
 
@@ -48,6 +49,13 @@ struct ad_site_delta {
     /* Bias sets, bias="all", modules_to_save: the module's bias replaced by b_new, as the file
      * stores it (a module without a base bias gets one) */
     float *b_new; /* [n_out] or NULL */
+    /* Sparse deltas: y += x dW^T over dW's non-zeros, by output row (CSR) */
+    struct ad_sparse_delta {
+        int nnz;              /* 0: none */
+        const int32_t *row_ptr; /* [n_out + 1] */
+        const int32_t *col;   /* [nnz] input index */
+        const float *val;     /* [nnz] */
+    } sparse;
 };
 
 /* A replaced norm (LN tuning, modules_to_save, bias="all" on LayerNorm biases). */
@@ -74,6 +82,10 @@ struct ad_adapter {
     const struct ad_model *model;   /* the base it was validated against (borrowed) */
     struct ad_site_delta **by_site; /* [model->n_sites], NULL where the site is untouched */
     struct ad_norm_delta *norms;    /* [n_layer * 2 + 1] (attn, mlp per layer; final), or NULL */
+
+    /* replaced embeddings (modules_to_save, sparse deltas), or NULL: the base's */
+    float *embed;     /* [n_vocab, n_embd]; a tied lm_head is replaced with it */
+    float *pos_embed; /* [n_ctx_max, n_embd] (GPT-2) */
 
     /* prompt tuning: virtual token embeddings, prepended to the input */
     int n_virtual;

@@ -144,6 +144,10 @@ enum ad_norm_slot {
 int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_layer,
                        enum ad_norm_slot *ret_slot);
 
+/* Which embedding the module path names (with or without the root, e.g. "model.embed_tokens",
+ * "transformer.wpe"): 0 the tokens', 1 the positions', or -ENOENT. */
+int ad_model_find_embedding(const struct ad_model *m, const char *path);
+
 /* The module path of a norm (e.g. "model.layers.2.input_layernorm", "transformer.ln_f"; layer
  * -1 for the final one) into buf. */
 void ad_model_norm_path(const struct ad_model *m, int layer, enum ad_norm_slot slot, char *buf,
@@ -240,6 +244,11 @@ struct ad_hooks {
      * embedding [n_embd] of virtual token v (0-based), valid while ctx is. */
     int (*n_virtual)(const void *ctx);
     const float *(*virtual_embedding)(const void *ctx, int v);
+    /* Replaced embeddings (modules_to_save, full fine-tuning's sparse deltas): the row [n_embd]
+     * of token tok, or of position pos (GPT-2's learned positions), in place of the base's; NULL
+     * keeps the base's. Valid while ctx is. */
+    const float *(*embedding)(const void *ctx, int tok);
+    const float *(*position)(const void *ctx, int pos);
     /* Prefix tuning: positions of virtual keys and values before a sequence's own, and those of
      * a layer, keys (kv = 0) or values (kv = 1) as [n_prefix, n_kv_head * head_dim], never
      * rotated, valid while ctx is. */

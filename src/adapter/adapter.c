@@ -39,6 +39,7 @@ const char *ad_adapter_kind_name(enum ad_adapter_kind k)
         [AD_ADAPTER_LORA] = "lora",     [AD_ADAPTER_IA3] = "ia3",
         [AD_ADAPTER_PREFIX] = "prefix", [AD_ADAPTER_PROMPT] = "prompt",
         [AD_ADAPTER_BIAS] = "bias",     [AD_ADAPTER_BOTTLENECK] = "bottleneck",
+        [AD_ADAPTER_SPARSE] = "sparse",
     };
     return (unsigned)k < AD_ADAPTER_KIND_COUNT ? names[k] : "?";
 }
@@ -49,7 +50,7 @@ const char *ad_adapter_kind_name(enum ad_adapter_kind k)
 /* A LoRA adapter whose deltas are all linear in its weight: LoRA factors and nothing else. */
 static bool is_pure_lora(const struct ad_adapter *a)
 {
-    if (a->kind != AD_ADAPTER_LORA || a->norms)
+    if (a->kind != AD_ADAPTER_LORA || a->norms || a->embed || a->pos_embed)
         return false;
     for (int i = 0; i < a->model->n_sites; i++) {
         const struct ad_site_delta *d = a->by_site[i];
@@ -106,6 +107,21 @@ static const float *hook_virtual_embedding(const void *ctx, int v)
     const struct ad_mix *mix = ctx;
     const struct ad_adapter *a = mix->a[0];
     return a->prompt + (size_t)v * (size_t)a->model->cfg.n_embd;
+}
+
+static const float *hook_embedding(const void *ctx, int tok)
+{
+    const struct ad_mix *mix = ctx;
+    const struct ad_adapter *a = mix->a[0];
+    return mix->n == 1 && a->embed ? a->embed + (size_t)tok * (size_t)a->model->cfg.n_embd : NULL;
+}
+
+static const float *hook_position(const void *ctx, int pos)
+{
+    const struct ad_mix *mix = ctx;
+    const struct ad_adapter *a = mix->a[0];
+    return mix->n == 1 && a->pos_embed ? a->pos_embed + (size_t)pos * (size_t)a->model->cfg.n_embd
+                                       : NULL;
 }
 
 static const float *hook_prefix(const void *ctx, int layer, int kv)
@@ -222,6 +238,8 @@ static void hook_site_post(const void *ctx, const struct ad_site *s, const float
             swap_bias(d, y, ldy, n);
         if (d->lora.a && !d->dora_k)
             ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+        if (d->sparse.nnz)
+            ad_sparse_apply(d, x, ldx, y, ldy, n);
         if (d->ia3_in && !x_scaled)
             ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
         for (int i = 0; d->ia3_out && i < n; i++)
@@ -281,6 +299,8 @@ static void hook_sublayer(const void *ctx, int layer, enum ad_norm_slot slot, co
 const struct ad_hooks ad_mix_hooks = {
     .n_virtual = hook_n_virtual,
     .virtual_embedding = hook_virtual_embedding,
+    .embedding = hook_embedding,
+    .position = hook_position,
     .n_prefix = hook_n_prefix,
     .prefix = hook_prefix,
     .norm = hook_norm,

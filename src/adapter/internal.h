@@ -55,10 +55,13 @@ int ad_prefix_load(struct load_ctx *c);
 int ad_prompt_load(struct load_ctx *c);
 int ad_bias_load(struct load_ctx *c);
 int ad_bottleneck_load(struct load_ctx *c);
+int ad_sparse_load(struct load_ctx *c);
 
 /* Hooks of each kind (the dispatch in adapter.c calls them). */
 void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
                    int ldy, int n, float *tmp, size_t tmp_len);
+void ad_sparse_apply(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                     int n);
 void ad_bottleneck_apply(const struct ad_adapter *a, const struct ad_bottleneck *bn,
                          const float *x, float *y, int n, int n_embd, float *tmp);
 

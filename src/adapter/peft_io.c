@@ -172,6 +172,28 @@ int ctx_replacement(struct load_ctx *c, const struct ad_tensor *t)
         return r < 0 ? r : 1;
     }
 
+    int which = ad_model_find_embedding(c->m, module);
+    if (which >= 0 && !is_bias) {
+        const struct ad_model_config *mc = &c->m->cfg;
+        float **dst = which ? &c->a->pos_embed : &c->a->embed;
+        c->used[t - ad_st_tensor(c->st, 0)] = true;
+        if (*dst)
+            return ad_err_set(c->err, -EINVAL, "tensor '%s': the embedding is replaced twice",
+                              t->name);
+        int r = ctx_f32(c, t, which ? mc->n_ctx_max : mc->n_vocab, mc->n_embd, dst);
+        if (r < 0)
+            return r;
+        const struct ad_site *out = &c->m->sites[c->m->n_sites - 1];
+        if (!which && out->w == c->m->tok_embd) { /* tied: the output layer changes too */
+            struct ad_site_delta *d = ctx_delta(c, out);
+            if (d->w_new)
+                return ad_err_set(c->err, -EINVAL, "tensor '%s': the tied lm_head is replaced "
+                                  "twice", t->name);
+            d->w_new = *dst;
+        }
+        return 1;
+    }
+
     int layer;
     enum ad_norm_slot slot;
     if (ad_model_find_norm(c->m, module, &layer, &slot) == 0) {
@@ -285,6 +307,7 @@ static const struct {
     {"PROMPT_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
     {"P_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
     {"BITFIT", AD_ADAPTER_BIAS, ad_bias_load},
+    {"SPARSE", AD_ADAPTER_SPARSE, ad_sparse_load},
 };
 
 enum ad_adapter_kind ad_adapter_config_kind(const char *peft_type)
@@ -344,7 +367,7 @@ int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const
         if (i == sizeof(kinds) / sizeof(kinds[0])) {
             r = ad_err_set(err, -ENOTSUP, "adapter_config.json: peft_type '%.40s' is not "
                            "supported (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, "
-                           "BITFIT)", json_string_value(pt));
+                           "BITFIT, SPARSE)", json_string_value(pt));
             goto out;
         }
         c.a->kind = kinds[i].kind;
@@ -363,6 +386,7 @@ int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const
     if (r >= 0)
         r = check_replaced(&c);
     if (r >= 0 && c.a->n_deltas == 0 && !c.a->norms && !c.a->n_virtual && !c.a->n_prefix &&
+        !c.a->embed && !c.a->pos_embed &&
         !c.a->bn_attn && !c.a->bn_mlp)
         r = ad_err_set(err, -EINVAL, "the adapter matches no part of the model");
 out:

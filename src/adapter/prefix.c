@@ -226,9 +226,11 @@ static int prefix_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids
     bool zero = json_is_string(json_object_get(cfg, "init_weights")) &&
                 !strcmp(json_string_value(json_object_get(cfg, "init_weights")), "zero");
     struct ad_param *p;
+    /* the embeddings are never masked by child-tuning, the MLP's parameters are */
 #define ADD(field, gfield, name, d0, d1, decay, init)                                          \
     do {                                                                                       \
-        if (!(p = tr_add(t, name, (d1) ? 2 : 1, d0, d1, decay, false, err)))                   \
+        if (!(p = tr_add(t, name, (d1) ? 2 : 1, d0, d1, decay,                                 \
+                         !strstr(name, "embed"), err)))                                        \
             return -ENOMEM;                                                                    \
         init;                                                                                  \
         pt->field = p->w;                                                                      \

@@ -770,13 +770,16 @@ int ad_model_forward(const struct ad_model *m, struct ad_kv *kv, struct ad_chunk
     for (int i = 0, r = 0; i < n_chunks; i++)
         for (int j = 0; j < chunks[i].n_tokens; j++, r++) {
             int tok = chunks[i].tokens[j];
-            const float *emb = tok >= 0 ? m->tok_embd + (size_t)tok * E
-                                        : hooks->virtual_embedding(chunks[i].ctx, -1 - tok);
+            const void *ctx = chunks[i].ctx;
+            const float *emb = tok < 0 ? hooks->virtual_embedding(ctx, -1 - tok)
+                               : ctx && hooks->embedding ? hooks->embedding(ctx, tok) : NULL;
             pos[r] = chunks[i].seq->n_tokens + j;
-            memcpy(x + (size_t)r * E, emb, (size_t)E * sizeof(float));
+            memcpy(x + (size_t)r * E, emb ? emb : m->tok_embd + (size_t)tok * E,
+                   (size_t)E * sizeof(float));
+            const float *pe = ctx && hooks->position ? hooks->position(ctx, pos[r]) : NULL;
             if (m->pos_embd)
                 for (int e = 0; e < E; e++)
-                    x[(size_t)r * E + e] += m->pos_embd[(size_t)pos[r] * E + e];
+                    x[(size_t)r * E + e] += pe ? pe[e] : m->pos_embd[(size_t)pos[r] * E + e];
             if (m->rope_inv_freq)
                 for (int k = 0; k < half; k++) {
                     double a = (double)pos[r] * (double)m->rope_inv_freq[k];

@@ -452,6 +452,19 @@ int ad_model_find_norm(const struct ad_model *m, const char *path, int *ret_laye
     return -ENOENT;
 }
 
+int ad_model_find_embedding(const struct ad_model *m, const char *path)
+{
+    const struct ad_arch *a = m->arch;
+    size_t rl = strlen(a->root);
+    if (!strncmp(path, a->root, rl))
+        path += rl;
+    if (!strcmp(path, a->tok_embd))
+        return 0;
+    if (a->pos_embd && !strcmp(path, a->pos_embd))
+        return 1;
+    return -ENOENT;
+}
+
 void ad_model_norm_path(const struct ad_model *m, int layer, enum ad_norm_slot slot, char *buf,
                         size_t size)
 {

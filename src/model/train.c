@@ -1225,12 +1225,14 @@ int ad_model_train(const struct ad_model *m, const struct ad_train_batch *b,
     /* embeddings: tokens, the hooks' virtual tokens, learned positions */
     float *x = p.tape[0].x;
     for (int r = 0; r < T; r++) {
-        const float *e = p.tok[r] >= 0 ? m->tok_embd + (size_t)p.tok[r] * E
-                                       : p.h->virtual_embedding(ctx, -1 - p.tok[r]);
-        memcpy(x + (size_t)r * E, e, (size_t)E * sizeof(float));
+        const float *e = p.tok[r] < 0 ? p.h->virtual_embedding(ctx, -1 - p.tok[r])
+                         : hooked(&p) && p.h->embedding ? p.h->embedding(ctx, p.tok[r]) : NULL;
+        memcpy(x + (size_t)r * E, e ? e : m->tok_embd + (size_t)p.tok[r] * E,
+               (size_t)E * sizeof(float));
+        const float *pe = hooked(&p) && p.h->position ? p.h->position(ctx, p.pos[r]) : NULL;
         if (m->pos_embd)
             for (int i = 0; i < E; i++)
-                x[(size_t)r * E + i] += m->pos_embd[(size_t)p.pos[r] * E + i];
+                x[(size_t)r * E + i] += pe ? pe[i] : m->pos_embd[(size_t)p.pos[r] * E + i];
     }
     int L = m->cfg.n_layer;
     for (int l = 0; l < L; l++)

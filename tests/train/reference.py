@@ -496,6 +496,9 @@ class Case:
     def make_bitfit(self):
         self.adapter = A.make_bitfit(self.base, self.name, **self.opts)
         self.config = self._peft_config(self.adapter.config)
+        # adapterd's BitFit training config names the biased modules (every linear's and
+        # LayerNorm's bias when it names none); the saved file needs no list
+        self.config["target_modules"] = list(self.opts["modules"])
         self.init = dict(self.adapter.tensors)
 
     def make_bottleneck(self):

@@ -1,0 +1,167 @@
+/* adapterd: training: datasets (JSONL of prompt/completion, chat messages or plain text), the
+ * optimizer and its schedule, child-tuning, and the training loop that fine-tunes a trainable
+ * adapter (adapter.h) or the whole model (full fine-tuning) over the frozen base's training
+ * passes (model.h, ad_model_train). Used by adapterd-train (tools/train.c) and the daemon's
+ * fine-tuning jobs. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ad_err;
+struct ad_model;
+struct ad_tokenizer;
+
+/* ==========================================================================================
+ * Datasets (data.c)
+ *
+ * A JSONL file, one example per line (blank lines skipped), each an object of one of:
+ *   {"prompt": "...", "completion": "..."}   loss on the completion (and the EOS after it)
+ *   {"messages": [{"role", "content", "weight"?}, ...]}
+ *                                            rendered with the model's chat template; loss on
+ *                                            the assistant turns whose weight is 1 (the default;
+ *                                            OpenAI's weight 0 leaves a turn out)
+ *   {"text": "..."}                          loss on every token (and the EOS after it)
+ * A line that is not one of these, or has wrong types, fails the whole file with its line number
+ * and the reason; nothing is trained on a file that does not validate. */
+
+/* One tokenized example: tokens[i] predicts targets[i] (the next token, or -1: no loss). */
+struct ad_example {
+    int32_t *tokens;
+    int32_t *targets;
+    int n_tokens;
+    int n_targets; /* targets >= 0 */
+};
+
+struct ad_dataset {
+    struct ad_example *ex;
+    size_t n;
+    size_t n_tokens, n_targets; /* over every example */
+    size_t n_truncated;         /* examples cut at max_seq_len */
+};
+
+struct ad_data_opts {
+    int max_seq_len; /* examples are cut to this many tokens (> 0) */
+    bool packing;    /* concatenate examples (EOS between) into sequences of max_seq_len */
+};
+
+/* Checks one line of a JSONL training file: its shape and types (not its tokens). line_no is
+ * the 1-based line number for the message. Returns 0, or -EINVAL with err "line N: reason".
+ * Thread-safe. */
+int ad_data_check_line(const char *line, size_t len, size_t line_no, struct ad_err *err);
+
+/* Reads and tokenizes a JSONL file with tok (its chat template for "messages"). Returns 0 and a
+ * new dataset, or -EINVAL (err: "line N: reason", or a template that cannot mark assistant
+ * turns), -ENOENT, -ENOMEM. */
+int ad_dataset_load(const char *path, const struct ad_tokenizer *tok,
+                    const struct ad_data_opts *opts, struct ad_dataset **ret,
+                    struct ad_err *err);
+void ad_dataset_free(struct ad_dataset *d);
+
+/* ==========================================================================================
+ * The trainer (trainer.c, optim.c, child.c)
+ *
+ * Fine-tunes a trainable adapter (adapter.h) made from a PEFT config, or every weight of the
+ * model (full fine-tuning), over a dataset: examples shuffled each epoch (seeded), a step takes
+ * batch_size * grad_accum of them (split into passes that fit activation_mb), its loss the mean
+ * cross-entropy over all their targets (Hugging Face's Trainer with labels -100 elsewhere, and
+ * its num_items_in_batch normalisation under gradient accumulation); then global gradient-norm
+ * clipping, child-tuning's mask, and an AdamW (decoupled weight decay, bias correction, as
+ * torch.optim.AdamW) or SGD step at the scheduled rate (warmup, then cosine, linear or
+ * constant, as transformers' schedules). The same seed and data give the same parameters bit
+ * for bit, also across a checkpoint and resume. */
+
+enum ad_optimizer { AD_OPT_ADAMW, AD_OPT_SGD };
+enum ad_schedule { AD_SCHED_COSINE, AD_SCHED_LINEAR, AD_SCHED_CONSTANT };
+/* Child-tuning (Xu et al. 2021): F, a fresh Bernoulli(reserve_p) mask of each step's gradients
+ * scaled by 1 / reserve_p; D, a fixed mask of the top reserve_p share of the Fisher information
+ * (squared gradients over the training data, per-tensor clipped), unscaled. Embeddings and norms
+ * are never masked. */
+enum ad_child { AD_CHILD_NONE, AD_CHILD_F, AD_CHILD_D };
+
+struct ad_train_opts {
+    const char *adapter_config; /* a PEFT adapter_config.json text; NULL: full fine-tuning */
+    const char *base_dir;       /* the base model's directory (full fine-tuning saves a copy) */
+    const int32_t *init_ids;    /* prompt tuning's TEXT init: the text's token ids */
+    int n_init_ids;
+    int n_epochs;
+    int batch_size;             /* examples per pass of gradients */
+    int grad_accum;             /* passes per optimizer step */
+    double lr, weight_decay, beta1, beta2, eps, max_grad_norm; /* max_grad_norm 0: no clipping */
+    int warmup_steps;           /* or, when 0, */
+    double warmup_ratio;        /* this share of the steps */
+    enum ad_schedule schedule;
+    enum ad_optimizer optimizer;
+    enum ad_child child;
+    double reserve_p;
+    uint64_t seed;
+    int threads;                /* 0: one per core */
+    size_t activation_bytes;    /* memory for a training pass's activations (0: 512 MiB) */
+    int eval_every;             /* steps between evaluations (0: once per epoch) */
+    bool save_bf16;             /* full fine-tuning: save the model in bf16 (else f32) */
+};
+
+/* Sets the defaults: 1 epoch, batch 8, accumulation 1, lr 2e-4 (1e-5 for full fine-tuning),
+ * weight decay 0, betas 0.9 / 0.999, eps 1e-8, max_grad_norm 1, no warmup, cosine, AdamW, no
+ * child-tuning (reserve_p 0.3), seed 42. */
+void ad_train_opts_default(struct ad_train_opts *o);
+
+struct ad_train_progress {
+    int64_t step, total_steps;  /* optimizer steps done, and in all */
+    int epoch;                  /* 0-based */
+    double loss;                /* the mean loss of the last step */
+    double lr;                  /* its learning rate */
+    double grad_norm;           /* its gradient norm before clipping */
+    double valid_loss;          /* the last evaluation's, or NaN */
+    int64_t tokens;             /* tokens trained on so far */
+    double seconds;             /* time in training steps so far */
+};
+
+struct ad_trainer;
+
+/* A trainer for model m (borrowed, must outlive it) over train (and valid, NULL: no
+ * evaluation), both borrowed. Returns 0, or -EINVAL / -ENOTSUP (a bad config or option, err
+ * says which) / -ENOMEM. */
+int ad_trainer_new(const struct ad_model *m, const struct ad_train_opts *o,
+                   const struct ad_dataset *train, const struct ad_dataset *valid,
+                   struct ad_trainer **ret, struct ad_err *err);
+void ad_trainer_free(struct ad_trainer *t);
+
+/* Starts from an adapter's tensors (a PEFT directory with adapter_model.safetensors, or a
+ * safetensors file of the parameters by name: continue training an adapter), before the first
+ * step. Returns 0 or -errno. */
+int ad_trainer_init_from(struct ad_trainer *t, const char *path, struct ad_err *err);
+
+/* Child-tuning D's mask from the Fisher information over d in batches of `batch` examples (the
+ * first step does it over the training data in the training batches when it was not done).
+ * Returns 0 or -errno. */
+int ad_trainer_fisher(struct ad_trainer *t, const struct ad_dataset *d, int batch,
+                      struct ad_err *err);
+/* The 0/1 mask of child-tuning D for the trainer's parameters, element after element in
+ * parameter order, or NULL; borrowed. */
+const uint8_t *ad_trainer_mask(const struct ad_trainer *t);
+
+/* One optimizer step (for child-tuning D, the first call computes the mask first). Returns 1
+ * when that was the last step (or there was none left), 0 when there are more, or -errno.
+ * Fills *p (may be NULL). */
+int ad_trainer_step(struct ad_trainer *t, struct ad_train_progress *p, struct ad_err *err);
+/* The mean loss over the validation set (or train if there is none) into *ret_loss. */
+int ad_trainer_eval(struct ad_trainer *t, double *ret_loss, struct ad_err *err);
+void ad_trainer_progress(const struct ad_trainer *t, struct ad_train_progress *p);
+
+/* Writes what serving loads into dir (an existing empty directory): the adapter's
+ * adapter_config.json and weights; for full fine-tuning a Hugging Face model directory (config,
+ * weights, and the base's tokenizer and generation files); for child-tuning of the full model a
+ * sparse-delta adapter (README). Returns 0 or -errno. */
+int ad_trainer_save(struct ad_trainer *t, const char *dir, struct ad_err *err);
+/* A checkpoint in dir (an existing empty directory): what ad_trainer_save writes, plus the
+ * optimizer's state, the data order and the step (trainer_state.safetensors and .json), so that
+ * ad_trainer_resume continues exactly where it stopped. */
+int ad_trainer_checkpoint(struct ad_trainer *t, const char *dir, struct ad_err *err);
+int ad_trainer_resume(struct ad_trainer *t, const char *dir, struct ad_err *err);
+
+/* The parameters being trained (sorted by name) and their count; borrowed. For tests and
+ * tools. */
+struct ad_param;
+const struct ad_param *ad_trainer_params(const struct ad_trainer *t, int *ret_n);
