@@ -12,6 +12,7 @@
 
 struct ad_err;
 struct ad_tokenizer;
+struct json_t; /* jansson's json_t */
 
 /* Limits on user-controlled sizes. */
 #define AD_TOKENIZER_MAX_JSON (512u << 20) /* tokenizer.json, bytes */
@@ -86,6 +87,50 @@ bool ad_tokenizer_add_eos(const struct ad_tokenizer *tok);
 /* tokenizer_config.json's chat_template (the string form, or the template named "default" of
  * the list form), NUL-terminated, or NULL if there is none. */
 const char *ad_tokenizer_chat_template(const struct ad_tokenizer *tok);
+
+/* ==========================================================================================
+ * Chat templates (chat.c). adapterd renders the chat templates of the common families (ChatML
+ * and Qwen3, Llama 2, Llama 3, Mistral, Zephyr, Gemma) byte for byte as transformers'
+ * apply_chat_template does with Python's Jinja; any other template is refused as not supported.
+ * messages is a JSON list of {"role": "system"|"user"|"assistant", "content": a string or a list
+ * of {"type": "text", "text"} parts} (Qwen3 also reads "reasoning_content"); it is borrowed, only
+ * read during the call. bos/eos are the tokenizer's bos/eos token strings (NULL renders as "",
+ * as an undefined bos_token does). All functions here are thread-safe. */
+
+/* Renders messages with the chat template tmpl (e.g. ad_tokenizer_chat_template()), with
+ * add_generation_prompt as given: true ends the text with the header of the assistant's next
+ * turn (serving), false ends it after the last message (training data; a template that prints the
+ * header whatever the flag says, as Llama 3's first revision does, prints it here too). On success
+ * *ret_text is a new malloc'd NUL-terminated string (caller frees). Returns 0, -ENOTSUP (a
+ * template, a content part or tool calls adapterd does not render; err says which), -EINVAL (a
+ * conversation the template refuses with raise_exception, or malformed messages; err says why),
+ * -ENOMEM. */
+int ad_chat_render(const char *tmpl, const char *bos, const char *eos,
+                   const struct json_t *messages, bool add_generation_prompt, char **ret_text,
+                   struct ad_err *err);
+
+/* One assistant turn in a rendering: bytes [start, end) of the text are what the model writes
+ * for messages[message] (its content and whatever the template writes to end the turn, e.g.
+ * "<|im_end|>\n", "<|eot_id|>", "</s>", "<end_of_turn>\n"; never the header that opens the turn
+ * nor the next one's). */
+struct ad_chat_turn {
+    size_t message;
+    size_t start, end;
+};
+
+/* Renders messages with add_generation_prompt = false, as ad_chat_render does, and finds each
+ * assistant turn in the text: for assistant message k, with p = messages[0, k) rendered with the
+ * generation prompt and q = messages[0, k] rendered without it, the turn is q less its prefix p.
+ * p must begin q and q the whole text, as they do for templates that render a turn the same
+ * whatever follows it. On success *ret_text is the rendering (new, NUL-terminated, caller frees)
+ * and *ret_turns a new array (caller frees) of *ret_n_turns turns, one per assistant message, in
+ * order, not overlapping. Returns 0, the errors of ad_chat_render, or -ENOTSUP "the chat template
+ * cannot mark assistant turns" naming the message (an assistant message first, or a template that
+ * renders a turn differently once later messages follow, as Qwen3 does with <think> blocks and
+ * Mistral v0.3 with the system prompt). Costs two renderings of a prefix per assistant turn. */
+int ad_chat_segments(const char *tmpl, const char *bos, const char *eos,
+                     const struct json_t *messages, char **ret_text,
+                     struct ad_chat_turn **ret_turns, size_t *ret_n_turns, struct ad_err *err);
 
 /* ==========================================================================================
  * Streaming decode: text is emitted only in whole UTF-8 characters, and the concatenation of

@@ -470,9 +470,6 @@ static int check_stream_options(json_t *so, bool stream, char *msg, size_t msg_l
     return 0;
 }
 
-int chat_render(const char *tmpl, const char *bos, const char *eos, json_t *messages, char **ret,
-                char *msg, size_t msg_len);
-
 static int parse(struct completion *cp, json_t *req, struct ad_request_params *base,
                  json_t **prompts, char *msg, size_t msg_len)
 {
@@ -610,11 +607,16 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
                      "chat_template): use /v1/completions");
             return -EINVAL;
         }
-        rc = chat_render(tmpl, ad_tokenizer_id_to_token(tok, ad_tokenizer_bos_id(tok), NULL),
-                         ad_tokenizer_id_to_token(tok, ad_tokenizer_eos_id(tok), NULL), messages,
-                         &text, msg, msg_len);
-        if (rc < 0)
+        struct ad_err err = {0};
+        rc = ad_chat_render(tmpl, ad_tokenizer_id_to_token(tok, ad_tokenizer_bos_id(tok), NULL),
+                            ad_tokenizer_id_to_token(tok, ad_tokenizer_eos_id(tok), NULL),
+                            messages, true, &text, &err);
+        if (rc < 0) { /* the renderer knows no routes: the way out is said here */
+            bool no_tmpl = rc == -ENOTSUP && strstr(err.msg, "template is not supported");
+            snprintf(msg, msg_len, "%s%s", err.msg, no_tmpl ? "; use /v1/completions with "
+                     "a prompt formatted by the client" : "");
             return rc;
+        }
         *prompts = json_pack("[s]", text);
         free(text);
         return 0;

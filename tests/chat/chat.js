@@ -1,15 +1,23 @@
 #!/usr/bin/env node
-/* Chat suite: adapterd's chat templates (src/http/chat.c) against Hugging Face's own Jinja
+/* Chat suite: adapterd's chat templates (src/model/chat.c) against Hugging Face's own Jinja
  * implementation, @huggingface/jinja (pinned in tests/integration/package-lock.json).
  *
  *   node chat.js --chat-render PATH [--only NAME]
  *
  * Every real template in templates/ (copied from the models' tokenizer_config.json, source in
- * each file) is rendered for every conversation below, with add_generation_prompt = true and
- * the bos/eos tokens of the same tokenizer_config, by the reference and by chat_render() (through
- * chat-render.c, linked against libadapterd). A rendering must be byte-identical; where the
- * reference raises (raise_exception: roles not alternating, a system role the template refuses)
- * adapterd must refuse too; a template marked "unsupported" must be refused as not supported.
+ * each file) is rendered for every conversation below, with add_generation_prompt = true (as
+ * served) and = false (as training data is), with the bos/eos tokens of the same
+ * tokenizer_config, by the reference and by ad_chat_render() (through chat-render.c, linked
+ * against libadapterd). A rendering must be byte-identical; where the reference raises
+ * (raise_exception: roles not alternating, a system role the template refuses) adapterd must
+ * refuse too; a template marked "unsupported" must be refused as not supported.
+ *
+ * ad_chat_segments() is checked the same way: the reference renders, for each assistant message
+ * k, the first k messages with add_generation_prompt = true (p) and the first k + 1 without (q)
+ * and takes the turn as q less p, in bytes, when p begins q and q the whole rendering; adapterd
+ * must give exactly those turns, or refuse as it (-ENOTSUP) where they do not nest. A template
+ * whose fixture names a "generation_prompt_always" prints that text whatever
+ * add_generation_prompt says (Llama 3's first revision): q ends before it.
  *
  * Three things the reference does differently from Python's Jinja, which transformers uses and
  * the models were trained with, are corrected here, in the reference, so that the comparison is
@@ -20,9 +28,9 @@
  *     str.strip() its own, and
  *   - its == and != are JavaScript's loose ones: '' != false is false there, true in Python
  *     (Llama 2's template prints an empty system prompt's <<SYS>> block because of it).
- * Every case is also rendered by Python's jinja2 (Debian python3-jinja2; the test fails without
- * it) with the settings of transformers, and must agree: the corrections above are checked, not
- * assumed.
+ * Every rendering the reference makes (the prefixes for the segments too) is also made by
+ * Python's jinja2 (Debian python3-jinja2; the test fails without it) with the settings of
+ * transformers, and must agree: the corrections above are checked, not assumed.
  *
  * Content given as a list of {"type": "text"} parts goes to the reference as the list itself
  * when the template iterates over it (Gemma 3), and otherwise joined with "\n": adapterd, like
@@ -168,6 +176,23 @@ const CONVERSATIONS = {
     'reasoning, user last': [sys('s'), user('Hi'), asst('<think>x</think>Hello'), user('Bye')],
     'tool response as user text': [user('q'), asst('a'),
         user('<tool_response>r</tool_response>'), asst('<think>t</think>\n\ndone')],
+    /* training data: conversations that end with the assistant's turn */
+    'training: one turn': [user('What is 2 + 2?'), asst('4')],
+    'training: system, one turn': [sys('Answer with one word.'), user('Sky colour?'),
+        asst('Blue.')],
+    'training: system, three turns': [sys('You are a pirate.'), user('Hello'),
+        asst('Ahoy, matey!'), user('Where is the treasure?'), asst('  Buried, of course.  '),
+        user('Where?'), asst('\nOn the island.\n')],
+    'training: three turns, no system': [user('a'), asst('b'), user('c'), asst('d'), user('e'),
+        asst('f')],
+    'training: text parts': [sys(parts('Be ', 'kind.')), user(parts('q1', 'q2')),
+        asst(parts('a1', ' a2 '))],
+    'training: unicode': [user('¿Qué tal? 👋'), asst('Très bien — 很好 ✓')],
+    'training: empty answer': [user('Say nothing.'), asst('')],
+    'training: reasoning, one turn': [user('Think first.'),
+        asst('<think>\nsteps\n</think>\n\nDone.')],
+    'training: two assistant turns in a row': [user('a'), asst('b'), asst('c')],
+    'training: template syntax in the answer': [user('x'), asst('{{ eos_token }}<|im_end|></s>')],
 };
 
 /* ------------------------------------------------------------------------------------------
@@ -183,18 +208,59 @@ const flatten = (messages) => messages.map((m) => Array.isArray(m.content)
 /* A template takes list content if it tests for it ("is iterable", "is string"). */
 const takesLists = (t) => /content'?\]? is iterable/.test(t.chat_template);
 
-function context(t, messages) {
-    const c = { messages, add_generation_prompt: true };
+function context(t, messages, agp) {
+    const c = { messages, add_generation_prompt: agp };
     if (t.bos_token !== null && t.bos_token !== undefined) c.bos_token = t.bos_token;
     if (t.eos_token !== null && t.eos_token !== undefined) c.eos_token = t.eos_token;
     return c;
 }
-function renderRef(T, t, messages) {
-    try {
-        return { text: new T(t.chat_template).render(context(t, messages)) };
-    } catch (e) {
-        return { error: String(e.message || e) };
+/* Every rendering of the reference, by (template, messages, add_generation_prompt), so that each
+ * is made once and all of them are checked against Python below. */
+const renders = new Map();
+function renderRef(t, messages, agp) {
+    const key = JSON.stringify([t.name, messages, agp]);
+    let r = renders.get(key);
+    if (!r) {
+        const one = (T) => {
+            try {
+                return { text: new T(t.chat_template).render(context(t, messages, agp)) };
+            } catch (e) {
+                return { error: String(e.message || e) };
+            }
+        };
+        r = { t, messages, agp, ref: one(Template), asIs: one(TemplateAsIs) };
+        renders.set(key, r);
     }
+    return r.ref;
+}
+
+/* The turns as ad_chat_segments() must find them (see the top), or the error code it must give. */
+function segmentsRef(t, messages) {
+    const whole = renderRef(t, messages, false);
+    if ('error' in whole) return { code: -22, why: whole.error };
+    const turns = [];
+    let end = 0;
+    for (let k = 0; k < messages.length; k++) {
+        if (messages[k].role !== 'assistant') continue;
+        if (k === 0) return { code: -95, why: 'an assistant message first' };
+        const p = renderRef(t, messages.slice(0, k), true);
+        if ('error' in p) return { code: -22, why: p.error };
+        const pb = Buffer.byteLength(p.text);
+        if (!whole.text.startsWith(p.text) || pb < end)
+            return { code: -95, why: `messages[${k}]: p does not begin the whole rendering` };
+        const q = renderRef(t, messages.slice(0, k + 1), false);
+        if ('error' in q) return { code: -22, why: q.error };
+        let qt = q.text;
+        if (t.generation_prompt_always) {
+            assert.ok(qt.endsWith(t.generation_prompt_always), `${t.name}: no generation prompt`);
+            qt = qt.slice(0, qt.length - t.generation_prompt_always.length);
+        }
+        if (!whole.text.startsWith(qt) || qt.length < p.text.length)
+            return { code: -95, why: `messages[${k}]: q does not begin the whole rendering` };
+        end = Buffer.byteLength(qt);
+        turns.push([k, pb, end]);
+    }
+    return { text: whole.text, turns };
 }
 
 const cases = [];
@@ -202,16 +268,24 @@ for (const t of templates) {
     if (ONLY && !t.name.includes(ONLY)) continue;
     for (const [conv, messages] of Object.entries(CONVERSATIONS)) {
         const refMessages = takesLists(t) ? messages : flatten(messages);
-        const c = { template: t, conv, messages, refMessages };
-        if (t.expect === 'supported') {
-            c.ref = renderRef(Template, t, refMessages);
-            c.asIs = renderRef(TemplateAsIs, t, refMessages);
+        for (const agp of [true, false]) {
+            const c = { template: t, conv: `${conv} (add_generation_prompt = ${agp})`, messages,
+                        agp };
+            if (t.expect === 'supported') {
+                renderRef(t, refMessages, agp);
+                c.render = renders.get(JSON.stringify([t.name, refMessages, agp]));
+                c.ref = c.render.ref;
+            }
+            cases.push(c);
         }
+        const c = { template: t, conv: `${conv} (segments)`, messages, segments: true };
+        if (t.expect === 'supported') c.seg = segmentsRef(t, refMessages);
         cases.push(c);
     }
 }
 
-/* Python's jinja2 with transformers' settings, when installed: all cases in one process. */
+/* Python's jinja2 with transformers' settings: every rendering of the reference, in one
+ * process. */
 const PY = `
 import json, sys
 from jinja2.ext import loopcontrols
@@ -230,15 +304,14 @@ for c in json.load(sys.stdin):
         out.append({"error": str(e)})
 json.dump(out, sys.stdout)
 `;
-const pyCases = cases.filter((c) => c.ref);
-let pyOut = null;
+const allRenders = [...renders.values()];
 {
     const r = spawnSync('/usr/bin/python3', ['-c', PY], {
-        input: JSON.stringify(pyCases.map((c) => ({ template: c.template.chat_template,
-                                                    context: context(c.template, c.refMessages) }))),
+        input: JSON.stringify(allRenders.map((x) => ({
+            template: x.t.chat_template, context: context(x.t, x.messages, x.agp) }))),
         maxBuffer: 1 << 28, encoding: 'utf8' });
     if (r.status === 0) {
-        pyOut = JSON.parse(r.stdout);
+        JSON.parse(r.stdout).forEach((py, i) => { allRenders[i].py = py; });
     } else { /* the patched builtins above are only trusted because Python agrees */
         console.log('FAIL: Python jinja2 (Debian python3-jinja2) cannot run the cross-check' +
                     (r.stderr ? ` (${r.stderr.trim().split('\n').pop()})` : ''));
@@ -246,7 +319,7 @@ let pyOut = null;
     }
 }
 
-/* Requests adapterd refuses whatever the template: the code chat_render() must return. */
+/* Requests adapterd refuses whatever the template: the code ad_chat_render() must return. */
 const SMOL = templates.find((t) => t.name === 'smollm2-instruct');
 const REFUSALS = [
     ['no messages', [], -22],
@@ -264,7 +337,9 @@ if (!ONLY || SMOL.name.includes(ONLY))
 
 /* adapterd: all cases in one run of chat-render. */
 const input = cases.map((c) => ({ template: c.template.chat_template, bos_token: c.template.bos_token,
-                                  eos_token: c.template.eos_token, messages: c.messages }));
+                                  eos_token: c.template.eos_token, messages: c.messages,
+                                  add_generation_prompt: c.agp !== false,
+                                  segments: !!c.segments }));
 const r = spawnSync(RENDER, [], { input: JSON.stringify(input), maxBuffer: 1 << 28, encoding: 'utf8' });
 if (r.status !== 0) {
     console.error(`FAIL: chat-render exited with ${r.status}: ${r.stderr}`);
@@ -277,9 +352,22 @@ assert.equal(got.length, cases.length);
  * Comparison */
 
 const show = (s) => JSON.stringify(s);
-let passed = 0, failed = 0, divergent = 0;
+let passed = 0, failed = 0, divergent = 0, pyChecked = 0;
 const perTemplate = new Map();
-pyCases.forEach((c, i) => { c.py = pyOut[i]; });
+const fail = (label, why) => {
+    failed++;
+    console.log(`FAIL ${label}: ${why}`);
+};
+/* The reference against Python, rendering by rendering (each counts once). */
+for (const x of allRenders) {
+    const same = ('error' in x.py) === ('error' in x.ref) &&
+                 ('error' in x.py || x.py.text === x.ref.text);
+    pyChecked++;
+    if (!same)
+        fail(`${x.t.name} / ${show(x.messages)} (add_generation_prompt = ${x.agp})`,
+             `the corrected reference ${show(x.ref)} and Python jinja2 ${show(x.py)} disagree`);
+    if (JSON.stringify(x.ref) !== JSON.stringify(x.asIs)) divergent++;
+}
 cases.forEach((c, i) => {
     const a = got[i], t = c.template;
     const label = `${t.name} / ${c.conv}`;
@@ -290,6 +378,18 @@ cases.forEach((c, i) => {
     } else if (t.expect === 'unsupported') {
         if (!('error' in a) || a.code !== -95 || !/not supported/.test(a.error))
             why = `expected a refusal as not supported (-ENOTSUP), got ${show(a)}`;
+    } else if (c.segments) {
+        const r = c.seg;
+        if ('code' in r) {
+            if (!('error' in a) || a.code !== r.code ||
+                (r.code === -95 && !/cannot mark assistant turns/.test(a.error)))
+                why = `expected a refusal with ${r.code} (${r.why}), got ${show(a)}`;
+        } else if ('error' in a) {
+            why = `adapterd refused (${a.error}) but the reference marks ${show(r.turns)}`;
+        } else if (a.text !== r.text || JSON.stringify(a.turns) !== JSON.stringify(r.turns)) {
+            why = `differs:\n      reference ${show(r.turns)} of ${show(r.text)}\n      ` +
+                  `adapterd  ${show(a.turns)} of ${show(a.text)}`;
+        }
     } else if ('error' in c.ref) {
         if (!('error' in a) || a.code !== -22)
             why = `the reference raises (${c.ref.error}) but adapterd gave ${show(a)}`;
@@ -298,18 +398,10 @@ cases.forEach((c, i) => {
     } else if (a.text !== c.ref.text) {
         why = `differs:\n      reference ${show(c.ref.text)}\n      adapterd  ${show(a.text)}`;
     }
-    if (!why && c.py && !c.refusal) {
-        const same = ('error' in c.py) === ('error' in c.ref) &&
-                     ('error' in c.py || c.py.text === c.ref.text);
-        if (!same)
-            why = `the corrected reference ${show(c.ref)} and Python jinja2 ${show(c.py)} disagree`;
-    }
-    if (!c.refusal && c.ref && c.asIs && JSON.stringify(c.ref) !== JSON.stringify(c.asIs)) divergent++;
     const s = perTemplate.get(t.name) || { ok: 0, n: 0 };
     s.n++;
     if (why) {
-        failed++;
-        console.log(`FAIL ${label}: ${why}`);
+        fail(label, why);
     } else {
         passed++;
         s.ok++;
@@ -318,7 +410,8 @@ cases.forEach((c, i) => {
 });
 for (const [name, s] of perTemplate)
     console.log(`${s.ok === s.n ? 'ok  ' : 'FAIL'} ${name}: ${s.ok}/${s.n}`);
-console.log(`chat: ${divergent} cases where unmodified @huggingface/jinja differs from Python's ` +
-            `strip/trim/== (adapterd follows Python), all checked against Python jinja2`);
+console.log(`chat: ${pyChecked} reference renderings checked against Python jinja2, ${divergent} ` +
+            `of them where unmodified @huggingface/jinja differs from Python's strip/trim/== ` +
+            `(adapterd follows Python)`);
 console.log(`chat: ${passed} of ${cases.length} cases pass, ${failed} fail`);
 process.exit(failed ? 1 : 0);

@@ -1,13 +1,17 @@
-/* Chat templates. adapterd has no Jinja interpreter: it recognises the chat templates of the
- * common model families and renders messages exactly as those templates do under transformers
- * (Python's Jinja, trim_blocks and lstrip_blocks, add_generation_prompt = true), including the
- * conversations they refuse with raise_exception. tests/chat checks every variant below against
- * Hugging Face's Jinja implementation on the real templates.
+/* Chat templates (include/adapterd/tokenizer.h, "Chat templates"). adapterd has no Jinja
+ * interpreter: it recognises the chat templates of the common model families and renders messages
+ * exactly as those templates do under transformers (Python's Jinja, trim_blocks and
+ * lstrip_blocks), with add_generation_prompt true (serving) or false (training data), including
+ * the conversations they refuse with raise_exception. tests/chat checks every variant below
+ * against Hugging Face's Jinja implementation and Python's jinja2 on the real templates, with
+ * both values of add_generation_prompt.
  *
  *   ChatML     <|im_start|>role\ncontent<|im_end|>\n      OpenHermes; SmolLM2, Qwen2, Qwen2.5
  *                                                        (a built-in system prompt); Qwen3
  *                                                        (<think> blocks)
  *   Llama 3    <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+ *                                                        (the first revision prints the
+ *                                                        generation prompt unconditionally)
  *   Llama 2    <s>[INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s>
  *   Mistral    <s>[INST] user [/INST]answer</s>          v0.1, v0.2, the later 'v1' template
  *                                                        with a system prompt, v0.3
@@ -20,7 +24,11 @@
  * template that adds or changes an output is refused as not supported, never rendered wrong.
  *
  * Content may be a string or a list of {"type": "text", "text"} parts. Gemma 3's template walks
- * the list itself; for the others the parts are joined with "\n" first (as vLLM does). */
+ * the list itself; for the others the parts are joined with "\n" first (as vLLM does).
+ *
+ * ad_chat_segments finds the assistant turns in the rendering the way one would with Jinja
+ * itself, from renderings of the conversation's prefixes (see the end of this file). */
+#include <assert.h>
 #include <errno.h>
 #include <jansson.h>
 #include <stdbool.h>
@@ -29,14 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Renders messages (a JSON list of {role, content}) with the chat template tmpl, the way
- * transformers' apply_chat_template(add_generation_prompt=True) does; bos/eos are the
- * tokenizer_config's bos_token/eos_token (NULL: none, renders as ""). On success *ret is a new
- * malloc'd string (caller frees). Returns 0, -ENOTSUP (a template, or a content part, adapterd
- * does not render; msg says which), -EINVAL (a conversation the template refuses, or malformed
- * messages; msg says why), -ENOMEM. Thread-safe. */
-int chat_render(const char *tmpl, const char *bos, const char *eos, json_t *messages, char **ret,
-                char *msg, size_t msg_len);
+#include "adapterd/tokenizer.h"
+#include "adapterd/util.h"
 
 /* ==========================================================================================
  * Growing strings */
@@ -309,7 +311,8 @@ static char *normalize(const char *s, bool code)
 enum variant {
     QWEN3,         /* ChatML with <think> blocks (tried before plain ChatML) */
     CHATML,        /* OpenHermes-2.5; with a built-in system prompt: SmolLM2, Qwen2, Qwen2.5 */
-    LLAMA3,        /* Meta-Llama-3-Instruct, both revisions */
+    LLAMA3,        /* Meta-Llama-3-Instruct: the revision with {% if add_generation_prompt %} */
+    LLAMA3_ALWAYS, /* its first revision: the generation prompt printed whatever the flag says */
     LLAMA2,        /* Llama-2-chat */
     MISTRAL_V01,   /* Mistral-7B-Instruct-v0.1 as released: "[INST] u [/INST]a</s> " */
     MISTRAL_V02,   /* v0.2 and Mixtral-8x7B-Instruct-v0.1: "[INST] u [/INST]a</s>" */
@@ -322,6 +325,11 @@ enum variant {
 };
 
 #define ALTERNATE "(message['role'] == 'user') != (loop.index0 % 2 == 0)"
+#define LLAMA3_TURNS "{% set content = '<|start_header_id|>' + message['role'] + " \
+                     "'<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}" \
+                     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}" \
+                     "{% endif %}{{ content }}{% endfor %}"
+#define LLAMA3_PROMPT "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
 #define CHATML_TURN "'<|im_start|>' + message['role'] + '\\n' + message['content'] + " \
                     "'<|im_end|>' + '\\n'"
 
@@ -350,12 +358,9 @@ static const struct {
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"},
                {26}},
     [LLAMA3] = {"Llama 3",
-                {"{% set content = '<|start_header_id|>' + message['role'] + "
-                 "'<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
-                 "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-                 "{{ content }}{% endfor %}",
-                 "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"},
+                {LLAMA3_TURNS "{% if add_generation_prompt %}" LLAMA3_PROMPT "{% endif %}"},
                 {2}},
+    [LLAMA3_ALWAYS] = {"Llama 3", {LLAMA3_TURNS LLAMA3_PROMPT}, {2}},
     [LLAMA2] = {"Llama 2",
                 {"{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
                  "{% set system_message = messages[0]['content'] %}{% else %}"
@@ -544,14 +549,14 @@ static void free_msgs(struct msg *m, size_t n)
     free(m);
 }
 
-static int read_msgs(json_t *messages, struct msg **ret, size_t *ret_n, char *msg, size_t msg_len)
+static int read_msgs(const json_t *messages, struct msg **ret, size_t *ret_n, struct ad_err *err)
 {
     size_t n = json_array_size(messages), i;
     json_t *m;
     struct msg *out;
 
     if (!json_is_array(messages) || n == 0) {
-        snprintf(msg, msg_len, "'messages' must be a non-empty list of {role, content}");
+        ad_err_set(err, -EINVAL, "'messages' must be a non-empty list of {role, content}");
         return -EINVAL;
     }
     out = calloc(n, sizeof(*out));
@@ -571,26 +576,26 @@ static int read_msgs(json_t *messages, struct msg **ret, size_t *ret_n, char *ms
         } else if (role && !strcmp(role, "assistant")) {
             o->role = ASSISTANT;
         } else {
-            snprintf(msg, msg_len, "messages[%zu]: role must be system, user or assistant", i);
+            ad_err_set(err, -EINVAL, "messages[%zu]: role must be system, user or assistant", i);
             goto einval;
         }
         o->name = role;
         if (json_array_size(tc) > 0) {
-            snprintf(msg, msg_len, "messages[%zu]: tool_calls are not supported", i);
+            ad_err_set(err, -ENOTSUP, "messages[%zu]: tool_calls are not supported", i);
             free_msgs(out, n);
             return -ENOTSUP;
         }
         if (rc && !json_is_null(rc)) {
             if (!json_is_string(rc) ||
                 memchr(json_string_value(rc), '\0', json_string_length(rc))) {
-                snprintf(msg, msg_len, "messages[%zu]: reasoning_content must be a string", i);
+                ad_err_set(err, -EINVAL, "messages[%zu]: reasoning_content must be a string", i);
                 goto einval;
             }
             o->reasoning = json_string_value(rc);
         }
         if (json_is_string(c)) {
             if (memchr(json_string_value(c), '\0', json_string_length(c))) {
-                snprintf(msg, msg_len, "messages[%zu]: content has a NUL character", i);
+                ad_err_set(err, -EINVAL, "messages[%zu]: content has a NUL character", i);
                 goto einval;
             }
             put(&s, json_string_value(c));
@@ -603,16 +608,16 @@ static int read_msgs(json_t *messages, struct msg **ret, size_t *ret_n, char *ms
                 const char *type = json_string_value(json_object_get(part, "type"));
                 json_t *text = json_object_get(part, "text");
                 if (!type || strcmp(type, "text")) {
-                    snprintf(msg, msg_len, "messages[%zu].content[%zu]: only parts of type "
-                             "'text' are supported", i, k);
+                    ad_err_set(err, -ENOTSUP, "messages[%zu].content[%zu]: only parts of type "
+                               "'text' are supported", i, k);
                     free(s.p);
                     free_msgs(out, n);
                     return -ENOTSUP;
                 }
                 if (!json_is_string(text) ||
                     memchr(json_string_value(text), '\0', json_string_length(text))) {
-                    snprintf(msg, msg_len, "messages[%zu].content[%zu]: 'text' must be a string",
-                             i, k);
+                    ad_err_set(err, -EINVAL, "messages[%zu].content[%zu]: 'text' must be a string",
+                               i, k);
                     free(s.p);
                     goto einval;
                 }
@@ -621,8 +626,8 @@ static int read_msgs(json_t *messages, struct msg **ret, size_t *ret_n, char *ms
                 put(&s, json_string_value(text));
             }
         } else {
-            snprintf(msg, msg_len, "messages[%zu]: content must be a string or a list of text "
-                     "parts", i);
+            ad_err_set(err, -EINVAL, "messages[%zu]: content must be a string or a list of text "
+                       "parts", i);
             goto einval;
         }
         if (s.oom) {
@@ -644,18 +649,29 @@ einval:
  * Rendering, one function per template family. Each follows its template statement by
  * statement; a raise_exception of the template is a -EINVAL refusal with its reason. */
 
+/* What follows the last message: the generation prompt (add_generation_prompt = true), what the
+ * template prints with add_generation_prompt = false, or nothing at all (for ad_chat_segments: a
+ * template that prints its generation prompt whatever the flag says still ends the turn before
+ * it). Only LLAMA3_ALWAYS tells the last two apart. */
+enum gen { GEN_PROMPT, GEN_NO_PROMPT, GEN_NOTHING };
+
 struct chat {
-    struct sbuf out;
+    enum variant v;
+    char *dflt; /* ChatML's built-in system prompt, or NULL */
+    bool gemma_bos; /* Gemma's template prints bos_token */
     struct msg *m;
-    size_t n;
+    size_t n_all; /* messages read */
     const char *bos, *eos;
-    char *msg;
-    size_t msg_len;
+    struct ad_err *err;
+    /* one rendering: */
+    struct sbuf out;
+    size_t n; /* the first n messages */
+    enum gen gen;
 };
 
 static int refuse(struct chat *c, const char *why)
 {
-    snprintf(c->msg, c->msg_len, "the model's chat template refuses this conversation: %s", why);
+    ad_err_set(c->err, -EINVAL, "the model's chat template refuses this conversation: %s", why);
     return -EINVAL;
 }
 
@@ -682,7 +698,8 @@ static int render_chatml(struct chat *c, const char *dflt)
         put(&c->out, c->m[i].text);
         put(&c->out, "<|im_end|>\n");
     }
-    put(&c->out, "<|im_start|>assistant\n");
+    if (c->gen == GEN_PROMPT)
+        put(&c->out, "<|im_start|>assistant\n");
     return 0;
 }
 
@@ -746,7 +763,8 @@ static int render_qwen3(struct chat *c)
         putn(&c->out, s + ca, cb - ca);
         put(&c->out, "<|im_end|>\n");
     }
-    put(&c->out, "<|im_start|>assistant\n");
+    if (c->gen == GEN_PROMPT)
+        put(&c->out, "<|im_start|>assistant\n");
     return 0;
 }
 
@@ -761,7 +779,8 @@ static int render_llama3(struct chat *c)
         put_stripped(&c->out, c->m[i].text, NULL, true, true);
         put(&c->out, "<|eot_id|>");
     }
-    put(&c->out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    if (c->gen == GEN_PROMPT || (c->v == LLAMA3_ALWAYS && c->gen == GEN_NO_PROMPT))
+        put(&c->out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
     return 0;
 }
 
@@ -849,7 +868,8 @@ static int render_zephyr(struct chat *c)
         put(&c->out, c->eos);
         put(&c->out, "\n");
     }
-    put(&c->out, "<|assistant|>\n");
+    if (c->gen == GEN_PROMPT)
+        put(&c->out, "<|assistant|>\n");
     return 0;
 }
 
@@ -868,7 +888,7 @@ static int render_gemma(struct chat *c, enum variant v, bool bos)
         if (c->m[0].parts) {
             json_t *text = json_object_get(json_array_get(c->m[0].parts, 0), "text");
             if (!text) {
-                snprintf(c->msg, c->msg_len, "messages[0]: the system content is an empty list");
+                ad_err_set(c->err, -EINVAL, "messages[0]: the system content is an empty list");
                 return -EINVAL;
             }
             put(&prefix, json_string_value(text));
@@ -895,7 +915,7 @@ static int render_gemma(struct chat *c, enum variant v, bool bos)
         }
         put(&c->out, "<end_of_turn>\n");
     }
-    if (rc == 0)
+    if (rc == 0 && c->gen == GEN_PROMPT)
         put(&c->out, "<start_of_turn>model\n");
     rc = rc == 0 && prefix.oom ? -ENOMEM : rc;
     free(prefix.p);
@@ -903,91 +923,203 @@ static int render_gemma(struct chat *c, enum variant v, bool bos)
 }
 
 /* ==========================================================================================
- * chat_render */
+ * Rendering: the template is recognised and the messages read once, then any prefix of the
+ * conversation is rendered with any ending. */
 
-int chat_render(const char *tmpl, const char *bos, const char *eos, json_t *messages, char **ret,
-                char *msg, size_t msg_len)
+static void chat_fini(struct chat *c)
 {
-    struct chat c = {.bos = bos ? bos : "", .eos = eos ? eos : "", .msg = msg, .msg_len = msg_len};
-    char *t = normalize(tmpl, false), *dflt = NULL;
-    enum variant v = N_VARIANTS;
+    free(c->out.p);
+    free_msgs(c->m, c->n_all);
+    free(c->dflt);
+}
+
+static int chat_init(struct chat *c, const char *tmpl, const char *bos, const char *eos,
+                     const json_t *messages, struct ad_err *err)
+{
+    char *t = normalize(tmpl, false);
     int rc = t ? 0 : -ENOMEM;
 
+    *c = (struct chat){.v = N_VARIANTS, .bos = bos ? bos : "", .eos = eos ? eos : "", .err = err};
     for (int k = 0; rc == 0 && k < N_VARIANTS; k++) {
         rc = matches(t, (enum variant)k);
         if (rc > 0) {
-            v = (enum variant)k;
+            c->v = (enum variant)k;
             rc = 0;
             break;
         }
     }
-    if (rc == 0 && v == CHATML && chatml_default_system(t, &dflt) < 0)
+    if (rc == 0 && c->v == CHATML && chatml_default_system(t, &c->dflt) < 0)
         rc = -ENOMEM;
-    if (rc == 0 && v == CHATML && !dflt && (count(t, "{{") != 2 || strstr(t, "system")))
-        v = N_VARIANTS; /* a system prompt adapterd did not find */
-    if (rc >= 0 && v == N_VARIANTS) {
+    if (rc == 0 && c->v == CHATML && !c->dflt && (count(t, "{{") != 2 || strstr(t, "system")))
+        c->v = N_VARIANTS; /* a system prompt adapterd did not find */
+    if (rc == 0 && c->v == N_VARIANTS) {
         const char *family = NULL;
         for (size_t k = 0; k < sizeof(families) / sizeof(families[0]) && !family; k++)
             if (strstr(tmpl, families[k].marker))
                 family = families[k].family;
         if (family)
-            snprintf(msg, msg_len, "the model's chat template is not supported: it looks like a "
-                     "%s template, but not one of the variants adapterd renders exactly; use "
-                     "/v1/completions with a prompt formatted by the client", family);
+            rc = ad_err_set(err, -ENOTSUP, "the model's chat template is not supported: it looks "
+                            "like a %s template, but not one of the variants adapterd renders "
+                            "exactly", family);
         else
-            snprintf(msg, msg_len, "the model's chat template is not supported: adapterd "
-                     "renders ChatML, Llama 2, Llama 3, Mistral, Zephyr and Gemma templates; use "
-                     "/v1/completions with a prompt formatted by the client");
-        rc = -ENOTSUP;
+            rc = ad_err_set(err, -ENOTSUP, "the model's chat template is not supported: adapterd "
+                            "renders ChatML, Llama 2, Llama 3, Mistral, Zephyr and Gemma "
+                            "templates");
     }
+    c->gemma_bos = t && strstr(t, "{{bos_token}}") != NULL;
+    free(t);
     if (rc == 0)
-        rc = read_msgs(messages, &c.m, &c.n, msg, msg_len);
-    if (rc == 0) {
-        switch (v) {
-        case CHATML:
-            rc = render_chatml(&c, dflt);
-            break;
-        case QWEN3:
-            rc = render_qwen3(&c);
-            break;
-        case LLAMA3:
-            rc = render_llama3(&c);
-            break;
-        case LLAMA2:
-            rc = render_llama2(&c);
-            break;
-        case MISTRAL_V01:
-        case MISTRAL_V02:
-        case MISTRAL_V1SYS:
-        case MISTRAL_V3:
-            rc = render_mistral(&c, v);
-            break;
-        case ZEPHYR:
-            rc = render_zephyr(&c);
-            break;
-        case GEMMA:
-        case GEMMA3:
-            rc = render_gemma(&c, v, strstr(t, "{{bos_token}}") != NULL);
-            break;
-        case N_VARIANTS:
-            break;
-        }
-    }
-    if (rc == 0 && (c.out.oom || !c.out.p)) {
-        if (!c.out.oom) {
-            put(&c.out, ""); /* an empty rendering (Llama 2 with only a system message) */
-        }
-        rc = c.out.oom ? -ENOMEM : 0;
-    }
+        rc = read_msgs(messages, &c->m, &c->n_all, err);
     if (rc == -ENOMEM)
-        snprintf(msg, msg_len, "out of memory");
+        ad_err_set(err, -ENOMEM, "out of memory");
+    return rc;
+}
+
+/* Renders the first n messages (1 <= n <= c->n_all) into c->out, replacing what it held. */
+static int chat_run(struct chat *c, size_t n, enum gen gen)
+{
+    int rc = 0;
+
+    c->out.len = 0;
+    c->out.oom = false;
+    put(&c->out, ""); /* an empty rendering is "" (Llama 2 with only a system message) */
+    c->n = n;
+    c->gen = gen;
+    switch (c->v) {
+    case CHATML:
+        rc = render_chatml(c, c->dflt);
+        break;
+    case QWEN3:
+        rc = render_qwen3(c);
+        break;
+    case LLAMA3:
+    case LLAMA3_ALWAYS:
+        rc = render_llama3(c);
+        break;
+    case LLAMA2:
+        rc = render_llama2(c);
+        break;
+    case MISTRAL_V01:
+    case MISTRAL_V02:
+    case MISTRAL_V1SYS:
+    case MISTRAL_V3:
+        rc = render_mistral(c, c->v);
+        break;
+    case ZEPHYR:
+        rc = render_zephyr(c);
+        break;
+    case GEMMA:
+    case GEMMA3:
+        rc = render_gemma(c, c->v, c->gemma_bos);
+        break;
+    case N_VARIANTS:
+        assert(!"chat_run without a template");
+        break;
+    }
+    if (rc == 0 && c->out.oom)
+        rc = -ENOMEM;
+    if (rc == -ENOMEM)
+        ad_err_set(c->err, -ENOMEM, "out of memory");
+    return rc;
+}
+
+/* ==========================================================================================
+ * ad_chat_render */
+
+int ad_chat_render(const char *tmpl, const char *bos, const char *eos,
+                   const struct json_t *messages, bool add_generation_prompt, char **ret_text,
+                   struct ad_err *err)
+{
+    struct chat c;
+    int rc = chat_init(&c, tmpl, bos, eos, messages, err);
+
+    if (rc == 0)
+        rc = chat_run(&c, c.n_all, add_generation_prompt ? GEN_PROMPT : GEN_NO_PROMPT);
     if (rc == 0) {
-        *ret = c.out.p;
+        *ret_text = c.out.p;
         c.out.p = NULL;
     }
-    free(c.out.p);
-    free_msgs(c.m, c.n);
-    free(dflt);
-    free(t);
+    chat_fini(&c);
+    return rc;
+}
+
+/* ==========================================================================================
+ * ad_chat_segments. For assistant message k, p = the first k messages rendered with the
+ * generation prompt (what a server gives the model before it answers) and q = the first k + 1
+ * rendered without one: the turn is q less its prefix p, i.e. what the model writes, ended by what
+ * the template writes to close the turn (<|im_end|>\n, <|eot_id|>, </s>, <end_of_turn>\n),
+ * never the next turn's header. q must be a prefix of the whole rendering and p of q; a template
+ * that renders earlier turns differently once later ones follow (Qwen3 drops the <think> block of
+ * all but the last turns, Mistral v0.3 moves the system prompt into the last user turn) cannot
+ * mark them this way and is refused rather than guessed at. */
+
+static int cannot_mark(struct ad_err *err, size_t k, const char *why)
+{
+    return ad_err_set(err, -ENOTSUP, "the chat template cannot mark assistant turns: "
+                      "messages[%zu]: %s", k, why);
+}
+
+int ad_chat_segments(const char *tmpl, const char *bos, const char *eos,
+                     const struct json_t *messages, char **ret_text,
+                     struct ad_chat_turn **ret_turns, size_t *ret_n_turns, struct ad_err *err)
+{
+    struct chat c;
+    struct ad_chat_turn *turns = NULL;
+    char *all = NULL;
+    size_t n_all = 0, n_turns = 0, end = 0;
+    int rc = chat_init(&c, tmpl, bos, eos, messages, err);
+
+    if (rc == 0)
+        rc = chat_run(&c, c.n_all, GEN_NO_PROMPT);
+    if (rc == 0) {
+        all = c.out.p;
+        n_all = c.out.len;
+        c.out = (struct sbuf){0};
+        for (size_t k = 0; k < c.n_all; k++)
+            n_turns += c.m[k].role == ASSISTANT;
+        turns = calloc(n_turns ? n_turns : 1, sizeof(*turns));
+        if (!turns)
+            rc = ad_err_set(err, -ENOMEM, "out of memory");
+        n_turns = 0;
+    }
+    for (size_t k = 0; rc == 0 && k < c.n_all; k++) {
+        size_t p_len;
+        if (c.m[k].role != ASSISTANT)
+            continue;
+        if (k == 0) {
+            rc = cannot_mark(err, k, "an assistant turn with no message before it");
+            break;
+        }
+        rc = chat_run(&c, k, GEN_PROMPT);
+        if (rc < 0)
+            break;
+        p_len = c.out.len;
+        if (p_len < end || p_len > n_all || memcmp(c.out.p, all, p_len)) {
+            rc = cannot_mark(err, k, "the conversation up to it, with the generation prompt, "
+                             "does not begin the whole rendering");
+            break;
+        }
+        rc = chat_run(&c, k + 1, GEN_NOTHING);
+        if (rc < 0)
+            break;
+        if (c.out.len < p_len || c.out.len > n_all || memcmp(c.out.p, all, c.out.len)) {
+            rc = cannot_mark(err, k, "the conversation up to its end does not begin the whole "
+                             "rendering (the template renders it differently once later "
+                             "messages follow)");
+            break;
+        }
+        end = c.out.len;
+        turns[n_turns++] = (struct ad_chat_turn){.message = k, .start = p_len, .end = end};
+    }
+    if (rc == 0) {
+        *ret_text = all;
+        *ret_turns = turns;
+        *ret_n_turns = n_turns;
+        all = NULL;
+        turns = NULL;
+    }
+    free(all);
+    free(turns);
+    chat_fini(&c);
     return rc;
 }
