@@ -1,6 +1,5 @@
 /* Adapter lifetime (references), mixes (composition rules), and the hooks the forward pass
  * calls for each group of rows: they dispatch to each kind's maths. */
-#include <cblas.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,13 +34,8 @@ struct ad_adapter *ad_adapter_unref(struct ad_adapter *a)
 
 const char *ad_adapter_kind_name(enum ad_adapter_kind k)
 {
-    static const char *const names[AD_ADAPTER_KIND_COUNT] = {
-        [AD_ADAPTER_LORA] = "lora",     [AD_ADAPTER_IA3] = "ia3",
-        [AD_ADAPTER_PREFIX] = "prefix", [AD_ADAPTER_PROMPT] = "prompt",
-        [AD_ADAPTER_BIAS] = "bias",     [AD_ADAPTER_BOTTLENECK] = "bottleneck",
-        [AD_ADAPTER_SPARSE] = "sparse",
-    };
-    return (unsigned)k < AD_ADAPTER_KIND_COUNT ? names[k] : "?";
+    const struct kind_ops *ops = ad_kind_ops(k);
+    return ops ? ops->name : "?";
 }
 
 /* ==========================================================================================
@@ -145,81 +139,7 @@ static bool hook_site_pre(const void *ctx, const struct ad_site *s, float *x, in
 {
     const struct ad_mix *mix = ctx;
     const struct ad_site_delta *d = mix->n == 1 ? delta_of(mix->a[0], s) : NULL;
-    if (!d || !d->ia3_in)
-        return false;
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < s->n_in; j++)
-            x[(size_t)i * ldx + j] *= d->ia3_in[j];
-    return true;
-}
-
-/* The bias in effect at a site for this adapter: the replacement, else the base's (or NULL). */
-static const float *bias_of(const struct ad_site_delta *d)
-{
-    return d->b_new ? d->b_new : d->site->b;
-}
-
-/* y = x w_new^T + b for a replaced module. */
-static void replaced(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
-                     int n)
-{
-    const struct ad_site *s = d->site;
-    const float *b = bias_of(d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
-                d->w_new, s->n_in, 0.0f, y, ldy);
-    for (int i = 0; b && i < n; i++)
-        for (int j = 0; j < s->n_out; j++)
-            y[(size_t)i * ldy + j] += b[j];
-}
-
-/* y += b_new - b: the base's bias swapped for the replacement. */
-static void swap_bias(const struct ad_site_delta *d, float *y, int ldy, int n)
-{
-    const struct ad_site *s = d->site;
-    for (int i = 0; i < n; i++) {
-        float *row = y + (size_t)i * ldy;
-        for (int j = 0; j < s->n_out; j++)
-            row[j] += d->b_new[j] - (s->b ? s->b[j] : 0.0f);
-    }
-}
-
-/* DoRA, on y = W x + b_base: y = k (W x + scale B A x) + b, b the bias in effect. PEFT
- * (lora/dora.py, DoraLinearLayer.forward) subtracts base_layer.bias, which under bias="all" is
- * the replacement, and adds it back unscaled; here the base's bias is what y holds. */
-static void dora(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
-                 int ldy, int n, float *tmp, size_t tmp_len)
-{
-    const struct ad_site *s = d->site;
-    const float *b = bias_of(d);
-    for (int i = 0; s->b && i < n; i++)
-        for (int j = 0; j < s->n_out; j++)
-            y[(size_t)i * ldy + j] -= s->b[j];
-    ad_lora_apply(d, weight, x, ldx, y, ldy, n, tmp, tmp_len);
-    for (int i = 0; i < n; i++) {
-        float *row = y + (size_t)i * ldy;
-        for (int j = 0; j < s->n_out; j++)
-            row[j] = row[j] * d->dora_k[j] + (b ? b[j] : 0.0f);
-    }
-}
-
-/* y += ((l - 1) * x) W^T: IA3 input scaling when x is shared with other sites. */
-static void ia3_in_delta(const struct ad_site_delta *d, const float *x, int ldx, float *y,
-                         int ldy, int n, float *tmp, size_t tmp_len)
-{
-    const struct ad_site *s = d->site;
-    int block = (int)(tmp_len / (size_t)s->n_in);
-    for (int r0 = 0; r0 < n; r0 += block) {
-        int nb = n - r0 < block ? n - r0 : block;
-        for (int i = 0; i < nb; i++)
-            for (int j = 0; j < s->n_in; j++)
-                tmp[(size_t)i * s->n_in + j] = x[(size_t)(r0 + i) * ldx + j] * (d->ia3_in[j] - 1);
-        if (s->w_in_out)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, s->n_out, s->n_in, 1.0f,
-                        tmp, s->n_in, s->w, s->n_out, 1.0f, y + (size_t)r0 * ldy, ldy);
-        else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, s->n_in, 1.0f,
-                        tmp, s->n_in, s->w, s->n_in, 1.0f, y + (size_t)r0 * ldy, ldy);
-    }
+    return d && d->ia3_in && ad_ia3_in_apply(d, x, ldx, n);
 }
 
 static void hook_site_post(const void *ctx, const struct ad_site *s, const float *x, int ldx,
@@ -231,20 +151,19 @@ static void hook_site_post(const void *ctx, const struct ad_site *s, const float
         if (!d)
             continue;
         if (d->w_new)
-            replaced(d, x, ldx, y, ldy, n);
+            ad_replaced_apply(d, x, ldx, y, ldy, n);
         else if (d->dora_k)
-            dora(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+            ad_dora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
         else if (d->b_new)
-            swap_bias(d, y, ldy, n);
+            ad_bias_swap(d, y, ldy, n);
         if (d->lora.a && !d->dora_k)
             ad_lora_apply(d, mix->w[k], x, ldx, y, ldy, n, tmp, tmp_len);
+        if (d->ia3_in && !x_scaled)
+            ad_ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
+        if (d->ia3_out)
+            ad_ia3_out_apply(d, y, ldy, n);
         if (d->sparse.nnz)
             ad_sparse_apply(d, x, ldx, y, ldy, n);
-        if (d->ia3_in && !x_scaled)
-            ia3_in_delta(d, x, ldx, y, ldy, n, tmp, tmp_len);
-        for (int i = 0; d->ia3_out && i < n; i++)
-            for (int j = 0; j < s->n_out; j++)
-                y[(size_t)i * ldy + j] *= d->ia3_out[j];
     }
 }
 

@@ -3,6 +3,7 @@
  * module path, "base_model.model.<module>.bias" ([out] for a linear, [hidden] for a LayerNorm).
  * A linear without a base bias (Llama) gets the bias added. The same tensors in a LoRA file
  * saved with bias="all" are read by the same code (peft_io.c, ctx_replacement). */
+#include <cblas.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +11,7 @@
 
 #include "internal.h"
 
-int ad_bias_load(struct load_ctx *c)
+static int ad_bias_load(struct load_ctx *c)
 {
     for (size_t i = 0; i < ad_st_n_tensors(c->st); i++) {
         const struct ad_tensor *t = ad_st_tensor(c->st, i);
@@ -22,6 +23,36 @@ int ad_bias_load(struct load_ctx *c)
                               "'<module>.bias' tensors of the model's modules", t->name);
     }
     return 0;
+}
+
+/* ==========================================================================================
+ * Serving: replaced biases and modules (bias sets, bias="all", modules_to_save) */
+
+const float *ad_bias_of(const struct ad_site_delta *d)
+{
+    return d->b_new ? d->b_new : d->site->b;
+}
+
+void ad_replaced_apply(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                       int n)
+{
+    const struct ad_site *s = d->site;
+    const float *b = ad_bias_of(d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, s->n_out, s->n_in, 1.0f, x, ldx,
+                d->w_new, s->n_in, 0.0f, y, ldy);
+    for (int i = 0; b && i < n; i++)
+        for (int j = 0; j < s->n_out; j++)
+            y[(size_t)i * ldy + j] += b[j];
+}
+
+void ad_bias_swap(const struct ad_site_delta *d, float *y, int ldy, int n)
+{
+    const struct ad_site *s = d->site;
+    for (int i = 0; i < n; i++) {
+        float *row = y + (size_t)i * ldy;
+        for (int j = 0; j < s->n_out; j++)
+            row[j] += d->b_new[j] - (s->b ? s->b[j] : 0.0f);
+    }
 }
 
 /* ==========================================================================================
@@ -172,9 +203,17 @@ static int bias_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids, 
     return 0;
 }
 
-const struct train_kind ad_bias_train = {
+static const struct train_kind ad_bias_train = {
     .kind = AD_ADAPTER_BIAS,
     .init = bias_t_init,
     .hooks = &bias_train_hooks,
     .free = bias_t_free,
+};
+
+const struct kind_ops ad_bias_ops = {
+    .kind = AD_ADAPTER_BIAS,
+    .name = "bias",
+    .peft_types = {"BITFIT"},
+    .load = ad_bias_load,
+    .train = &ad_bias_train,
 };

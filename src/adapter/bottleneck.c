@@ -117,7 +117,7 @@ static int parse_key(struct load_ctx *c, const char *key, int *layer, bool *attn
     return 0;
 }
 
-int ad_bottleneck_load(struct load_ctx *c)
+static int ad_bottleneck_load(struct load_ctx *c)
 {
     json_t *bc = json_object_get(c->cfg, "config");
     bool versioned = json_is_string(json_object_get(c->cfg, "version"));
@@ -481,9 +481,17 @@ static int bn_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids, in
     return 0;
 }
 
-const struct train_kind ad_bottleneck_train = {
+static const struct train_kind ad_bottleneck_train = {
     .kind = AD_ADAPTER_BOTTLENECK,
     .init = bn_t_init,
     .hooks = &bn_train_hooks,
     .free = bn_t_free,
+};
+
+const struct kind_ops ad_bottleneck_ops = {
+    .kind = AD_ADAPTER_BOTTLENECK,
+    .name = "bottleneck",
+    .peft_types = {"BOTTLENECK"},
+    .load = ad_bottleneck_load,
+    .train = &ad_bottleneck_train,
 };

@@ -1,5 +1,6 @@
 /* (IA)^3 (PEFT "IA3"): learned vectors that scale a module's output (bias included), or, for
  * feedforward_modules, its input. */
+#include <cblas.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +10,7 @@
 
 #define SUFFIX ".ia3_l"
 
-int ad_ia3_load(struct load_ctx *c)
+static int ad_ia3_load(struct load_ctx *c)
 {
     json_t *ff = json_object_get(c->cfg, "feedforward_modules");
     int r;
@@ -56,6 +57,43 @@ int ad_ia3_load(struct load_ctx *c)
         if (!c->used[i] && (r = ctx_replacement(c, ad_st_tensor(c->st, i))) < 0)
             return r;
     return 0;
+}
+
+/* ==========================================================================================
+ * Serving */
+
+bool ad_ia3_in_apply(const struct ad_site_delta *d, float *x, int ldx, int n)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < d->site->n_in; j++)
+            x[(size_t)i * ldx + j] *= d->ia3_in[j];
+    return true;
+}
+
+void ad_ia3_in_delta(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                     int n, float *tmp, size_t tmp_len)
+{
+    const struct ad_site *s = d->site;
+    int block = (int)(tmp_len / (size_t)s->n_in);
+    for (int r0 = 0; r0 < n; r0 += block) {
+        int nb = n - r0 < block ? n - r0 : block;
+        for (int i = 0; i < nb; i++)
+            for (int j = 0; j < s->n_in; j++)
+                tmp[(size_t)i * s->n_in + j] = x[(size_t)(r0 + i) * ldx + j] * (d->ia3_in[j] - 1);
+        if (s->w_in_out)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nb, s->n_out, s->n_in, 1.0f,
+                        tmp, s->n_in, s->w, s->n_out, 1.0f, y + (size_t)r0 * ldy, ldy);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, s->n_out, s->n_in, 1.0f,
+                        tmp, s->n_in, s->w, s->n_in, 1.0f, y + (size_t)r0 * ldy, ldy);
+    }
+}
+
+void ad_ia3_out_apply(const struct ad_site_delta *d, float *y, int ldy, int n)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < d->site->n_out; j++)
+            y[(size_t)i * ldy + j] *= d->ia3_out[j];
 }
 
 /* ==========================================================================================
@@ -213,9 +251,17 @@ static int ia3_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids, i
     return 0;
 }
 
-const struct train_kind ad_ia3_train = {
+static const struct train_kind ad_ia3_train = {
     .kind = AD_ADAPTER_IA3,
     .init = ia3_t_init,
     .hooks = &ia3_train_hooks,
     .free = ia3_t_free,
+};
+
+const struct kind_ops ad_ia3_ops = {
+    .kind = AD_ADAPTER_IA3,
+    .name = "ia3",
+    .peft_types = {"IA3"},
+    .load = ad_ia3_load,
+    .train = &ad_ia3_train,
 };

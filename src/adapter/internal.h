@@ -49,15 +49,47 @@ int ctx_targeted(json_t *targets, const char *module, bool dot_suffix, struct ad
 /* re.match(pattern, subject) (anchored at the start only) with PCRE2. 1, 0 or -EINVAL. */
 int ctx_regex_match(const char *pattern, const char *subject, bool full, struct ad_err *err);
 
-int ad_lora_load(struct load_ctx *c);
-int ad_ia3_load(struct load_ctx *c);
-int ad_prefix_load(struct load_ctx *c);
-int ad_prompt_load(struct load_ctx *c);
-int ad_bias_load(struct load_ctx *c);
-int ad_bottleneck_load(struct load_ctx *c);
-int ad_sparse_load(struct load_ctx *c);
+/* ==========================================================================================
+ * Kinds: each adapter kind's file defines its table (DESIGN.md's ops table). Serving's maths is
+ * per delta (a LoRA file may also carry replaced biases and modules): the functions below, each
+ * in its kind's file, which adapter.c's hooks call in PEFT's order. An adapter's bytes are
+ * counted as its tensors are allocated (ctx_alloc). */
 
-/* Hooks of each kind (the dispatch in adapter.c calls them). */
+struct train_kind;
+
+struct kind_ops {
+    enum ad_adapter_kind kind;
+    const char *name;             /* as the API shows it: "lora" */
+    const char *peft_types[3];    /* the peft_type values it reads (none: AdapterHub's config) */
+    int (*load)(struct load_ctx *c); /* loads and validates against the model */
+    const struct train_kind *train;  /* its training (trainable.c), or NULL */
+};
+
+extern const struct kind_ops ad_lora_ops, ad_ia3_ops, ad_prefix_ops, ad_prompt_ops, ad_bias_ops,
+    ad_bottleneck_ops, ad_sparse_ops;
+
+/* The kind an adapter_config.json object describes (its peft_type; AdapterHub's "config"
+ * object without one: a bottleneck; adapterd's training shorthand "BOTTLENECK"), or NULL. */
+const struct kind_ops *ad_kind_of_config(json_t *cfg);
+const struct kind_ops *ad_kind_ops(enum ad_adapter_kind k);
+
+/* Serving maths of each kind, at a site of n rows (adapter.c's hooks call them in PEFT's order).
+ * tmp holds tmp_len floats of work space. */
+/* bias.c: the bias in effect (the replacement, else the base's, or NULL); a replaced module
+ * y = x w_new^T + b; a swapped bias y += b_new - b_base */
+const float *ad_bias_of(const struct ad_site_delta *d);
+void ad_replaced_apply(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                       int n);
+void ad_bias_swap(const struct ad_site_delta *d, float *y, int ldy, int n);
+/* ia3.c: x *= l in place (an input no other site reads); y += ((l - 1) x) W^T (a shared input);
+ * y *= l */
+bool ad_ia3_in_apply(const struct ad_site_delta *d, float *x, int ldx, int n);
+void ad_ia3_in_delta(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
+                     int n, float *tmp, size_t tmp_len);
+void ad_ia3_out_apply(const struct ad_site_delta *d, float *y, int ldy, int n);
+/* lora.c: DoRA y = k (y - b_base + s B A x) + b */
+void ad_dora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
+                   int ldy, int n, float *tmp, size_t tmp_len);
 void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
                    int ldy, int n, float *tmp, size_t tmp_len);
 void ad_sparse_apply(const struct ad_site_delta *d, const float *x, int ldx, float *y, int ldy,
@@ -84,8 +116,6 @@ struct train_kind {
     void (*free)(void *priv);
 };
 
-extern const struct train_kind ad_lora_train, ad_ia3_train, ad_prefix_train, ad_prompt_train,
-    ad_bias_train, ad_bottleneck_train;
 
 /* The activation of a bottleneck adapter (bottleneck.c's, AD_BN_ACT_RELU or enum ad_act) and its
  * derivative. */

@@ -425,7 +425,26 @@ void ad_lora_apply(const struct ad_site_delta *d, float weight, const float *x, 
     }
 }
 
-int ad_lora_load(struct load_ctx *c)
+/* DoRA, on y = W x + b_base: y = k (W x + scale B A x) + b, b the bias in effect. PEFT
+ * (lora/dora.py, DoraLinearLayer.forward) subtracts base_layer.bias, which under bias="all" is
+ * the replacement, and adds it back unscaled; here the base's bias is what y holds. */
+void ad_dora_apply(const struct ad_site_delta *d, float weight, const float *x, int ldx, float *y,
+                   int ldy, int n, float *tmp, size_t tmp_len)
+{
+    const struct ad_site *s = d->site;
+    const float *b = ad_bias_of(d);
+    for (int i = 0; s->b && i < n; i++)
+        for (int j = 0; j < s->n_out; j++)
+            y[(size_t)i * ldy + j] -= s->b[j];
+    ad_lora_apply(d, weight, x, ldx, y, ldy, n, tmp, tmp_len);
+    for (int i = 0; i < n; i++) {
+        float *row = y + (size_t)i * ldy;
+        for (int j = 0; j < s->n_out; j++)
+            row[j] = row[j] * d->dora_k[j] + (b ? b[j] : 0.0f);
+    }
+}
+
+static int ad_lora_load(struct load_ctx *c)
 {
     struct arena ar = {0};
     int r = plan_arena(c, &ar);
@@ -863,9 +882,17 @@ static int lora_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids, 
     return 0;
 }
 
-const struct train_kind ad_lora_train = {
+static const struct train_kind ad_lora_train = {
     .kind = AD_ADAPTER_LORA,
     .init = lora_t_init,
     .hooks = &lora_train_hooks,
     .free = lora_t_free,
+};
+
+const struct kind_ops ad_lora_ops = {
+    .kind = AD_ADAPTER_LORA,
+    .name = "lora",
+    .peft_types = {"LORA"},
+    .load = ad_lora_load,
+    .train = &ad_lora_train,
 };

@@ -296,28 +296,41 @@ int ctx_targeted(json_t *targets, const char *module, bool dot_suffix, struct ad
 /* ==========================================================================================
  * Loading */
 
-static const struct {
-    const char *peft_type;
-    enum ad_adapter_kind kind;
-    int (*load)(struct load_ctx *c);
-} kinds[] = {
-    {"LORA", AD_ADAPTER_LORA, ad_lora_load},
-    {"IA3", AD_ADAPTER_IA3, ad_ia3_load},
-    {"PREFIX_TUNING", AD_ADAPTER_PREFIX, ad_prefix_load},
-    {"PROMPT_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
-    {"P_TUNING", AD_ADAPTER_PROMPT, ad_prompt_load},
-    {"BITFIT", AD_ADAPTER_BIAS, ad_bias_load},
-    {"SPARSE", AD_ADAPTER_SPARSE, ad_sparse_load},
+static const struct kind_ops *const all_kinds[] = {
+    &ad_lora_ops, &ad_ia3_ops, &ad_prefix_ops, &ad_prompt_ops, &ad_bias_ops, &ad_bottleneck_ops,
+    &ad_sparse_ops,
 };
+#define N_KINDS (sizeof(all_kinds) / sizeof(all_kinds[0]))
+
+const struct kind_ops *ad_kind_ops(enum ad_adapter_kind k)
+{
+    for (size_t i = 0; i < N_KINDS; i++)
+        if (all_kinds[i]->kind == k)
+            return all_kinds[i];
+    return NULL;
+}
+
+static const struct kind_ops *kind_of_type(const char *peft_type)
+{
+    for (size_t i = 0; i < N_KINDS; i++)
+        for (size_t j = 0; j < 3 && all_kinds[i]->peft_types[j]; j++)
+            if (!strcmp(peft_type, all_kinds[i]->peft_types[j]))
+                return all_kinds[i];
+    return NULL;
+}
+
+const struct kind_ops *ad_kind_of_config(json_t *cfg)
+{
+    const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
+    if (pt)
+        return kind_of_type(pt);
+    return json_is_object(json_object_get(cfg, "config")) ? &ad_bottleneck_ops : NULL;
+}
 
 enum ad_adapter_kind ad_adapter_config_kind(const char *peft_type)
 {
-    if (!peft_type)
-        return AD_ADAPTER_BOTTLENECK; /* AdapterHub's config has no peft_type */
-    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
-        if (!strcmp(peft_type, kinds[i].peft_type))
-            return kinds[i].kind;
-    return AD_ADAPTER_KIND_COUNT;
+    const struct kind_ops *k = peft_type ? kind_of_type(peft_type) : &ad_bottleneck_ops;
+    return k && (peft_type == NULL || k != &ad_bottleneck_ops) ? k->kind : AD_ADAPTER_KIND_COUNT;
 }
 
 int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const void *weights,
@@ -358,25 +371,17 @@ int ad_adapter_load_mem(const struct ad_model *m, const char *config_json, const
     snprintf(c.a->name, sizeof(c.a->name), "%s", name);
 
     json_t *pt = json_object_get(root, "peft_type");
-    json_t *hub = json_object_get(root, "config");
-    if (json_is_string(pt)) {
-        size_t i;
-        for (i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
-            if (!strcmp(json_string_value(pt), kinds[i].peft_type))
-                break;
-        if (i == sizeof(kinds) / sizeof(kinds[0])) {
-            r = ad_err_set(err, -ENOTSUP, "adapter_config.json: peft_type '%.40s' is not "
-                           "supported (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, "
-                           "BITFIT, SPARSE)", json_string_value(pt));
-            goto out;
-        }
-        c.a->kind = kinds[i].kind;
+    const struct kind_ops *k = ad_kind_of_config(root);
+    if (k == &ad_bottleneck_ops && json_is_string(pt))
+        k = NULL; /* adapterd's training shorthand: the saved file is AdapterHub's */
+    if (k) {
+        c.a->kind = k->kind;
         c.cfg = root;
-        r = kinds[i].load(&c);
-    } else if (json_is_object(hub)) {
-        c.a->kind = AD_ADAPTER_BOTTLENECK;
-        c.cfg = root;
-        r = ad_bottleneck_load(&c);
+        r = k->load(&c);
+    } else if (json_is_string(pt)) {
+        r = ad_err_set(err, -ENOTSUP, "adapter_config.json: peft_type '%.40s' is not "
+                       "supported (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, BITFIT, "
+                       "SPARSE)", json_string_value(pt));
     } else {
         r = ad_err_set(err, -EINVAL, "adapter_config.json: neither a PEFT config ('peft_type') "
                        "nor an AdapterHub config ('config')");

@@ -11,7 +11,7 @@
 
 #include "internal.h"
 
-int ad_prefix_load(struct load_ctx *c)
+static int ad_prefix_load(struct load_ctx *c)
 {
     const struct ad_model_config *mc = &c->m->cfg;
     int kvd = mc->n_kv_head * mc->head_dim, L = mc->n_layer, r;
@@ -281,7 +281,7 @@ static int prefix_t_saved(struct ad_trainable *t, struct ad_st_entry *e, size_t 
     return 1;
 }
 
-const struct train_kind ad_prefix_train = {
+static const struct train_kind ad_prefix_train = {
     .kind = AD_ADAPTER_PREFIX,
     .init = prefix_t_init,
     .hooks = &prefix_train_hooks,
@@ -289,4 +289,12 @@ const struct train_kind ad_prefix_train = {
     .finish = prefix_t_finish,
     .saved = prefix_t_saved,
     .free = prefix_t_free,
+};
+
+const struct kind_ops ad_prefix_ops = {
+    .kind = AD_ADAPTER_PREFIX,
+    .name = "prefix",
+    .peft_types = {"PREFIX_TUNING"},
+    .load = ad_prefix_load,
+    .train = &ad_prefix_train,
 };

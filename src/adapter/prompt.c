@@ -7,7 +7,7 @@
 
 #include "internal.h"
 
-int ad_prompt_load(struct load_ctx *c)
+static int ad_prompt_load(struct load_ctx *c)
 {
     json_t *nv = json_object_get(c->cfg, "num_virtual_tokens");
     json_t *sub = json_object_get(c->cfg, "num_transformer_submodules");
@@ -124,9 +124,17 @@ static int prompt_t_init(struct ad_trainable *t, json_t *cfg, const int32_t *ids
     return 0;
 }
 
-const struct train_kind ad_prompt_train = {
+static const struct train_kind ad_prompt_train = {
     .kind = AD_ADAPTER_PROMPT,
     .init = prompt_t_init,
     .hooks = &prompt_train_hooks,
     .free = free,
+};
+
+const struct kind_ops ad_prompt_ops = {
+    .kind = AD_ADAPTER_PROMPT,
+    .name = "prompt",
+    .peft_types = {"PROMPT_TUNING", "P_TUNING"},
+    .load = ad_prompt_load,
+    .train = &ad_prompt_train,
 };

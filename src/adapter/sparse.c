@@ -86,7 +86,7 @@ static int load_site(struct load_ctx *c, const struct ad_tensor *ti, const char 
     return 0;
 }
 
-int ad_sparse_load(struct load_ctx *c)
+static int ad_sparse_load(struct load_ctx *c)
 {
     int r;
     for (size_t i = 0; i < ad_st_n_tensors(c->st); i++) {
@@ -123,3 +123,11 @@ void ad_sparse_apply(const struct ad_site_delta *d, const float *x, int ldx, flo
         }
     }
 }
+
+const struct kind_ops ad_sparse_ops = {
+    .kind = AD_ADAPTER_SPARSE,
+    .name = "sparse",
+    .peft_types = {"SPARSE"},
+    .load = ad_sparse_load,
+    .train = NULL,
+};

@@ -10,19 +10,6 @@
 
 #include "internal.h"
 
-static const struct {
-    const char *peft_type; /* NULL: an AdapterHub bottleneck config */
-    const struct train_kind *kind;
-} kinds[] = {
-    {"LORA", &ad_lora_train},
-    {"IA3", &ad_ia3_train},
-    {"PREFIX_TUNING", &ad_prefix_train},
-    {"PROMPT_TUNING", &ad_prompt_train},
-    {"BITFIT", &ad_bias_train},
-    {"BOTTLENECK", &ad_bottleneck_train}, /* adapterd's shorthand for an AdapterHub config */
-    {NULL, &ad_bottleneck_train},
-};
-
 /* ==========================================================================================
  * Parameters */
 
@@ -124,12 +111,8 @@ static int by_name(const void *a, const void *b)
 
 static const struct train_kind *kind_of(json_t *cfg)
 {
-    const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
-    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
-        if (kinds[i].peft_type ? pt && !strcmp(pt, kinds[i].peft_type)
-                               : !pt && json_is_object(json_object_get(cfg, "config")))
-            return kinds[i].kind;
-    return NULL;
+    const struct kind_ops *k = ad_kind_of_config(cfg);
+    return k ? k->train : NULL;
 }
 
 int ad_trainable_new(const struct ad_model *m, const char *config_json, uint64_t seed,
