@@ -100,6 +100,8 @@ struct ad_train_opts {
     size_t activation_bytes;    /* memory for a training pass's activations (0: 512 MiB) */
     int eval_every;             /* steps between evaluations (0: once per epoch) */
     bool save_bf16;             /* full fine-tuning: save the model in bf16 (else f32) */
+    bool full_as_adapter;       /* full fine-tuning: save an adapter that replaces every weight
+                                 * (the "SPARSE" layout, served beside others) */
 };
 
 /* Sets the defaults: 1 epoch, batch 8, accumulation 1, lr 2e-4 (1e-5 for full fine-tuning),

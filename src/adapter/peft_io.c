@@ -162,13 +162,20 @@ int ctx_replacement(struct load_ctx *c, const struct ad_tensor *t)
         if (is_bias ? d->b_new != NULL : d->w_new != NULL) /* ".bias" and ".base_layer.bias" */
             return ad_err_set(c->err, -EINVAL, "tensor '%s': module '%s' has a replacement %s "
                               "twice", t->name, module, is_bias ? "bias" : "weight");
-        if (is_bias)
+        if (is_bias) {
             r = ctx_f32(c, t, s->n_out, 0, &d->b_new);
-        else if (s->w_in_out) /* stored as the base stores it: [in, out] */
-            r = ad_err_set(c->err, -ENOTSUP, "tensor '%s': replacing a Conv1D weight "
-                           "(modules_to_save) is not supported", t->name);
-        else
+        } else if (s->w_in_out) { /* stored as the base stores it, [in, out]: held [out, in] */
+            float *w;
+            r = ctx_f32(c, t, s->n_in, s->n_out, &w);
+            d->w_new = r >= 0 ? ctx_alloc(c, (size_t)s->n_in * (size_t)s->n_out) : NULL;
+            if (r >= 0 && !d->w_new)
+                r = ad_err_set(c->err, -ENOMEM, "out of memory");
+            for (int i = 0; r >= 0 && i < s->n_in; i++)
+                for (int o = 0; o < s->n_out; o++)
+                    d->w_new[(size_t)o * s->n_in + i] = w[(size_t)i * s->n_out + o];
+        } else {
             r = ctx_f32(c, t, s->n_out, s->n_in, &d->w_new);
+        }
         return r < 0 ? r : 1;
     }
 

@@ -103,8 +103,9 @@ static int save_full(struct ad_trainer *t, const char *dir, struct ad_err *err)
 
 /* Child-tuning of the full model: the weights that moved, as a sparse delta against the base
  * (linears), and the tensors child-tuning never masks (embeddings, norms) and the biases as
- * replacements (README: sparse deltas). */
-static int save_sparse(struct ad_trainer *t, const char *dir, struct ad_err *err)
+ * replacements (README: sparse deltas); dense: every tensor as a replacement (full fine-tuning
+ * served as an adapter). */
+static int save_sparse(struct ad_trainer *t, const char *dir, bool dense, struct ad_err *err)
 {
     struct ad_model_tensor *now, *was;
     int n = ad_model_tensors(t->own, NULL, &now), nb = ad_model_tensors(t->base, NULL, &was);
@@ -117,7 +118,7 @@ static int save_sparse(struct ad_trainer *t, const char *dir, struct ad_err *err
         r = ad_err_set(err, -ENOMEM, "out of memory");
     for (int i = 0; r >= 0 && i < n; i++) {
         const struct ad_model_tensor *a = &now[i], *b = &was[i];
-        if (a->norm || a->bias || a->embedding) { /* never masked: replacements */
+        if (dense || a->norm || a->bias || a->embedding) { /* replacements */
             snprintf(names[ne], sizeof(names[0]), "base_model.model.%s", a->name);
             e[ne] = (struct ad_st_entry){.name = names[ne], .dtype = AD_DTYPE_F32,
                                          .n_dims = a->n_dims, .shape = {a->shape[0], a->shape[1]},
@@ -162,9 +163,10 @@ static int save_sparse(struct ad_trainer *t, const char *dir, struct ad_err *err
     if (r >= 0) {
         char cfg[512];
         snprintf(cfg, sizeof(cfg), "{\n  \"base_model_name_or_path\": \"%s\",\n  \"child_tuning\":"
-                 " \"%s\",\n  \"inference_mode\": true,\n  \"peft_type\": \"SPARSE\",\n  "
+                 " %s,\n  \"inference_mode\": true,\n  \"peft_type\": \"SPARSE\",\n  "
                  "\"reserve_p\": %g,\n  \"task_type\": \"CAUSAL_LM\"\n}", t->base->id,
-                 t->o.child == AD_CHILD_D ? "D" : "F", t->o.reserve_p);
+                 t->o.child == AD_CHILD_D ? "\"D\"" : t->o.child == AD_CHILD_F ? "\"F\"" : "null",
+                 t->o.reserve_p);
         snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
         r = ad_write_file(path, cfg, strlen(cfg));
         if (r < 0)
@@ -184,8 +186,8 @@ int ad_trainer_save(struct ad_trainer *t, const char *dir, struct ad_err *err)
 {
     if (t->ad)
         return ad_trainable_save(t->ad, dir, err);
-    if (t->o.child != AD_CHILD_NONE)
-        return save_sparse(t, dir, err);
+    if (t->o.child != AD_CHILD_NONE || t->o.full_as_adapter)
+        return save_sparse(t, dir, t->o.child == AD_CHILD_NONE, err);
     return save_full(t, dir, err);
 }
 

@@ -153,6 +153,59 @@ static void run_steps(struct ad_trainer *t, int n)
             die("step", &err);
 }
 
+/* The trainer's loss on d equals the loss serving computes with what it saved. */
+static void check_served(const struct ad_model *m, struct ad_trainer *t,
+                         const struct ad_dataset *d)
+{
+    struct ad_err err;
+    double trained;
+    char dir[] = "/tmp/adapterd-served-XXXXXX";
+    if (ad_trainer_eval(t, &trained, &err) < 0)
+        die("eval", &err);
+    if (!mkdtemp(dir) || ad_trainer_save(t, dir, &err) < 0)
+        die("save", &err);
+    struct ad_adapter *a;
+    if (ad_adapter_load(m, dir, "trained", 0, &a, &err) < 0)
+        die("loading the saved adapter", &err);
+    double sum = 0;
+    size_t count = 0;
+    for (size_t s = 0; s < d->n; s++) {
+        const struct ad_example *e = &d->ex[s];
+        int nv = a->n_virtual, rows = nv + e->n_tokens;
+        int32_t *ids = malloc((size_t)rows * sizeof(int32_t));
+        for (int i = 0; i < nv; i++)
+            ids[i] = -1 - i;
+        memcpy(ids + nv, e->tokens, (size_t)e->n_tokens * sizeof(int32_t));
+        struct ad_kv kv;
+        struct ad_kv_seq seq = {0};
+        struct ad_mix mix = {.n = 1, .a = {a}, .w = {1}};
+        struct ad_chunk ch = {&seq, ids, rows, true, &mix};
+        float *lg = malloc((size_t)rows * (size_t)m->cfg.n_vocab * sizeof(float));
+        struct ad_scratch *sc = ad_scratch_new();
+        if (ad_kv_init(&kv, &m->cfg, 16, 16) < 0 ||
+            ad_model_forward(m, &kv, &ch, 1, &ad_mix_hooks, sc, lg, &err) < 0)
+            die("serving the saved adapter", &err);
+        for (int i = 0; i < e->n_tokens; i++)
+            if (e->targets[i] >= 0) {
+                float *row = lg + (size_t)(nv + i) * m->cfg.n_vocab;
+                ad_log_softmax(row, m->cfg.n_vocab, row);
+                sum -= row[e->targets[i]];
+                count++;
+            }
+        free(lg);
+        free(ids);
+        ad_scratch_free(sc);
+        ad_kv_seq_release(&kv, &seq);
+        ad_kv_fini(&kv);
+    }
+    double served = sum / (double)count;
+    if (fabs(served - trained) > 1e-5 * fabs(trained))
+        FAIL("served loss %.9g, trained %.9g", served, trained);
+    printf("  served   %.2e of the trained loss\n", fabs(served - trained) / fabs(trained));
+    ad_adapter_unref(a);
+    ad_rm_rf(dir);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -228,7 +281,9 @@ int main(int argc, char **argv)
     ad_st_close(ref);
     ad_trainer_free(t);
 
-    /* five AdamW steps */
+    /* five AdamW steps; then what is saved is served: the trained loss through serving's
+     * forward pass with the saved adapter (full fine-tuning: as an adapter that replaces every
+     * weight, GPT-2's Conv1D ones too) */
     json_t *aw = json_object_get(c, "adamw");
     ad_train_opts_default(&o);
     o.batch_size = (int)d->n;
@@ -243,12 +298,14 @@ int main(int argc, char **argv)
     o.max_grad_norm = json_number_value(json_object_get(aw, "max_grad_norm"));
     o.schedule = AD_SCHED_COSINE;
     int steps = (int)json_integer_value(json_object_get(aw, "steps"));
+    o.full_as_adapter = true;
     t = trainer_for(m, cfg, d, &o);
     p = ad_trainer_params(t, &n);
     run_steps(t, steps);
     ref = open_st("adamw5.safetensors");
     compare(p, n, false, ref, param_tol, "adamw5");
     ad_st_close(ref);
+    check_served(m, t, d);
     ad_trainer_free(t);
 
     /* child-tuning */
