@@ -26,6 +26,7 @@
 #include "adapterd/http.h"
 #include "adapterd/model.h"
 #include "adapterd/registry.h"
+#include "adapterd/train.h"
 #include "adapterd/tokenizer.h"
 #include "adapterd/util.h"
 
@@ -59,6 +60,10 @@ struct config {
     long idle_timeout_s;
     long max_tokens_default;
     long shutdown_grace_s;
+    char state_dir[PATH_MAX];
+    long train_threads;
+    long train_activation_mb;
+    long max_train_file_mb;
 };
 
 enum opt_type { OPT_STR, OPT_LONG };
@@ -132,6 +137,16 @@ static const struct option_def {
      "max_tokens of a completion that gives none", NULL},
     {"shutdown_grace_s", OPT_LONG, S(shutdown_grace_s), 0, 3600, "30", false,
      "on SIGTERM, how long requests in flight may take before they are cancelled", NULL},
+    {"state_dir", OPT_STR, S(state_dir), 0, 0, "state", false,
+     "fine-tuning's files, jobs and checkpoints; created if missing (empty: no fine-tuning, "
+     "its routes answer 503)", NULL},
+    {"train_threads", OPT_LONG, S(train_threads), 0, 256, "0", false,
+     "threads of a fine-tuning job (0: one per core); they run at idle priority, on what "
+     "serving leaves", NULL},
+    {"train_activation_mb", OPT_LONG, S(train_activation_mb), 16, 1 << 20, "512", false,
+     "memory for a training pass's activations; a larger batch runs as several passes", NULL},
+    {"max_train_file_mb", OPT_LONG, S(max_train_file_mb), 1, 1 << 20, "1024", false,
+     "largest training file (POST /v1/files)", NULL},
 #undef S
 };
 #define N_OPTIONS (sizeof(options) / sizeof(options[0]))
@@ -282,6 +297,7 @@ struct daemon {
     struct ad_tokenizer *tok;
     struct ad_registry *registry;
     struct ad_engine *engine;
+    struct ad_jobs *jobs;
     struct ad_http *http;
 };
 
@@ -549,8 +565,20 @@ int main(int argc, char **argv)
         goto out;
     }
 
+    if (d.cfg.state_dir[0]) {
+        struct ad_jobs_config jc = {.state_dir = d.cfg.state_dir, .model = d.model,
+                                    .model_dir = d.cfg.model, .tok = d.tok,
+                                    .registry = d.registry, .threads = (int)d.cfg.train_threads,
+                                    .activation_bytes = (size_t)d.cfg.train_activation_mb << 20,
+                                    .max_file_bytes = (size_t)d.cfg.max_train_file_mb << 20};
+        if (ad_jobs_new(&jc, &d.jobs, &err) < 0) {
+            log_error("%s", err.msg);
+            goto out;
+        }
+    }
+
     struct ad_http_deps deps = {.model = d.model, .tok = d.tok, .registry = d.registry,
-                                .engine = d.engine};
+                                .engine = d.engine, .jobs = d.jobs};
     ad_http_serve(d.http, &deps);
     log_info("serving: %d KV blocks of %ld tokens, %ld sequences at most", ec.kv_blocks,
              d.cfg.kv_block_size, d.cfg.max_seqs);
@@ -603,6 +631,7 @@ int main(int argc, char **argv)
     log_info("stopped");
 out:
     ad_http_stop(d.http, 0);
+    ad_jobs_free(d.jobs); /* a running job checkpoints, to resume at the next start */
     ad_engine_free(d.engine);
     ad_registry_free(d.registry);
     ad_tokenizer_free(d.tok);

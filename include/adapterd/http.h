@@ -14,6 +14,7 @@ struct ad_model;
 struct ad_registry;
 struct ad_tokenizer;
 struct ad_http;
+struct ad_jobs;
 
 struct ad_http_config {
     const char *host;      /* numeric IPv4/IPv6 address to listen on */
@@ -40,6 +41,7 @@ struct ad_http_deps {
     const struct ad_tokenizer *tok;
     struct ad_registry *registry;
     struct ad_engine *engine;
+    struct ad_jobs *jobs; /* NULL: no fine-tuning (the routes answer 503) */
 };
 
 /* Listens and answers. deps NULL: loading, every route but /health answers 503 until

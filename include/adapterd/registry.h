@@ -77,5 +77,7 @@ struct ad_registry_info {
 
 /* A snapshot of every registered adapter, sorted by name (caller frees *ret). */
 int ad_registry_list(struct ad_registry *r, struct ad_registry_info **ret, size_t *ret_n);
+/* The adapters directory (borrowed, valid for the registry's life). */
+const char *ad_registry_dir(const struct ad_registry *r);
 /* Bytes of resident adapters now. */
 size_t ad_registry_resident_bytes(struct ad_registry *r);

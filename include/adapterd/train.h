@@ -167,3 +167,94 @@ int ad_trainer_resume(struct ad_trainer *t, const char *dir, struct ad_err *err)
  * tools. */
 struct ad_param;
 const struct ad_param *ad_trainer_params(const struct ad_trainer *t, int *ret_n);
+
+/* ==========================================================================================
+ * Fine-tuning jobs (jobs.c): OpenAI's files and fine-tuning jobs over the trainer, persisted in a
+ * state directory and run one at a time, in order, by one worker thread at idle CPU priority
+ * (SCHED_IDLE: its threads run only when serving's do not want the cores).
+ *
+ *   <state>/files/file-ID.jsonl, file-ID.json     a training file and its object
+ *   <state>/jobs/ftjob-ID/job.json                the job object (written atomically)
+ *   <state>/jobs/ftjob-ID/events.jsonl            its events, one per line
+ *   <state>/jobs/ftjob-ID/checkpoints/step-N/     checkpoints (ad_trainer_checkpoint)
+ *
+ * A succeeded job installs its adapter in the registry under fine_tuned_model (its suffix, or
+ * ft-<job id>); each checkpoint is served as <fine_tuned_model>-step-N. Objects are OpenAI's JSON
+ * (file, fine_tuning.job, fine_tuning.job.event, fine_tuning.job.checkpoint); the functions
+ * returning one give a new reference. Every function is thread-safe. */
+
+struct ad_registry;
+struct ad_jobs;
+struct json_t;
+
+struct ad_jobs_config {
+    const char *state_dir;
+    const struct ad_model *model;  /* the base (borrowed) */
+    const char *model_dir;         /* its directory */
+    const struct ad_tokenizer *tok;
+    struct ad_registry *registry;  /* where results are installed */
+    int threads;                   /* of the worker's passes (0: every core) */
+    size_t activation_bytes;       /* of a training pass (0: 512 MiB) */
+    size_t max_file_bytes;         /* largest training file */
+};
+
+/* Opens (creating) the state: files and jobs are as they were; a job that was running resumes
+ * from its last checkpoint, queued ones wait; leftovers of interrupted writes are removed. Starts
+ * the worker. Returns 0 or -errno. */
+int ad_jobs_new(const struct ad_jobs_config *cfg, struct ad_jobs **ret, struct ad_err *err);
+/* Stops the worker (a running job checkpoints first and stays "running", to resume at the next
+ * start) and frees. */
+void ad_jobs_free(struct ad_jobs *j);
+
+/* A file upload, streamed: begin, write chunks (each complete line is checked as it arrives:
+ * ad_data_check_line), then finish (the file object) or abort. A bad line, or more than
+ * max_file_bytes, fails the write with -EINVAL (err "line N: reason") / -E2BIG. */
+struct ad_file_upload;
+int ad_files_begin(struct ad_jobs *j, const char *filename, struct ad_file_upload **ret,
+                   struct ad_err *err);
+int ad_files_write(struct ad_file_upload *u, const void *data, size_t len, struct ad_err *err);
+int ad_files_finish(struct ad_file_upload *u, const char *purpose, struct json_t **ret,
+                    struct ad_err *err);
+void ad_files_abort(struct ad_file_upload *u);
+int ad_files_list(struct ad_jobs *j, struct json_t **ret);
+int ad_files_get(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
+/* The path of a file's content into buf. Returns 0 or -ENOENT. */
+int ad_files_path(struct ad_jobs *j, const char *id, char *buf, size_t size, struct ad_err *err);
+/* Deletes a file (refused, -EBUSY, while a queued or running job uses it). */
+int ad_files_delete(struct ad_jobs *j, const char *id, struct ad_err *err);
+
+/* Creates a job from an OpenAI create-job request body (borrowed): validates every field (an
+ * unknown or wrong one: -EINVAL naming it), the files, the model (the base's id or an adapter to
+ * continue), and queues it. Returns 0 and the job object. */
+int ad_jobs_create(struct ad_jobs *j, struct json_t *req, struct json_t **ret, struct ad_err *err);
+/* Jobs newest first, after the job `after` (NULL: from the newest), at most limit. */
+int ad_jobs_list(struct ad_jobs *j, const char *after, int limit, struct json_t **ret,
+                 struct ad_err *err);
+int ad_jobs_get(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
+/* Events newest first, after the event `after`, at most limit ({"object": "list", "data",
+ * "has_more"}). */
+int ad_jobs_events(struct ad_jobs *j, const char *id, const char *after, int limit,
+                   struct json_t **ret, struct ad_err *err);
+/* Events from the seq-th (0-based, oldest first) on, in order, into *ret (a new array); waits up
+ * to timeout seconds for one when there is none. *ret_done: the job has ended (no more will
+ * come). */
+int ad_jobs_follow(struct ad_jobs *j, const char *id, size_t seq, double timeout,
+                   struct json_t **ret, bool *ret_done, struct ad_err *err);
+int ad_jobs_checkpoints(struct ad_jobs *j, const char *id, const char *after, int limit,
+                        struct json_t **ret, struct ad_err *err);
+/* cancel (frees what the job held: its checkpoints and their adapters), pause (checkpoints and
+ * stops; resume puts it back in the queue). Return the job object; -EINVAL when the job's
+ * status does not allow it. */
+int ad_jobs_cancel(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
+int ad_jobs_pause(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
+int ad_jobs_resume(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
+
+struct ad_jobs_stats {
+    int by_status[8]; /* validating_files, queued, running, paused, succeeded, failed, cancelled */
+    double tokens_per_s; /* of the running job, 0 without one */
+    double loss;         /* the running job's last step loss, NaN without one */
+    uint64_t trained_tokens; /* over every job */
+};
+void ad_jobs_stats(struct ad_jobs *j, struct ad_jobs_stats *ret);
+/* The status names, in by_status order. */
+extern const char *const ad_job_status_names[7];

@@ -626,3 +626,8 @@ size_t ad_registry_resident_bytes(struct ad_registry *r)
     pthread_mutex_unlock(&r->lock);
     return n;
 }
+
+const char *ad_registry_dir(const struct ad_registry *r)
+{
+    return r->dir;
+}

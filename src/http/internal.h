@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "adapterd/http.h"
+#include "adapterd/train.h"
 #include "adapterd/util.h"
 
 #define N_LATENCY_BUCKETS 12
@@ -74,6 +75,10 @@ struct conn {
     bool has_config, has_weights, weights_hub;
     int upload_rc;
     struct ad_err upload_err;
+
+    /* POST /v1/files: the training file, streamed to the jobs module */
+    struct ad_file_upload *fup;
+    char purpose[32];
 };
 
 /* Responses. The error body is {"error": {"message", "type", "code"}}. */
@@ -102,9 +107,16 @@ enum MHD_Result route_adapter_put(struct conn *c, const char *name);
 enum MHD_Result route_vllm_load(struct conn *c);
 enum MHD_Result route_vllm_unload(struct conn *c);
 
-/* Multipart upload plumbing (adapters.c): called with each chunk of a PUT body. */
+/* Fine-tuning (finetune.c): /v1/files... and /v1/fine_tuning/jobs...; an adapter's files. */
+enum MHD_Result route_finetune(struct conn *c, const char *url, const char *method);
+enum MHD_Result route_adapter_file(struct conn *c, const char *name, const char *file);
+
+/* Multipart upload plumbing (routes.c; finetune.c for training files): called with each chunk
+ * of a PUT /v1/adapters/{name} (POST /v1/files) body. upload_abort ends either. */
 int upload_begin(struct conn *c, struct ad_err *err);
+int files_upload_begin(struct conn *c, struct ad_err *err);
 void upload_abort(struct conn *c);
+void files_upload_abort(struct conn *c);
 
 /* Connections (conns.c). conns_notify is libmicrohttpd's NOTIFY_CONNECTION callback; the others
  * say where a request is: its headers are in (the body may follow), it is being answered, it is

@@ -133,6 +133,25 @@ enum MHD_Result route_metrics(struct conn *c)
             (unsigned long long)st.preemptions, (unsigned long long)st.prefix_queries,
             (unsigned long long)st.prefix_hits, st.kv_blocks_cached,
             ad_registry_resident_bytes(h->deps.registry));
+    if (h->deps.jobs) {
+        struct ad_jobs_stats js;
+        ad_jobs_stats(h->deps.jobs, &js);
+        fprintf(f, "# HELP adapterd_finetune_jobs Fine-tuning jobs by status.\n"
+                   "# TYPE adapterd_finetune_jobs gauge\n");
+        for (int k = 0; k < 7; k++)
+            fprintf(f, "adapterd_finetune_jobs{status=\"%s\"} %d\n", ad_job_status_names[k],
+                    js.by_status[k]);
+        fprintf(f, "# HELP adapterd_finetune_tokens_per_second The running job's training "
+                   "throughput (0 without one).\n# TYPE adapterd_finetune_tokens_per_second gauge\n"
+                   "adapterd_finetune_tokens_per_second %.1f\n"
+                   "# TYPE adapterd_finetune_trained_tokens_total counter\n"
+                   "adapterd_finetune_trained_tokens_total %llu\n",
+                js.tokens_per_s, (unsigned long long)js.trained_tokens);
+        if (js.loss == js.loss)
+            fprintf(f, "# HELP adapterd_finetune_loss The running job's last training loss.\n"
+                       "# TYPE adapterd_finetune_loss gauge\nadapterd_finetune_loss %.6f\n",
+                    js.loss);
+    }
     fclose(f);
     struct MHD_Response *r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
     if (!r) {
@@ -339,6 +358,7 @@ int upload_begin(struct conn *c, struct ad_err *err)
 
 void upload_abort(struct conn *c)
 {
+    files_upload_abort(c);
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;

@@ -244,7 +244,8 @@ static bool is_admin_route(const char *method, const char *url)
 {
     return (!strncmp(url, "/v1/adapters/", 13) && strcmp(method, "GET")) ||
            !strcmp(url, "/v1/load_lora_adapter") || !strcmp(url, "/v1/unload_lora_adapter") ||
-           !strncmp(url, "/v1/fine_tuning", 15) || !strcmp(url, "/v1/files");
+           !strncmp(url, "/v1/fine_tuning", 15) || !strcmp(url, "/v1/files") ||
+           !strncmp(url, "/v1/files/", 10);
 }
 
 /* 0 when the request may go on, else 401 (no valid key) or 403 (not the admin key). */
@@ -288,6 +289,15 @@ static enum MHD_Result dispatch(struct conn *c, const char *url, const char *met
         return route_detokenize(c);
     if (!strcmp(url, "/v1/adapters") && get)
         return route_adapters_list(c);
+    if (!strncmp(url, "/v1/files", 9) || !strncmp(url, "/v1/fine_tuning/", 16))
+        return route_finetune(c, url, method);
+    if (!strncmp(url, "/v1/adapters/", 13) && strstr(url + 13, "/files/") && get) {
+        char name[80];
+        const char *files = strstr(url + 13, "/files/");
+        snprintf(name, sizeof(name), "%.*s", (int)(files - url - 13 < 79 ? files - url - 13 : 79),
+                 url + 13);
+        return route_adapter_file(c, name, files + 7);
+    }
     if (!strncmp(url, "/v1/adapters/", 13) && url[13]) {
         const char *name = url + 13;
         if (get)
@@ -327,11 +337,21 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
 
 /* Whether this request's body streams to disk (a multipart adapter upload) rather than to
  * memory. */
-static bool is_upload(struct conn *c, const char *method, const char *url)
+static bool is_multipart(struct conn *c)
 {
     const char *ct = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Content-Type");
-    return !strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && ct &&
-           !strncasecmp(ct, "multipart/form-data", 19);
+    return ct && !strncasecmp(ct, "multipart/form-data", 19);
+}
+
+static bool is_upload(struct conn *c, const char *method, const char *url)
+{
+    return !strcmp(method, "PUT") && !strncmp(url, "/v1/adapters/", 13) && is_multipart(c);
+}
+
+/* A training file's upload (POST /v1/files), streamed to the jobs module. */
+static bool is_file_upload(struct conn *c, const char *method, const char *url)
+{
+    return !strcmp(method, "POST") && !strcmp(url, "/v1/files") && is_multipart(c);
 }
 
 /* The answer to a request that has a body, decided from its headers before libmicrohttpd reads
@@ -366,7 +386,8 @@ static int early_answer(struct conn *c, const char *url, const char *method)
     }
     if (declared == 0 && !f.n_coding)
         return 0; /* no body: answered in the last call, the connection kept alive */
-    size_t limit = is_upload(c, method, url) ? h->cfg.max_upload : h->cfg.max_body;
+    size_t limit = is_upload(c, method, url) || is_file_upload(c, method, url)
+                       ? h->cfg.max_upload : h->cfg.max_body;
     if (declared > limit) {
         http_error(c, 413, "the request body (%llu bytes) is larger than the limit of %zu bytes",
                    declared, limit);
@@ -415,6 +436,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         if (is_upload(c, method, url) && auth_status(c, method, url) == 0 &&
             atomic_load(&h->ready) && ad_registry_name_ok(url + 13)) {
             if (upload_begin(c, &c->upload_err) < 0)
+                c->upload_rc = c->upload_err.code ? c->upload_err.code : -EIO;
+        }
+        if (is_file_upload(c, method, url) && auth_status(c, method, url) == 0 &&
+            atomic_load(&h->ready) && h->deps.jobs) {
+            if (files_upload_begin(c, &c->upload_err) < 0)
                 c->upload_rc = c->upload_err.code ? c->upload_err.code : -EIO;
         }
         return MHD_YES;
