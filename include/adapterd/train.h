@@ -24,7 +24,20 @@ struct ad_tokenizer;
  *                                            OpenAI's weight 0 leaves a turn out)
  *   {"text": "..."}                          loss on every token (and the EOS after it)
  * A line that is not one of these, or has wrong types, fails the whole file with its line number
- * and the reason; nothing is trained on a file that does not validate. */
+ * and the reason; nothing is trained on a file that does not validate.
+ *
+ * As TRL's SFTTrainer does (src/train/data.c says how, and where the tokens of the pieces and of
+ * the whole text differ): prompt/completion are prompt + completion encoded with the tokenizer's
+ * special tokens, then EOS unless the text ends with it already; "messages" is the chat
+ * template's rendering with add_generation_prompt = false (ad_chat_segments), no special tokens
+ * added, the loss on each assistant turn's content and what ends it (e.g. "<|im_end|>\n"), not
+ * its header; "text" is encoded with the special tokens, then EOS, the loss on all but the first
+ * token. Roles are system, user and assistant; content a non-empty string or a non-empty list of
+ * {"type": "text", "text"} parts; "weight" 0 or 1, on assistant messages only; a conversation
+ * needs an assistant message of weight 1; other keys of a line are ignored, but "tools" and tool
+ * calls are refused. A line is at most 1 MiB of valid UTF-8, a conversation at most 256
+ * messages, a file at most 1 GiB; a UTF-8 BOM at its start, CRLF line ends and blank lines are
+ * fine. */
 
 /* One tokenized example: tokens[i] predicts targets[i] (the next token, or -1: no loss). */
 struct ad_example {
@@ -38,22 +51,33 @@ struct ad_dataset {
     struct ad_example *ex;
     size_t n;
     size_t n_tokens, n_targets; /* over every example */
-    size_t n_truncated;         /* examples cut at max_seq_len */
+    size_t n_truncated;         /* examples cut at max_seq_len (at the right, as TRL's
+                                 * keep_start); one left with no target is dropped, and only
+                                 * counted here */
 };
 
 struct ad_data_opts {
-    int max_seq_len; /* examples are cut to this many tokens (> 0) */
-    bool packing;    /* concatenate examples (EOS between) into sequences of max_seq_len */
+    int max_seq_len; /* examples are cut to this many tokens (1 to 1 Mi) */
+    bool packing;    /* concatenate examples (each ends with its EOS or end of turn) into
+                      * sequences of exactly max_seq_len tokens, the last shorter; nothing is
+                      * cut. Each token keeps the target it has in its example alone (an
+                      * example's last token has none, so none crosses into the next example);
+                      * a sequence's last token may predict the next sequence's first. A sequence
+                      * with no target is left out. */
 };
 
-/* Checks one line of a JSONL training file: its shape and types (not its tokens). line_no is
- * the 1-based line number for the message. Returns 0, or -EINVAL with err "line N: reason".
- * Thread-safe. */
+/* Checks one line of a JSONL training file: its shape and types (not its tokens), as
+ * ad_dataset_load checks each; line (len bytes, need not be NUL-terminated) is without its line
+ * end, and a blank one (spaces, tabs, CR) is fine. line_no is the 1-based line number for the
+ * message. Returns 0, or -EINVAL with err "line N: reason" naming the field, e.g. "line 3:
+ * 'messages'[1].role must be system, user or assistant". Thread-safe. */
 int ad_data_check_line(const char *line, size_t len, size_t line_no, struct ad_err *err);
 
-/* Reads and tokenizes a JSONL file with tok (its chat template for "messages"). Returns 0 and a
- * new dataset, or -EINVAL (err: "line N: reason", or a template that cannot mark assistant
- * turns), -ENOENT, -ENOMEM. */
+/* Reads and tokenizes a JSONL file with tok (its chat template for "messages"): every line is
+ * checked first, so nothing is tokenized from a file with a bad line. Returns 0 and a new dataset
+ * (ad_dataset_free), or -EINVAL (err: "line N: reason", also for a chat template that is missing,
+ * refuses the conversation or cannot mark its assistant turns; a file without examples; no
+ * example with a target within max_seq_len), -ENOENT, -E2BIG (a file over 1 GiB), -ENOMEM. */
 int ad_dataset_load(const char *path, const struct ad_tokenizer *tok,
                     const struct ad_data_opts *opts, struct ad_dataset **ret,
                     struct ad_err *err);
