@@ -97,13 +97,17 @@ static enum MHD_Result files_create(struct conn *c)
         return http_error(c, 415, "upload the file as multipart/form-data: curl -F "
                           "purpose=fine-tune -F file=@train.jsonl");
     }
-    if (c->upload_rc < 0)
+    if (c->upload_rc < 0) { /* removed before the answer: no client sees a trace of it */
+        files_upload_abort(c);
         return http_error(c, c->upload_rc == -E2BIG ? 413 : http_status_of(c->upload_rc), "%s",
                           c->upload_err.msg);
+    }
     enum MHD_Result complete = MHD_destroy_post_processor(c->pp);
     c->pp = NULL;
-    if (complete != MHD_YES)
+    if (complete != MHD_YES) {
+        files_upload_abort(c);
         return http_error(c, 400, "the multipart body is incomplete (no closing boundary)");
+    }
     if (!c->fup)
         return http_error(c, 400, "the upload needs a part file=@train.jsonl");
     json_t *obj;

@@ -1312,15 +1312,17 @@ static void run_job(struct ad_jobs *j, struct job *jb)
             }
         }
     }
-    if (why == CANCEL) {
+    if (why == CANCEL) { /* the checkpoints go first: a cancelled job has none */
         pthread_mutex_lock(&j->lock);
         json_t *ckpts = json_incref(jb->checkpoints);
+        pthread_mutex_unlock(&j->lock);
+        drop_checkpoints(j, jb->id, ckpts);
+        json_decref(ckpts);
+        pthread_mutex_lock(&j->lock);
         jb->cancel = false;
         add_event(j, jb, "info", "The job was cancelled", NULL);
         set_status(j, jb, S_CANCELLED);
         pthread_mutex_unlock(&j->lock);
-        drop_checkpoints(j, jb->id, ckpts);
-        json_decref(ckpts);
         goto out;
     }
     if (why == PAUSE || why == STOP) {
@@ -1402,7 +1404,7 @@ static struct job *load_job(const char *dir, const char *id)
         json_decref(obj);
         return NULL;
     }
-    snprintf(jb->id, sizeof(jb->id), "%s", id);
+    snprintf(jb->id, sizeof(jb->id), "%.39s", id);
     jb->obj = obj;
     jb->loss = NAN;
     const char *st = json_string_value(json_object_get(obj, "status"));

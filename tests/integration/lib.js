@@ -61,9 +61,11 @@ function run(cmd, argv) {
         throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr}`);
 }
 
-function makeModel() {
-    run(MKMODEL, ['--vocab', '512', '--hidden', String(HIDDEN), '--layers', String(LAYERS),
-                  '--heads', '8', '--kv-heads', '4', '--ff', String(FF), '--ctx', String(CTX), MODEL]);
+/* The shared model; finetune.js asks for a smaller one (its jobs train it on both builds). */
+function makeModel({ hidden = HIDDEN, layers = LAYERS, heads = 8, kvHeads = 4, ff = FF, ctx = CTX } = {}) {
+    run(MKMODEL, ['--vocab', '512', '--hidden', String(hidden), '--layers', String(layers),
+                  '--heads', String(heads), '--kv-heads', String(kvHeads), '--ff', String(ff),
+                  '--ctx', String(ctx), MODEL]);
     const corpus = path.join(TMP, 'corpus.txt');
     const dir = '/usr/share/games/fortunes';
     fs.writeFileSync(corpus, ['computers', 'cookie', 'fortunes']
@@ -138,12 +140,15 @@ function makeLora(dir, { seed = 1, r = 4, scaleB = 1, outV = KV_DIM, alpha = 2 *
  * The daemon */
 
 class Daemon {
-    constructor(extra = [], { adapters } = {}) {
+    /* adapters, state: the directories of an earlier daemon's (a restart), else new ones */
+    constructor(extra = [], { adapters, state } = {}) {
         this.adapters = adapters || fs.mkdtempSync(path.join(TMP, 'adapters-'));
+        this.state = state || fs.mkdtempSync(path.join(TMP, 'state-'));
         this.log = '';
         this.proc = spawn(ADAPTERD, ['--model', MODEL, '--adapters', this.adapters,
                                      '--listen', '127.0.0.1:0', '--set', 'kv_cache_mb=64',
-                                     ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+                                     '--set', `state_dir=${this.state}`, ...extra],
+                          { stdio: ['ignore', 'pipe', 'pipe'] });
         const onData = (d) => { this.log += d.toString(); };
         this.proc.stdout.on('data', onData);
         this.proc.stderr.on('data', onData);
@@ -331,8 +336,8 @@ function writeAdapter(dir, config, tensors) {
 
 /* Runs tests ([{name, fn}], each given the shared daemon `d`, started here) in order, prints a
  * line each and the suite's total, and exits 1 if any failed. */
-async function runSuite(suite, tests, extra = []) {
-    makeModel();
+async function runSuite(suite, tests, extra = [], { model } = {}) {
+    makeModel(model);
     const d = await new Daemon(extra).ready();
     let passed = 0, failed = 0;
     for (const t of tests) {
@@ -496,5 +501,5 @@ module.exports = {
     assert, fs, os, path, spawn, spawnSync, OpenAI, Template, sleep, TMP, ADAPTERD, MODEL, HIDDEN,
     KV_DIM, LAYERS, CTX, CHATML, ONLY, makeModel, makeLora, makeIA3, makePrompt, makePrefix,
     makeBitfit, Daemon, assertError, readSSE, close, rng, safetensorsRaw, parseSafetensors,
-    runSuite, rawExchange, port, statuses, multipart, splitUpload, idleSockets, slowSender, health,
+    runSuite, opt, rawExchange, port, statuses, multipart, splitUpload, idleSockets, slowSender, health,
 };
