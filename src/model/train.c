@@ -13,8 +13,9 @@
  * base's output (IA3, DoRA) keep it too, and sub-layers with hooks keep their input.
  *
  * Threads: the scratch's pool, as in forward.c; every matrix product is one pool job of
- * single-threaded sgemm slices (gemm()), attention one item per (sequence, KV head). The hooks
- * run on the calling thread and reach the pool through ad_train_sgemm. */
+ * single-threaded sgemm slices (gemm()), attention one item per (sequence, KV head), the MLP's
+ * elementwise maths spans of its elements, the loss one item per row of a block. The hooks run
+ * on the calling thread and reach the pool through ad_train_sgemm. */
 #include <assert.h>
 #include <cblas.h>
 #include <errno.h>
@@ -407,7 +408,8 @@ struct pass {
     size_t tmp_len;
     float *att_tmp;      /* per thread: attention work space of att_len floats */
     size_t att_len;
-    float *prefix_g;     /* per thread: [2][n_prefix][KVd] prefix gradients of a layer */
+    float *prefix_g;     /* per sequence: [2][n_prefix][KVd] prefix gradients of a layer, summed
+                          * in sequence order (the same sums whatever thread ran which item) */
 };
 
 static bool hooked(const struct pass *p)
@@ -753,8 +755,8 @@ static void att_bwd_item(void *ctx, int item, int thread)
         memcpy(j->dv + (size_t)(r0 + t) * KVd + (size_t)kvh * hd, dvc + (size_t)(P + t) * hd,
                (size_t)hd * sizeof(float));
     }
-    if (P > 0) { /* this thread's share of the prefix gradients */
-        float *pg = p->prefix_g + (size_t)thread * 2 * (size_t)P * KVd;
+    if (P > 0) { /* this sequence's prefix gradients, its head's columns */
+        float *pg = p->prefix_g + (size_t)s * 2 * (size_t)P * KVd;
         for (int t = 0; t < P; t++)
             for (int i = 0; i < hd; i++) {
                 pg[(size_t)t * KVd + (size_t)kvh * hd + i] += dkc[(size_t)t * hd + i];
@@ -764,12 +766,72 @@ static void att_bwd_item(void *ctx, int item, int thread)
 }
 
 /* ==========================================================================================
- * Layers */
+ * The MLP's elementwise maths, on the pool: each item a contiguous span of the T * F elements,
+ * every element computed with the same expressions as in one loop, so the results do not
+ * depend on the threads */
 
-static int n_threads(const struct pass *p)
+struct act_job {
+    enum ad_act act;
+    size_t n;
+    int items;
+    const float *a, *b;  /* pre-activations: gate (or fc) and up (NULL: not gated) */
+    const float *dh;     /* backward: the gradient of h */
+    float *h, *da, *db;  /* forward: h; backward: the gradients of a and b */
+};
+
+static int act_items(const struct pass *p)
 {
-    return ad_pool_threads(p->pool);
+    int threads = ad_pool_threads(p->pool);
+    return threads > 1 ? 4 * threads : 1;
 }
+
+static void act_span(const struct act_job *j, int item, size_t *lo, size_t *hi)
+{
+    *lo = j->n * (size_t)item / (size_t)j->items / 16 * 16;
+    *hi = item + 1 == j->items ? j->n : j->n * (size_t)(item + 1) / (size_t)j->items / 16 * 16;
+}
+
+/* h = act(a) b, or act(a) */
+static void act_fwd_item(void *ctx, int item, int thread)
+{
+    const struct act_job *j = ctx;
+    size_t lo, hi;
+    (void)thread;
+    act_span(j, item, &lo, &hi);
+    for (size_t i = lo; i < hi; i++)
+        j->h[i] = j->b ? ad_act(j->act, j->a[i]) * j->b[i] : ad_act(j->act, j->a[i]);
+}
+
+static float act_grad(enum ad_act a, float x);
+
+/* da = dh b act'(a), db = dh act(a) (gated), or da = dh act'(a). SiLU shares its exp between
+ * act and act' (the same values as ad_act and act_grad compute). */
+static void act_bwd_item(void *ctx, int item, int thread)
+{
+    const struct act_job *j = ctx;
+    size_t lo, hi;
+    (void)thread;
+    act_span(j, item, &lo, &hi);
+    if (j->act == AD_ACT_SILU && j->b) {
+        for (size_t i = lo; i < hi; i++) {
+            float a = j->a[i], e = expf(-a), sg = 1.0f / (1.0f + e);
+            j->da[i] = j->dh[i] * j->b[i] * (sg * (1.0f + a * (1.0f - sg)));
+            j->db[i] = j->dh[i] * (a / (1.0f + e));
+        }
+    } else if (j->b) {
+        for (size_t i = lo; i < hi; i++) {
+            float a = j->a[i];
+            j->da[i] = j->dh[i] * j->b[i] * act_grad(j->act, a);
+            j->db[i] = j->dh[i] * ad_act(j->act, a);
+        }
+    } else {
+        for (size_t i = lo; i < hi; i++)
+            j->da[i] = j->dh[i] * act_grad(j->act, j->a[i]);
+    }
+}
+
+/* ==========================================================================================
+ * Layers */
 
 /* The layer's forward from t->x; writes its output (the next layer's input) to x_out. */
 static void layer_fwd(struct pass *p, int l, float *x_out)
@@ -826,16 +888,16 @@ static void layer_fwd(struct pass *p, int l, float *x_out)
     norm_params(p, l, AD_NORM_MLP, &w, &b);
     norm_fwd(p, w, b, t->xmid, xn, t->r2, t->m2);
     float *h = y + TE;
-    if (L->site[AD_ROLE_GATE]) {
+    bool gated = L->site[AD_ROLE_GATE] != NULL;
+    if (gated) {
         site_fwd(p, L->site[AD_ROLE_GATE], xn, E, t->pre_a, F, t->yb[AD_ROLE_GATE]);
         site_fwd(p, L->site[AD_ROLE_UP], xn, E, t->pre_b, F, t->yb[AD_ROLE_UP]);
-        for (size_t i = 0; i < (size_t)T * F; i++)
-            h[i] = ad_act(p->c->act, t->pre_a[i]) * t->pre_b[i];
     } else {
         site_fwd(p, L->site[AD_ROLE_UP], xn, E, t->pre_a, F, t->yb[AD_ROLE_UP]);
-        for (size_t i = 0; i < (size_t)T * F; i++)
-            h[i] = ad_act(p->c->act, t->pre_a[i]);
     }
+    struct act_job act = {.act = p->c->act, .n = (size_t)T * F, .items = act_items(p),
+                          .a = t->pre_a, .b = gated ? t->pre_b : NULL, .h = h};
+    ad_pool_run(p->pool, act.items, act_fwd_item, &act);
     site_fwd(p, L->site[AD_ROLE_DOWN], h, F, y, E, t->yb[AD_ROLE_DOWN]);
     if (t->y_in[1]) {
         memcpy(t->y_in[1], y, TE * sizeof(float));
@@ -896,23 +958,18 @@ static void layer_bwd(struct pass *p, int l, float *dx)
     norm_params(p, l, AD_NORM_MLP, &w, &b);
     norm_apply(p, w, b, t->xmid, t->r2, t->m2, xn);
     bool gated = L->site[AD_ROLE_GATE] != NULL;
-    for (size_t i = 0; i < TF; i++)
-        h[i] = gated ? ad_act(p->c->act, t->pre_a[i]) * t->pre_b[i] : ad_act(p->c->act, t->pre_a[i]);
+    struct act_job act = {.act = p->c->act, .n = TF, .items = act_items(p), .a = t->pre_a,
+                          .b = gated ? t->pre_b : NULL, .dh = dh, .h = h, .da = da, .db = db};
+    ad_pool_run(p->pool, act.items, act_fwd_item, &act); /* h again */
     memset(dh, 0, TF * sizeof(float));
     site_bwd(p, L->site[AD_ROLE_DOWN], h, F, t->yb[AD_ROLE_DOWN], dy, E, dh, F);
     float *dxn = dy; /* dy is spent: the gradient of the MLP's normed input */
     memset(dxn, 0, TE * sizeof(float));
+    ad_pool_run(p->pool, act.items, act_bwd_item, &act);
     if (gated) {
-        for (size_t i = 0; i < TF; i++) {
-            float a = t->pre_a[i];
-            da[i] = dh[i] * t->pre_b[i] * act_grad(p->c->act, a);
-            db[i] = dh[i] * ad_act(p->c->act, a);
-        }
         site_bwd(p, L->site[AD_ROLE_GATE], xn, E, t->yb[AD_ROLE_GATE], da, F, dxn, E);
         site_bwd(p, L->site[AD_ROLE_UP], xn, E, t->yb[AD_ROLE_UP], db, F, dxn, E);
     } else {
-        for (size_t i = 0; i < TF; i++)
-            da[i] = dh[i] * act_grad(p->c->act, t->pre_a[i]);
         site_bwd(p, L->site[AD_ROLE_UP], xn, E, t->yb[AD_ROLE_UP], da, F, dxn, E);
     }
     norm_backward(p, l, AD_NORM_MLP, t->xmid, t->r2, t->m2, dxn, dmid);
@@ -932,13 +989,13 @@ static void layer_bwd(struct pass *p, int l, float *dx)
     if (P) {
         aj.pk = p->h->prefix(p->ctx, l, 0);
         aj.pv = p->h->prefix(p->ctx, l, 1);
-        memset(p->prefix_g, 0, (size_t)n_threads(p) * 2 * P * KVd * sizeof(float));
+        memset(p->prefix_g, 0, (size_t)p->n_seq * 2 * P * KVd * sizeof(float));
     }
     ad_pool_run(p->pool, p->n_seq * p->c->n_kv_head, att_bwd_item, &aj);
     if (P && p->h->prefix_grad) {
-        for (int th = 1; th < n_threads(p); th++)
+        for (int s = 1; s < p->n_seq; s++)
             for (size_t i = 0; i < 2 * P * KVd; i++)
-                p->prefix_g[i] += p->prefix_g[(size_t)th * 2 * P * KVd + i];
+                p->prefix_g[i] += p->prefix_g[(size_t)s * 2 * P * KVd + i];
         p->h->prefix_grad(p->ctx, l, 0, p->prefix_g);
         p->h->prefix_grad(p->ctx, l, 1, p->prefix_g + P * KVd);
     }
@@ -977,6 +1034,39 @@ static void layer_bwd(struct pass *p, int l, float *dx)
 
 #define LOSS_ROWS 64
 
+/* One row of a loss block: its -log p(target) into terms[i], and (loss_scale != 0) the
+ * gradient of its logits in their place. A pool item per row. */
+struct loss_job {
+    float *logits;
+    const int32_t *tgt;
+    const int *rows;
+    double *terms;
+    int V;
+    float loss_scale;
+};
+
+static void loss_row_item(void *ctx, int i, int thread)
+{
+    const struct loss_job *j = ctx;
+    int V = j->V;
+    float *lg = j->logits + (size_t)i * V, mx = -INFINITY;
+    (void)thread;
+    for (int k = 0; k < V; k++)
+        mx = lg[k] > mx ? lg[k] : mx;
+    double sum = 0;
+    for (int k = 0; k < V; k++)
+        sum += exp((double)(lg[k] - mx));
+    int target = j->tgt[j->rows[i]];
+    j->terms[i] = (double)mx + log(sum) - (double)lg[target];
+    if (j->loss_scale == 0)
+        return;
+    /* d loss / d logits = scale (softmax - onehot) */
+    float inv = (float)(1.0 / sum);
+    for (int k = 0; k < V; k++)
+        lg[k] = j->loss_scale * expf(lg[k] - mx) * inv;
+    lg[target] -= j->loss_scale;
+}
+
 static void loss_pass(struct pass *p, float loss_scale, double *ret_loss, int64_t *ret_n,
                       float *dxf)
 {
@@ -1008,23 +1098,13 @@ static void loss_pass(struct pass *p, float loss_scale, double *ret_loss, int64_
         norm_fwd(&sub, w, b, x_rows, xn, rs, ms);
         sub.tmp = p->tmp; /* site_fwd's own copy of x, if it needs one */
         site_fwd(&sub, head, xn, E, logits, V, keep ? yb : NULL);
-        for (int i = 0; i < n; i++) {
-            float *lg = logits + (size_t)i * V, mx = -INFINITY;
-            for (int j = 0; j < V; j++)
-                mx = lg[j] > mx ? lg[j] : mx;
-            double sum = 0;
-            for (int j = 0; j < V; j++)
-                sum += exp((double)(lg[j] - mx));
-            int target = p->tgt[rows[i]];
-            *ret_loss += (double)mx + log(sum) - (double)lg[target];
+        double terms[LOSS_ROWS];
+        struct loss_job lj = {.logits = logits, .tgt = p->tgt, .rows = rows, .terms = terms,
+                              .V = V, .loss_scale = loss_scale};
+        ad_pool_run(p->pool, n, loss_row_item, &lj);
+        for (int i = 0; i < n; i++) { /* in row order, as one loop adds them */
+            *ret_loss += terms[i];
             (*ret_n)++;
-            if (loss_scale == 0)
-                continue;
-            /* d loss / d logits = scale (softmax - onehot) */
-            float inv = (float)(1.0 / sum);
-            for (int j = 0; j < V; j++)
-                lg[j] = loss_scale * expf(lg[j] - mx) * inv;
-            lg[target] -= loss_scale;
         }
         if (loss_scale == 0)
             continue;
@@ -1120,7 +1200,7 @@ static int setup(struct pass *p, const struct ad_train_batch *b, struct ad_train
         extra += sub ? 2 * T * E : 0;
     }
     size_t total = L * per_layer * T + extra + 2 * T * E + 3 * T * half + 2 * T + p->tmp_len +
-                   threads * p->att_len + threads * 2 * P * KVd + 64;
+                   threads * p->att_len + (size_t)b->n_seq * 2 * P * KVd + 64;
     if (total > ts->cap) {
         free(ts->buf);
         ts->buf = malloc(total * sizeof(float));
@@ -1173,7 +1253,7 @@ static int setup(struct pass *p, const struct ad_train_batch *b, struct ad_train
     p->mf = TAKE(T);
     p->tmp = TAKE(p->tmp_len);
     p->att_tmp = TAKE(threads * p->att_len);
-    p->prefix_g = TAKE(threads * 2 * P * KVd);
+    p->prefix_g = TAKE((size_t)b->n_seq * 2 * P * KVd);
 #undef TAKE
 
     int32_t *ib = ts->ibuf;
