@@ -129,10 +129,11 @@ int ad_trainable_new(const struct ad_model *m, const char *config_json, uint64_t
     const struct train_kind *k = kind_of(cfg);
     if (!k) {
         const char *pt = json_string_value(json_object_get(cfg, "peft_type"));
-        json_decref(cfg);
-        return ad_err_set(err, -ENOTSUP, "adapter config: peft_type '%.40s' cannot be trained "
-                          "(LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BITFIT, BOTTLENECK or an "
-                          "AdapterHub config)", pt ? pt : "(none)");
+        int r = ad_err_set(err, -ENOTSUP, "adapter config: peft_type '%.40s' cannot be trained "
+                           "(LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, BITFIT, BOTTLENECK or an "
+                           "AdapterHub config)", pt ? pt : "(none)");
+        json_decref(cfg); /* after: pt is cfg's */
+        return r;
     }
     struct ad_trainable *t = calloc(1, sizeof(*t));
     if (!t) {
