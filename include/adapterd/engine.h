@@ -34,6 +34,7 @@ struct ad_request_params {
     const int32_t *prompt;
     int n_prompt;
     int max_tokens;  /* tokens to generate; 0 allowed (echo/logprobs of the prompt only) */
+    bool max_tokens_fit; /* max_tokens is a default: cut to what the context leaves (>= 1) */
     int min_tokens;  /* EOS is not sampled before this many tokens */
     bool ignore_eos;
     float temperature;

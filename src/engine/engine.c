@@ -150,11 +150,15 @@ int ad_engine_submit(struct ad_engine *e, const struct ad_request_params *p, ad_
     if (mix.n && (rc = ad_mix_validate(&mix, err)) < 0)
         goto fail;
     int n_virtual = mix.n ? ad_mix_n_virtual(&mix) : 0, n_prefix = mix.n ? ad_mix_n_prefix(&mix) : 0;
-    long need = (long)n_prefix + n_virtual + p->n_prompt + p->max_tokens;
+    int max_tokens = p->max_tokens;
+    long room = (long)c->n_ctx_max - n_prefix - n_virtual - p->n_prompt;
+    if (p->max_tokens_fit && max_tokens > room && room >= 1)
+        max_tokens = (int)room;
+    long need = (long)n_prefix + n_virtual + p->n_prompt + max_tokens;
     if (need > c->n_ctx_max) {
         rc = ad_err_set(err, -E2BIG, "this model's maximum context length is %d tokens; the "
                         "request needs %ld (%d prompt + %d max_tokens%s)", c->n_ctx_max, need,
-                        p->n_prompt, p->max_tokens,
+                        p->n_prompt, max_tokens,
                         n_prefix + n_virtual ? " + the adapter's virtual tokens" : "");
         goto fail;
     }
@@ -167,7 +171,7 @@ int ad_engine_submit(struct ad_engine *e, const struct ad_request_params *p, ad_
 
     r = calloc(1, sizeof(*r));
     if (r) {
-        r->cap = n_virtual + p->n_prompt + p->max_tokens + 1;
+        r->cap = n_virtual + p->n_prompt + max_tokens + 1;
         r->tokens = malloc((size_t)r->cap * sizeof(int32_t));
     }
     if (!r || !r->tokens) {
@@ -184,7 +188,7 @@ int ad_engine_submit(struct ad_engine *e, const struct ad_request_params *p, ad_
     r->n_virtual = n_virtual;
     r->n_prompt = p->n_prompt;
     r->n_tokens = r->n_input = n_virtual + p->n_prompt;
-    r->max_tokens = p->max_tokens;
+    r->max_tokens = max_tokens;
     r->min_tokens = p->min_tokens;
     r->ignore_eos = p->ignore_eos;
     r->n_logprobs = p->n_logprobs;

@@ -518,6 +518,10 @@ static int parse(struct completion *cp, json_t *req, struct ad_request_params *b
                       msg_len)) < 0)
         return rc;
     base->max_tokens = (int)v;
+    /* none given: the default, or less where the context leaves less (as vLLM's) */
+    json_t *mt = json_object_get(req, "max_tokens"), *mct = json_object_get(req,
+                                                                       "max_completion_tokens");
+    base->max_tokens_fit = (!mt || json_is_null(mt)) && (!cp->chat || !mct || json_is_null(mct));
     if ((rc = get_number(req, "temperature", 0, 100, 1.0, &v, msg, msg_len)) < 0)
         return rc;
     base->temperature = (float)v;

@@ -398,6 +398,16 @@ test('errors: malformed, wrong types, unknown, too long, wrong route', async (d)
     assertError(await post({ model: 'model', prompt: long }), 400, new RegExp(String(CTX)));
     assertError(await post({ model: 'model', prompt: 'x', max_tokens: CTX * 2 }), 400,
                 new RegExp(String(CTX)));
+    // no max_tokens: the default (256), or what the context leaves when that is less
+    const near = Array.from({ length: CTX - 100 }, (_, i) => (i % 200) + 10);
+    for (const body of [{ prompt: near }, { prompt: near, max_tokens: null }]) {
+        const r = await post({ model: 'model', ...body, ignore_eos: true });
+        assert.equal(r.status, 200, r.text);
+        assert.equal(r.json.usage.completion_tokens, 100);
+        assert.equal(r.json.choices[0].finish_reason, 'length');
+    }
+    assertError(await post({ model: 'model', prompt: near, max_tokens: 101 }), 400,
+                new RegExp(String(CTX)));
     assertError(await d.api('POST', '/v1/chat/completions', { model: 'model', messages: 'hi' }), 400,
                 /messages/);
     assertError(await d.api('POST', '/v1/chat/completions',
