@@ -63,6 +63,7 @@ struct conn {
     char adapter[65];
     int n_tokens;
 
+    bool discard; /* the body is read and dropped (a small one of a request refused already) */
     char *body; /* JSON body (NUL-terminated) */
     size_t len, cap;
 

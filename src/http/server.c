@@ -354,13 +354,16 @@ static bool is_file_upload(struct conn *c, const char *method, const char *url)
     return !strcmp(method, "POST") && !strcmp(url, "/v1/files") && is_multipart(c);
 }
 
+#define SMALL_REFUSED_BODY (1u << 20)
+
 /* The answer to a request that has a body, decided from its headers before libmicrohttpd reads
  * the body or sends "100 Continue": framing that could be read two ways (RFC 9112 6.3: several
  * Content-Length headers, or one beside Transfer-Encoding, the ground of request smuggling
  * behind a proxy), a transfer coding other than chunked (501), a declared length above the
  * route's limit (413), a missing key (401/403), a model still loading (503). A response
  * queued in the first call closes the connection after it, and the body is never read.
- * Returns 0 when the request may go on, else the HTTP status it got. */
+ * Returns 0 when the request may go on, else the HTTP status it got. A missing key with a body
+ * of at most SMALL_REFUSED_BODY bytes is answered after the body, which is dropped. */
 static int early_answer(struct conn *c, const char *url, const char *method)
 {
     struct ad_http *h = c->h;
@@ -394,6 +397,12 @@ static int early_answer(struct conn *c, const char *url, const char *method)
         return 413;
     }
     int denied = auth_status(c, method, url);
+    if (denied && !f.n_coding && declared <= SMALL_REFUSED_BODY) {
+        /* read and dropped, then answered (dispatch): answered now, the connection would close
+         * with the body unread, and the client's TCP stack might lose the answer to the reset */
+        c->discard = true;
+        return 0;
+    }
     if (denied) {
         http_error(c, (unsigned)denied, denied == 401
                        ? "missing or wrong API key (Authorization: Bearer ...)"
@@ -453,6 +462,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
          * from here, so the connection is closed instead of reading on. */
         if ((c->pp ? c->uploaded : c->len) + n > (c->pp ? h->cfg.max_upload : h->cfg.max_body))
             return MHD_NO;
+        if (c->discard) {
+            c->len += n; /* counted against the limit, not kept */
+            return MHD_YES;
+        }
         if (c->pp) {
             c->uploaded += n;
             if (c->upload_rc == 0)
