@@ -52,6 +52,8 @@ static void usage(FILE *f)
             "  --config FILE           a PEFT adapter_config.json (LORA, IA3, PREFIX_TUNING,\n"
             "                          PROMPT_TUNING, BITFIT) or an AdapterHub bottleneck config\n"
             "  --full                  every weight of the model (OUT is a model directory)\n"
+            "  --as-adapter            with --full: OUT is an adapter replacing every weight\n"
+            "                          (served over the base, as the daemon's full jobs are)\n"
             "  --init-from DIR         start from an existing adapter's tensors\n"
             "  --child F|D             child-tuning (with --reserve-p, default 0.3)\n"
             "Hyperparameters (defaults as Hugging Face's Trainer where it has one):\n"
@@ -92,7 +94,7 @@ static int parse(int argc, char **argv, struct cli *c)
 {
     enum { O_EVAL = 256, O_FULL, O_INIT, O_CHILD, O_RESERVE, O_EPOCHS, O_BATCH, O_ACCUM, O_LR,
            O_WD, O_CLIP, O_WSTEPS, O_WRATIO, O_SCHED, O_OPTIM, O_B1, O_B2, O_EPS, O_SEED,
-           O_THREADS, O_ACT, O_BF16, O_EVERY, O_CKPT, O_RESUME, O_LOG, O_QUIET, O_LEN, O_PACK };
+           O_THREADS, O_ACT, O_BF16, O_EVERY, O_CKPT, O_RESUME, O_LOG, O_QUIET, O_LEN, O_PACK, O_ASAD };
     static const struct option opts[] = {
         {"model", 1, 0, 'm'}, {"data", 1, 0, 'd'}, {"config", 1, 0, 'c'}, {"out", 1, 0, 'o'},
         {"eval", 1, 0, O_EVAL}, {"full", 0, 0, O_FULL}, {"init-from", 1, 0, O_INIT},
@@ -106,7 +108,8 @@ static int parse(int argc, char **argv, struct cli *c)
         {"save-bf16", 0, 0, O_BF16}, {"eval-every", 1, 0, O_EVERY},
         {"checkpoint-every", 1, 0, O_CKPT}, {"resume", 1, 0, O_RESUME},
         {"log-every", 1, 0, O_LOG}, {"quiet", 0, 0, O_QUIET}, {"max-seq-len", 1, 0, O_LEN},
-        {"packing", 0, 0, O_PACK}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
+        {"packing", 0, 0, O_PACK}, {"as-adapter", 0, 0, O_ASAD}, {"help", 0, 0, 'h'},
+        {0, 0, 0, 0},
     };
     bool lr_given = false;
     int ch;
@@ -173,6 +176,7 @@ static int parse(int argc, char **argv, struct cli *c)
         case O_QUIET: c->quiet = true; break;
         case O_LEN: c->max_seq_len = (int)number("max-seq-len", optarg, 2, 1 << 20); break;
         case O_PACK: c->packing = true; break;
+        case O_ASAD: c->o.full_as_adapter = true; break;
         case 'h': usage(stdout); exit(0);
         default: return -1;
         }
@@ -180,6 +184,10 @@ static int parse(int argc, char **argv, struct cli *c)
     if (optind != argc || !c->model || !c->data || !c->out || c->full == (c->config != NULL)) {
         fprintf(stderr, PROG ": --model, --data, --out and one of --config or --full are "
                 "needed\n");
+        return -1;
+    }
+    if (c->o.full_as_adapter && !c->full) {
+        fprintf(stderr, PROG ": --as-adapter goes with --full\n");
         return -1;
     }
     if (c->full && !lr_given)

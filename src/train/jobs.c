@@ -169,10 +169,15 @@ static int check_line(struct ad_file_upload *u, struct ad_err *err)
     while (n > 0 && (u->line[n - 1] == '\r' || u->line[n - 1] == ' ' || u->line[n - 1] == '\t'))
         n--;
     u->len = 0;
+    const char *line = u->line;
+    if (u->line_no == 1 && n >= 3 && !memcmp(line, "\xEF\xBB\xBF", 3)) { /* a BOM, as the loader */
+        line += 3;
+        n -= 3;
+    }
     if (n == 0)
         return 0;
     u->lines++;
-    return ad_data_check_line(u->line, n, u->line_no, err);
+    return ad_data_check_line(line, n, u->line_no, err);
 }
 
 int ad_files_write(struct ad_file_upload *u, const void *data, size_t len, struct ad_err *err)
@@ -815,7 +820,7 @@ static void result_name(const struct job *jb, char *buf, size_t size)
     if (suffix)
         snprintf(buf, size, "%s", suffix);
     else
-        snprintf(buf, size, "ft-%.16s", jb->id + 6);
+        snprintf(buf, size, "ft-%s", jb->id + 6); /* ft- and the job id's hex */
 }
 
 int ad_jobs_create(struct ad_jobs *j, json_t *req, json_t **ret, struct ad_err *err)
@@ -1360,7 +1365,10 @@ static void *worker(void *arg)
 {
     struct ad_jobs *j = arg;
     struct sched_param sp = {0};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp); /* its passes' threads inherit it */
+    int e = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp); /* its threads inherit it */
+    if (e)
+        log_warn("fine-tuning: cannot run at idle priority (%s): jobs compete with serving",
+                 strerror(e));
     pthread_mutex_lock(&j->lock);
     for (;;) {
         struct job *next = NULL;

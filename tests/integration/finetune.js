@@ -89,10 +89,19 @@ async function waitStep(client, id, step, ms = 300000) {
 /* adapterd-train with a job's resolved method: the same adapter, byte for byte. */
 function trainLikeJob(job, data, out) {
     const sup = job.method.supervised;
-    const cfg = path.join(TMP, `${job.id}-config.json`);
-    fs.writeFileSync(cfg, JSON.stringify(sup.adapter_config));
+    const what = [];
+    if (sup.adapter === 'full') {
+        what.push('--full', '--as-adapter');
+        if (sup.child_tuning)
+            what.push('--child', sup.child_tuning.mode,
+                      '--reserve-p', String(sup.child_tuning.reserve_p));
+    } else {
+        const cfg = path.join(TMP, `${job.id}-config.json`);
+        fs.writeFileSync(cfg, JSON.stringify(sup.adapter_config));
+        what.push('--config', cfg);
+    }
     const hp = sup.hyperparameters;
-    const argv = ['--model', L.MODEL, '--data', data, '--config', cfg, '--out', out, '--quiet',
+    const argv = ['--model', L.MODEL, '--data', data, ...what, '--out', out, '--quiet',
                   '--epochs', String(hp.n_epochs), '--batch-size', String(hp.batch_size),
                   '--lr', String(sup.learning_rate), '--seed', String(job.seed),
                   '--max-seq-len', String(sup.max_seq_len), '--schedule', sup.lr_scheduler,
@@ -102,7 +111,9 @@ function trainLikeJob(job, data, out) {
                   '--grad-accum', String(sup.gradient_accumulation_steps)];
     const r = spawnSync(TRAIN, argv, { encoding: 'utf8' });
     assert.equal(r.status, 0, `adapterd-train failed: ${r.stderr}`);
-    return fs.readFileSync(path.join(out, 'adapter_model.safetensors'));
+    const st = ['adapter_model.safetensors', 'adapter.safetensors'].map((f) => path.join(out, f))
+        .find((f) => fs.existsSync(f));
+    return fs.readFileSync(st);
 }
 
 async function download(d, name, file = 'adapter_model.safetensors') {
@@ -165,6 +176,12 @@ const tests = [
         assert.equal((await c.files.retrieve(f.id)).bytes, f.bytes);
         const body = await (await c.files.content(f.id)).text();
         assert.equal(body, fs.readFileSync(DATA, 'utf8'));
+        /* a byte order mark and CRLF line ends, as editors on Windows write them */
+        const crlf = path.join(TMP, 'crlf.jsonl');
+        fs.writeFileSync(crlf, '\uFEFF' + fs.readFileSync(VALID, 'utf8').replace(/\n/g, '\r\n'));
+        const h = await upload(c, crlf);
+        assert.equal(h.status, 'processed');
+        await c.files.delete(h.id);
         const g = await upload(c, VALID);
         const del = await c.files.delete(g.id);
         assert.deepEqual([del.id, del.deleted], [g.id, true]);
@@ -260,22 +277,38 @@ const tests = [
             ['prompt', { adapter: 'prompt' }], ['bitfit', { adapter: 'bitfit' }],
             ['houlsby', { adapter: 'houlsby' }], ['pfeiffer', { adapter: 'pfeiffer' }],
             ['lora8', { adapter_config: { peft_type: 'LORA', r: 8, lora_alpha: 8,
-                                          target_modules: ['q_proj', 'v_proj'] } }],
-            ['full', { adapter: 'full' }],
-            ['childf', { adapter: 'full', child_tuning: { mode: 'F', reserve_p: 0.3 } }],
-            ['childd', { adapter: 'full', child_tuning: { mode: 'D', reserve_p: 0.3 } }],
+                                          target_modules: ['q_proj', 'v_proj'] },
+                        learning_rate: 5e-3 }],
+            ['full', { adapter: 'full', learning_rate: 1e-3 }],
+            ['childf', { adapter: 'full', child_tuning: { mode: 'F', reserve_p: 0.3 },
+                         learning_rate: 1e-3 }],
+            ['childd', { adapter: 'full', child_tuning: { mode: 'D', reserve_p: 0.3 },
+                         learning_rate: 1e-3 }],
         ];
         const jobs = [];
         for (const [name, sup] of kinds)
             jobs.push(await c.fineTuning.jobs.create({
                 model: baseId, training_file: trainFile.id, suffix: `k-${name}`, seed: 3,
                 method: { type: 'supervised', supervised: {
-                    hyperparameters: { n_epochs: 1, batch_size: 8 }, ...sup } } }));
+                    hyperparameters: { n_epochs: 3, batch_size: 8 }, ...sup } } }));
         const base = await logprobs(d, baseId, 'The word is code. Again:');
         for (const j of jobs) {
             const done = await waitJob(c, j.id);
-            const got = await logprobs(d, done.fine_tuned_model, 'The word is code. Again:');
-            assert.notDeepEqual(got.lp, base.lp, `${done.fine_tuned_model} changed nothing`);
+            const name = done.fine_tuned_model;
+            const losses = (await events(c, j.id)).filter((e) => e.type === 'metrics')
+                .map((e) => e.data.train_loss);
+            assert.equal(losses.length, 15);
+            /* the first epoch's mean against the last's: the same examples */
+            const [first, last] = [losses.slice(0, 5), losses.slice(-5)]
+                .map((a) => a.reduce((x, y) => x + y) / a.length);
+            assert.ok(last < first, `${name}: the loss went from ${first} to ${last}`);
+            const got = await logprobs(d, name, 'The word is code. Again:');
+            assert.notDeepEqual(got.lp, base.lp, `${name} changed nothing`);
+            const want = trainLikeJob(done, DATA, path.join(TMP, `ref-${name}`));
+            const file = fs.existsSync(path.join(d.adapters, name, 'adapter.safetensors'))
+                ? 'adapter.safetensors' : 'adapter_model.safetensors';
+            assert.ok((await download(d, name, file)).equals(want),
+                      `${name}: the daemon's adapter differs from adapterd-train's`);
         }
         const info = (await d.api('GET', '/v1/adapters')).json.data;
         const kind = (n) => info.find((a) => a.id === n);
