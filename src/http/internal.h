@@ -101,6 +101,7 @@ enum MHD_Result route_detokenize(struct conn *c);
 enum MHD_Result route_models(struct conn *c);
 enum MHD_Result route_health(struct conn *c);
 enum MHD_Result route_metrics(struct conn *c);
+enum MHD_Result route_dashboard(struct conn *c); /* GET /: the page (dashboard.c) */
 enum MHD_Result route_adapters_list(struct conn *c);
 enum MHD_Result route_adapter_get(struct conn *c, const char *name);
 enum MHD_Result route_adapter_delete(struct conn *c, const char *name);

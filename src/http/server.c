@@ -248,11 +248,18 @@ static bool is_admin_route(const char *method, const char *url)
            !strncmp(url, "/v1/files/", 10);
 }
 
+/* Answered without a key, and while the model loads: /health, and the dashboard's page (it
+ * holds no data; the API calls it makes carry the key it asks for). */
+static bool is_public(const char *method, const char *url)
+{
+    return !strcmp(url, "/health") || (!strcmp(url, "/") && !strcmp(method, "GET"));
+}
+
 /* 0 when the request may go on, else 401 (no valid key) or 403 (not the admin key). */
 static int auth_status(struct conn *c, const char *method, const char *url)
 {
     struct ad_http *h = c->h;
-    if (strcmp(url, "/health") && !key_ok(c, h->cfg.api_key) && !key_ok(c, h->cfg.admin_key))
+    if (!is_public(method, url) && !key_ok(c, h->cfg.api_key) && !key_ok(c, h->cfg.admin_key))
         return 401;
     if (is_admin_route(method, url) &&
         !key_ok(c, h->cfg.admin_key ? h->cfg.admin_key : h->cfg.api_key))
@@ -270,11 +277,13 @@ static enum MHD_Result dispatch(struct conn *c, const char *url, const char *met
         return http_error(c, 401, "missing or wrong API key (Authorization: Bearer ...)");
     if (denied == 403)
         return http_error(c, 403, "this route needs the admin key");
-    if (!atomic_load(&h->ready) && strcmp(url, "/health"))
+    if (!atomic_load(&h->ready) && !is_public(method, url))
         return http_error(c, 503, "the model is still loading");
 
     if (!strcmp(url, "/health") && get)
         return route_health(c);
+    if (!strcmp(url, "/") && get)
+        return route_dashboard(c);
     if (!strcmp(url, "/metrics") && get)
         return route_metrics(c);
     if (!strcmp(url, "/v1/models") && get)
