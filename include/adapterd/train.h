@@ -194,8 +194,10 @@ const struct ad_param *ad_trainer_params(const struct ad_trainer *t, int *ret_n)
 
 /* ==========================================================================================
  * Fine-tuning jobs (jobs.c): OpenAI's files and fine-tuning jobs over the trainer, persisted in a
- * state directory and run one at a time, in order, by one worker thread at idle CPU priority
- * (SCHED_IDLE: its threads run only when serving's do not want the cores).
+ * state directory and run one at a time, in order, by one worker thread. The computing (data,
+ * steps, checkpoints) runs on a thread of its own at idle CPU priority (SCHED_IDLE: it and its
+ * pool run only when serving's threads do not want the cores) that holds no lock a request
+ * takes; the worker, at normal priority, does the rest.
  *
  *   <state>/files/file-ID.jsonl, file-ID.json     a training file and its object
  *   <state>/jobs/ftjob-ID/job.json                the job object (written atomically)
@@ -266,9 +268,11 @@ int ad_jobs_follow(struct ad_jobs *j, const char *id, size_t seq, double timeout
                    struct json_t **ret, bool *ret_done, struct ad_err *err);
 int ad_jobs_checkpoints(struct ad_jobs *j, const char *id, const char *after, int limit,
                         struct json_t **ret, struct ad_err *err);
-/* cancel (frees what the job held: its checkpoints and their adapters), pause (checkpoints and
- * stops; resume puts it back in the queue). Return the job object; -EINVAL when the job's
- * status does not allow it. */
+/* cancel (at once, a running job too: its status reads cancelled and its checkpoints' adapters
+ * are gone on return; the worker stops after the step it is in and removes the files), pause
+ * (a queued job at once; a running one checkpoints and stops after its step, then reads
+ * paused), resume (a paused job back in the queue; a pause not yet taken effect is called off).
+ * Return the job object; -EINVAL when the job's status does not allow it. */
 int ad_jobs_cancel(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
 int ad_jobs_pause(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
 int ad_jobs_resume(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);

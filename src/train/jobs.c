@@ -58,6 +58,17 @@ struct ad_jobs {
     uint64_t trained_tokens;
     pthread_t worker;
     bool worker_started;
+
+    /* The idle runner (idle_run): the trainer's computations at SCHED_IDLE. */
+    pthread_mutex_t idle_lock; /* guards idle_call and idle_quit; taken by nothing else */
+    pthread_cond_t idle_cond;
+    struct idle_call *idle_call; /* to run; NULL when done */
+    bool idle_quit;
+    pthread_t idle;
+    bool idle_started;
+    /* Taken (before lock) around installing a job's adapters and dropping a cancelled job's,
+     * so that a checkpoint finished as its job is cancelled is never left installed. */
+    pthread_mutex_t install_lock;
 };
 
 /* ==========================================================================================
@@ -1010,25 +1021,34 @@ int ad_jobs_cancel(struct ad_jobs *j, const char *id, json_t **ret, struct ad_er
 {
     struct job *jb;
     json_t *ckpts = NULL;
+    bool running = false;
+    /* at once, even for a running job: its worker stops after the step it is in (which, at
+     * idle priority on a busy server, may take a while) and then removes what it wrote */
+    pthread_mutex_lock(&j->install_lock);
     pthread_mutex_lock(&j->lock);
     int r = lookup(j, id, &jb, err);
     if (r == 0 && !job_active(jb))
         r = ad_err_set(err, -EINVAL, "job '%s' has ended (%s): nothing to cancel", id,
                        ad_job_status_names[jb->status]);
-    if (r == 0 && jb->status == S_RUNNING) { /* the worker stops after its step */
-        jb->cancel = true;
-        while (jb->status == S_RUNNING && !j->stop)
-            pthread_cond_wait(&j->cond, &j->lock);
-    } else if (r == 0) {
+    if (r == 0) {
+        running = jb->status == S_RUNNING;
+        jb->cancel = running;
+        jb->pause = false;
         set_status(j, jb, S_CANCELLED);
         add_event(j, jb, "info", "The job was cancelled", NULL);
         ckpts = json_incref(jb->checkpoints);
-    }
-    if (r == 0)
         *ret = json_deep_copy(jb->obj);
+    }
     pthread_mutex_unlock(&j->lock);
-    if (ckpts)
+    size_t i;
+    json_t *c;
+    if (running) /* the adapters now; the files when the worker is done with them */
+        json_array_foreach(ckpts, i, c)
+            ad_registry_delete(j->cfg.registry, json_string_value(json_object_get(
+                                   c, "fine_tuned_model_checkpoint")), NULL);
+    else if (ckpts)
         drop_checkpoints(j, id, ckpts);
+    pthread_mutex_unlock(&j->install_lock);
     json_decref(ckpts);
     return r;
 }
@@ -1041,10 +1061,8 @@ int ad_jobs_pause(struct ad_jobs *j, const char *id, json_t **ret, struct ad_err
     if (r == 0 && jb->status != S_RUNNING && jb->status != S_QUEUED)
         r = ad_err_set(err, -EINVAL, "job '%s' is %s: only a queued or running job pauses", id,
                        ad_job_status_names[jb->status]);
-    if (r == 0 && jb->status == S_RUNNING) {
+    if (r == 0 && jb->status == S_RUNNING) { /* paused (and checkpointed) after its step */
         jb->pause = true;
-        while (jb->status == S_RUNNING && !j->stop)
-            pthread_cond_wait(&j->cond, &j->lock);
     } else if (r == 0) {
         set_status(j, jb, S_PAUSED);
         add_event(j, jb, "info", "The job was paused", NULL);
@@ -1060,14 +1078,19 @@ int ad_jobs_resume(struct ad_jobs *j, const char *id, json_t **ret, struct ad_er
     struct job *jb;
     pthread_mutex_lock(&j->lock);
     int r = lookup(j, id, &jb, err);
-    if (r == 0 && jb->status != S_PAUSED)
+    bool pausing = r == 0 && jb->status == S_RUNNING && jb->pause;
+    if (r == 0 && jb->status != S_PAUSED && !pausing)
         r = ad_err_set(err, -EINVAL, "job '%s' is %s: only a paused job resumes", id,
                        ad_job_status_names[jb->status]);
-    if (r == 0) {
+    if (r == 0 && pausing) { /* before the pause took effect: it goes on */
+        jb->pause = false;
+        add_event(j, jb, "info", "The pause was called off", NULL);
+    } else if (r == 0) {
         set_status(j, jb, S_QUEUED);
         add_event(j, jb, "info", "The job was resumed and is queued", NULL);
-        *ret = json_deep_copy(jb->obj);
     }
+    if (r == 0)
+        *ret = json_deep_copy(jb->obj);
     pthread_mutex_unlock(&j->lock);
     return r;
 }
@@ -1093,24 +1116,160 @@ void ad_jobs_stats(struct ad_jobs *j, struct ad_jobs_stats *ret)
  * The worker */
 
 /* Installs what the trainer would save under name, through the registry's staging. */
-static int install(struct ad_jobs *j, struct ad_trainer *t, const char *name, struct ad_err *err)
+/* ==========================================================================================
+ * The idle runner: one thread at SCHED_IDLE runs the trainer's computations (tokenizing the
+ * data, steps, checkpoints, saving) while the worker, at normal priority, waits for each. The
+ * runner takes no lock but idle_lock, which only the worker shares with it: so no request
+ * ever waits on a lock held by a thread the kernel runs only on cores serving leaves idle.
+ * The training pool's threads are created by the runner (in its first step) and inherit its
+ * policy. */
+
+enum idle_op { OP_LOAD, OP_NEW, OP_INIT_FROM, OP_RESUME, OP_STEP, OP_CHECKPOINT, OP_SAVE };
+
+struct idle_call {
+    enum idle_op op;
+    const char *path; /* LOAD: the data; INIT_FROM, RESUME, CHECKPOINT, SAVE: the directory */
+    const struct ad_tokenizer *tok;     /* LOAD */
+    const struct ad_data_opts *dopt;    /* LOAD */
+    struct ad_dataset **ds;             /* LOAD */
+    const struct ad_model *m;           /* NEW */
+    const struct ad_train_opts *o;      /* NEW */
+    const struct ad_dataset *train, *valid; /* NEW */
+    struct ad_trainer **t;              /* NEW: the result; the others: the trainer */
+    struct ad_train_progress *p;        /* STEP */
+    int rc;
+    struct ad_err err;
+};
+
+static int idle_exec(struct idle_call *c)
+{
+    switch (c->op) {
+    case OP_LOAD: return ad_dataset_load(c->path, c->tok, c->dopt, c->ds, &c->err);
+    case OP_NEW: return ad_trainer_new(c->m, c->o, c->train, c->valid, c->t, &c->err);
+    case OP_INIT_FROM: return ad_trainer_init_from(*c->t, c->path, &c->err);
+    case OP_RESUME: return ad_trainer_resume(*c->t, c->path, &c->err);
+    case OP_STEP: return ad_trainer_step(*c->t, c->p, &c->err);
+    case OP_CHECKPOINT: return ad_trainer_checkpoint(*c->t, c->path, &c->err);
+    case OP_SAVE: return ad_trainer_save(*c->t, c->path, &c->err);
+    }
+    return -EINVAL;
+}
+
+static void *idle_runner(void *arg)
+{
+    struct ad_jobs *j = arg;
+    struct sched_param sp = {0};
+    int e = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+    if (e)
+        log_warn("fine-tuning: cannot run at idle priority (%s): jobs compete with serving",
+                 strerror(e));
+    pthread_mutex_lock(&j->idle_lock);
+    for (;;) {
+        while (!j->idle_call && !j->idle_quit)
+            pthread_cond_wait(&j->idle_cond, &j->idle_lock);
+        struct idle_call *c = j->idle_call;
+        if (!c)
+            break;
+        pthread_mutex_unlock(&j->idle_lock);
+        c->rc = idle_exec(c);
+        pthread_mutex_lock(&j->idle_lock);
+        j->idle_call = NULL;
+        pthread_cond_broadcast(&j->idle_cond);
+    }
+    pthread_mutex_unlock(&j->idle_lock);
+    return NULL;
+}
+
+/* Runs c on the idle runner and waits for it; its error into err. */
+static int idle_run(struct ad_jobs *j, struct idle_call *c, struct ad_err *err)
+{
+    pthread_mutex_lock(&j->idle_lock);
+    while (j->idle_call) /* never: the worker is the only caller */
+        pthread_cond_wait(&j->idle_cond, &j->idle_lock);
+    j->idle_call = c;
+    pthread_cond_broadcast(&j->idle_cond);
+    while (j->idle_call == c)
+        pthread_cond_wait(&j->idle_cond, &j->idle_lock);
+    pthread_mutex_unlock(&j->idle_lock);
+    if (c->rc < 0 && err)
+        *err = c->err;
+    return c->rc;
+}
+
+static int idle_load(struct ad_jobs *j, const char *path, const struct ad_data_opts *dopt,
+                     struct ad_dataset **ds, struct ad_err *err)
+{
+    struct idle_call c = {.op = OP_LOAD, .path = path, .tok = j->cfg.tok, .dopt = dopt, .ds = ds};
+    return idle_run(j, &c, err);
+}
+
+static int idle_on(struct ad_jobs *j, enum idle_op op, struct ad_trainer **t, const char *path,
+                   struct ad_train_progress *p, struct ad_err *err)
+{
+    struct idle_call c = {.op = op, .t = t, .path = path, .p = p};
+    return idle_run(j, &c, err);
+}
+
+/* Saves the trainer's adapter (on the idle runner) and installs it as name, unless the job has
+ * been cancelled meanwhile; then, under install_lock still, done(j, jb, arg) if given (which
+ * records it, j->lock taken by it). Returns 0, 1 (cancelled: nothing installed) or -errno. */
+static int install(struct ad_jobs *j, struct job *jb, struct ad_trainer **t, const char *name,
+                   void (*done)(struct ad_jobs *, struct job *, void *), void *arg,
+                   struct ad_err *err)
 {
     char stage[4096];
     bool created;
     int r = ad_registry_stage_dir(j->cfg.registry, stage, sizeof(stage), err);
     if (r < 0)
         return r;
-    r = ad_trainer_save(t, stage, err);
-    if (r < 0) {
+    r = idle_on(j, OP_SAVE, t, stage, NULL, err);
+    pthread_mutex_lock(&j->install_lock);
+    pthread_mutex_lock(&j->lock);
+    bool cancelled = jb->cancel;
+    pthread_mutex_unlock(&j->lock);
+    if (r < 0 || cancelled)
         ad_registry_unstage(j->cfg.registry, stage);
-        return r;
-    }
-    return ad_registry_install(j->cfg.registry, name, stage, &created, err);
+    else
+        r = ad_registry_install(j->cfg.registry, name, stage, &created, err);
+    if (r >= 0 && !cancelled && done)
+        done(j, jb, arg);
+    pthread_mutex_unlock(&j->install_lock);
+    return r < 0 ? r : cancelled;
 }
 
 /* A checkpoint of the job at its step: the trainer's state in checkpoints/step-N (written as
  * step-N.tmp, then renamed), served as <name>-step-N, recorded. */
-static int checkpoint(struct ad_jobs *j, struct job *jb, struct ad_trainer *t,
+struct ckpt_done {
+    const char *name;
+    const struct ad_train_progress *p;
+};
+
+/* Records an installed checkpoint (install's done): the object, the file, the event. */
+static void checkpoint_done(struct ad_jobs *j, struct job *jb, void *arg)
+{
+    const struct ckpt_done *d = arg;
+    char id[40], msg[200];
+    new_id(id, sizeof(id), "ftckpt");
+    json_t *metrics = json_pack("{s:I, s:f}", "step", (json_int_t)d->p->step, "train_loss",
+                                d->p->loss);
+    if (!isnan(d->p->valid_loss))
+        json_object_set_new(metrics, "valid_loss", json_real(d->p->valid_loss));
+    json_t *c = json_pack("{s:s, s:s, s:I, s:s, s:I, s:o, s:s}", "id", id, "object",
+                          "fine_tuning.job.checkpoint", "created_at", (json_int_t)time(NULL),
+                          "fine_tuned_model_checkpoint", d->name, "step_number",
+                          (json_int_t)d->p->step, "metrics", metrics, "fine_tuning_job_id",
+                          jb->id);
+    pthread_mutex_lock(&j->lock);
+    json_array_append_new(jb->checkpoints, c);
+    save_checkpoints(j, jb);
+    snprintf(msg, sizeof(msg), "Checkpoint at step %lld: %s", (long long)d->p->step, d->name);
+    add_event(j, jb, "info", msg, NULL);
+    pthread_mutex_unlock(&j->lock);
+}
+
+/* Writes the trainer's state as checkpoints/step-N (atomically: written as .tmp, renamed) and
+ * installs its adapter as <name>-step-N. Returns 0, 1 (the job was cancelled) or -errno. */
+static int checkpoint(struct ad_jobs *j, struct job *jb, struct ad_trainer **t,
                       const struct ad_train_progress *p, const char *name, struct ad_err *err)
 {
     char dir[4400], tmp[4500], ck[128];
@@ -1123,7 +1282,7 @@ static int checkpoint(struct ad_jobs *j, struct job *jb, struct ad_trainer *t,
     ad_rm_rf(dir);
     if (mkdir(tmp, 0755) < 0)
         return ad_err_set(err, -EIO, "checkpoint: %s", strerror(errno));
-    int r = ad_trainer_checkpoint(t, tmp, err);
+    int r = idle_on(j, OP_CHECKPOINT, t, tmp, NULL, err);
     if (r >= 0 && rename(tmp, dir) < 0)
         r = ad_err_set(err, -EIO, "checkpoint: %s", strerror(errno));
     if (r < 0) {
@@ -1131,26 +1290,8 @@ static int checkpoint(struct ad_jobs *j, struct job *jb, struct ad_trainer *t,
         return r;
     }
     pathf(ck, sizeof(ck), "%.40s-step-%lld", name, (long long)p->step);
-    r = install(j, t, ck, err);
-    if (r < 0)
-        return r;
-    char id[40];
-    new_id(id, sizeof(id), "ftckpt");
-    json_t *metrics = json_pack("{s:I, s:f}", "step", (json_int_t)p->step, "train_loss", p->loss);
-    if (!isnan(p->valid_loss))
-        json_object_set_new(metrics, "valid_loss", json_real(p->valid_loss));
-    json_t *c = json_pack("{s:s, s:s, s:I, s:s, s:I, s:o, s:s}", "id", id, "object",
-                          "fine_tuning.job.checkpoint", "created_at", (json_int_t)time(NULL),
-                          "fine_tuned_model_checkpoint", ck, "step_number", (json_int_t)p->step,
-                          "metrics", metrics, "fine_tuning_job_id", jb->id);
-    pthread_mutex_lock(&j->lock);
-    json_array_append_new(jb->checkpoints, c);
-    save_checkpoints(j, jb);
-    char msg[200];
-    snprintf(msg, sizeof(msg), "Checkpoint at step %lld: %s", (long long)p->step, ck);
-    add_event(j, jb, "info", msg, NULL);
-    pthread_mutex_unlock(&j->lock);
-    return 0;
+    struct ckpt_done d = {.name = ck, .p = p};
+    return install(j, jb, t, ck, checkpoint_done, &d, err);
 }
 
 /* The newest complete checkpoint of a job, into buf (step-N without .tmp). 0, or -ENOENT. */
@@ -1182,6 +1323,10 @@ static int last_checkpoint(struct ad_jobs *j, const struct job *jb, char *buf, s
 static void fail_job(struct ad_jobs *j, struct job *jb, const char *code, const char *msg)
 {
     pthread_mutex_lock(&j->lock);
+    if (jb->cancel) { /* cancelled meanwhile: that is what it ended as */
+        pthread_mutex_unlock(&j->lock);
+        return;
+    }
     json_object_set_new(jb->obj, "error", json_pack("{s:s, s:s, s:n}", "code", code, "message",
                                                     msg, "param"));
     set_status(j, jb, S_FAILED);
@@ -1232,25 +1377,27 @@ static void run_job(struct ad_jobs *j, struct job *jb)
     r = ad_files_path(j, json_string_value(json_object_get(obj, "training_file")), path,
                       sizeof(path), &err);
     if (r >= 0)
-        r = ad_dataset_load(path, j->cfg.tok, &dopt, &train, &err);
+        r = idle_load(j, path, &dopt, &train, &err);
     const char *vf = json_string_value(json_object_get(obj, "validation_file"));
     if (r >= 0 && vf && (r = ad_files_path(j, vf, path, sizeof(path), &err)) >= 0)
-        r = ad_dataset_load(path, j->cfg.tok, &dopt, &valid, &err);
+        r = idle_load(j, path, &dopt, &valid, &err);
     if (r < 0) {
         fail_job(j, jb, "invalid_training_file", err.msg);
         free(ids);
         goto out;
     }
-    r = ad_trainer_new(j->cfg.model, &o, train, valid, &t, &err);
+    struct idle_call nc = {.op = OP_NEW, .m = j->cfg.model, .o = &o, .train = train,
+                           .valid = valid, .t = &t};
+    r = idle_run(j, &nc, &err);
     free(ids);
     if (r >= 0 && cont) {
         pathf(path, sizeof(path), "%s/%s", ad_registry_dir(j->cfg.registry), model);
-        r = ad_trainer_init_from(t, path, &err);
+        r = idle_on(j, OP_INIT_FROM, &t, path, NULL, &err);
     }
     long long from = 0;
     bool resumed = r >= 0 && last_checkpoint(j, jb, ck, sizeof(ck), &from) == 0;
     if (resumed)
-        r = ad_trainer_resume(t, ck, &err);
+        r = idle_on(j, OP_RESUME, &t, ck, NULL, &err);
     if (r < 0) {
         fail_job(j, jb, "training_error", err.msg);
         goto out;
@@ -1281,7 +1428,7 @@ static void run_job(struct ad_jobs *j, struct job *jb)
 
     enum { GO, PAUSE, CANCEL, STOP } why = GO;
     while (why == GO) {
-        r = ad_trainer_step(t, &p, &err);
+        r = idle_on(j, OP_STEP, &t, NULL, &p, &err);
         if (r < 0) {
             fail_job(j, jb, "training_error", err.msg);
             goto out;
@@ -1296,7 +1443,10 @@ static void run_job(struct ad_jobs *j, struct job *jb)
         pthread_mutex_lock(&j->lock);
         snprintf(msg, sizeof(msg), "Step %lld/%lld: training loss=%.4f", (long long)p.step,
                  (long long)p.total_steps, p.loss);
-        add_event(j, jb, "info", msg, data);
+        if (jb->cancel) /* the step it was in when cancelled: no more events */
+            json_decref(data);
+        else
+            add_event(j, jb, "info", msg, data);
         jb->tokens_per_s = tps;
         jb->loss = p.loss;
         json_object_set_new(jb->obj, "trained_tokens", json_integer((json_int_t)p.tokens));
@@ -1311,23 +1461,22 @@ static void run_job(struct ad_jobs *j, struct job *jb)
             break;
         if ((why == GO && ckpt_every > 0 && p.step % ckpt_every == 0) || why == PAUSE ||
             why == STOP) {
-            if ((r = checkpoint(j, jb, t, &p, name, &err)) < 0) {
+            if ((r = checkpoint(j, jb, &t, &p, name, &err)) < 0) {
                 fail_job(j, jb, "training_error", err.msg);
                 goto out;
             }
+            if (r == 1)
+                why = CANCEL;
         }
     }
-    if (why == CANCEL) { /* the checkpoints go first: a cancelled job has none */
+    if (why == CANCEL) { /* ad_jobs_cancel said so; what the job left on disk goes now */
+        pthread_mutex_lock(&j->install_lock);
         pthread_mutex_lock(&j->lock);
         json_t *ckpts = json_incref(jb->checkpoints);
         pthread_mutex_unlock(&j->lock);
         drop_checkpoints(j, jb->id, ckpts);
+        pthread_mutex_unlock(&j->install_lock);
         json_decref(ckpts);
-        pthread_mutex_lock(&j->lock);
-        jb->cancel = false;
-        add_event(j, jb, "info", "The job was cancelled", NULL);
-        set_status(j, jb, S_CANCELLED);
-        pthread_mutex_unlock(&j->lock);
         goto out;
     }
     if (why == PAUSE || why == STOP) {
@@ -1341,18 +1490,42 @@ static void run_job(struct ad_jobs *j, struct job *jb)
         goto out;
     }
     /* done: the result, then the final checkpoint (the state it was made from) */
-    if ((r = install(j, t, name, &err)) < 0 || (r = checkpoint(j, jb, t, &p, name, &err)) < 0) {
+    if ((r = install(j, jb, &t, name, NULL, NULL, &err)) == 0)
+        r = checkpoint(j, jb, &t, &p, name, &err);
+    if (r < 0) {
         fail_job(j, jb, "training_error", err.msg);
         goto out;
     }
+    if (r == 1) { /* cancelled as it ended */
+        pthread_mutex_lock(&j->install_lock);
+        pthread_mutex_lock(&j->lock);
+        json_t *ckpts = json_incref(jb->checkpoints);
+        pthread_mutex_unlock(&j->lock);
+        drop_checkpoints(j, jb->id, ckpts);
+        ad_registry_delete(j->cfg.registry, name, NULL);
+        pthread_mutex_unlock(&j->install_lock);
+        json_decref(ckpts);
+        goto out;
+    }
+    pthread_mutex_lock(&j->install_lock);
     pthread_mutex_lock(&j->lock);
-    json_object_set_new(jb->obj, "fine_tuned_model", json_string(name));
-    json_object_set_new(jb->obj, "estimated_finish", json_null());
-    j->trained_tokens += (uint64_t)p.tokens;
-    snprintf(msg, sizeof(msg), "The job has successfully completed: %s", name);
-    add_event(j, jb, "info", msg, NULL);
-    set_status(j, jb, S_SUCCEEDED);
+    bool cancelled = jb->cancel;
+    json_t *ckpts = cancelled ? json_incref(jb->checkpoints) : NULL;
+    if (!cancelled) {
+        json_object_set_new(jb->obj, "fine_tuned_model", json_string(name));
+        json_object_set_new(jb->obj, "estimated_finish", json_null());
+        j->trained_tokens += (uint64_t)p.tokens;
+        snprintf(msg, sizeof(msg), "The job has successfully completed: %s", name);
+        add_event(j, jb, "info", msg, NULL);
+        set_status(j, jb, S_SUCCEEDED);
+    }
     pthread_mutex_unlock(&j->lock);
+    if (cancelled) { /* in its last moment */
+        drop_checkpoints(j, jb->id, ckpts);
+        ad_registry_delete(j->cfg.registry, name, NULL);
+        json_decref(ckpts);
+    }
+    pthread_mutex_unlock(&j->install_lock);
 out:
     ad_trainer_free(t);
     ad_dataset_free(train);
@@ -1363,12 +1536,7 @@ out:
 
 static void *worker(void *arg)
 {
-    struct ad_jobs *j = arg;
-    struct sched_param sp = {0};
-    int e = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp); /* its threads inherit it */
-    if (e)
-        log_warn("fine-tuning: cannot run at idle priority (%s): jobs compete with serving",
-                 strerror(e));
+    struct ad_jobs *j = arg; /* at normal priority: the computing is the idle runner's */
     pthread_mutex_lock(&j->lock);
     for (;;) {
         struct job *next = NULL;
@@ -1489,6 +1657,9 @@ int ad_jobs_new(const struct ad_jobs_config *cfg, struct ad_jobs **ret, struct a
     snprintf(j->jobs_dir, sizeof(j->jobs_dir), "%s/jobs", cfg->state_dir);
     pthread_mutex_init(&j->lock, NULL);
     pthread_cond_init(&j->cond, NULL);
+    pthread_mutex_init(&j->idle_lock, NULL);
+    pthread_cond_init(&j->idle_cond, NULL);
+    pthread_mutex_init(&j->install_lock, NULL);
     const char *dirs[3] = {j->state, j->files, j->jobs_dir};
     for (int i = 0; i < 3; i++)
         if (mkdir(dirs[i], 0750) < 0 && errno != EEXIST) {
@@ -1523,6 +1694,11 @@ int ad_jobs_new(const struct ad_jobs_config *cfg, struct ad_jobs **ret, struct a
         closedir(d);
     if (j->n_jobs)
         qsort(j->job, j->n_jobs, sizeof(*j->job), by_created);
+    if (pthread_create(&j->idle, NULL, idle_runner, j) != 0) {
+        ad_jobs_free(j);
+        return ad_err_set(err, -EAGAIN, "cannot start the training worker");
+    }
+    j->idle_started = true;
     if (pthread_create(&j->worker, NULL, worker, j) != 0) {
         ad_jobs_free(j);
         return ad_err_set(err, -EAGAIN, "cannot start the training worker");
@@ -1542,6 +1718,12 @@ void ad_jobs_free(struct ad_jobs *j)
     pthread_mutex_unlock(&j->lock);
     if (j->worker_started)
         pthread_join(j->worker, NULL);
+    pthread_mutex_lock(&j->idle_lock);
+    j->idle_quit = true;
+    pthread_cond_broadcast(&j->idle_cond);
+    pthread_mutex_unlock(&j->idle_lock);
+    if (j->idle_started)
+        pthread_join(j->idle, NULL);
     for (size_t i = 0; i < j->n_jobs; i++) {
         json_decref(j->job[i]->obj);
         json_decref(j->job[i]->events);
@@ -1551,5 +1733,8 @@ void ad_jobs_free(struct ad_jobs *j)
     free(j->job);
     pthread_cond_destroy(&j->cond);
     pthread_mutex_destroy(&j->lock);
+    pthread_cond_destroy(&j->idle_cond);
+    pthread_mutex_destroy(&j->idle_lock);
+    pthread_mutex_destroy(&j->install_lock);
     free(j);
 }

@@ -21,6 +21,7 @@
 #include "adapterd/model.h"
 #include "adapterd/registry.h"
 #include "adapterd/tokenizer.h"
+#include "adapterd/train.h"
 #include "adapterd/util.h"
 #include "../../src/http/internal.h" /* struct ad_http: waits for in_flight to drain */
 #include "../tiny.h"
@@ -68,7 +69,9 @@ static const char *const TEMPLATES[FZ_NO_TEMPLATE] = {
 };
 
 static struct {
-    char model_dir[64], registry_dir[64];
+    char model_dir[64], registry_dir[64], state_dir[64];
+    struct ad_jobs *jobs; /* server FZ_CHATML's fine-tuning */
+    char file_id[64];     /* a training file that validates (fz_http_file_id) */
     struct ad_model *model;
     struct ad_tokenizer *tok[FZ_N_SERVERS];
     struct ad_registry *registry;
@@ -84,6 +87,10 @@ static const char *const FIXTURES[2] = {"lora", "lora2"};
 
 static void cleanup(void)
 {
+    ad_jobs_free(fz.jobs); /* stops the worker before its directories go */
+    fz.jobs = NULL;
+    if (fz.state_dir[0])
+        ad_rm_rf(fz.state_dir);
     ad_rm_rf(fz.registry_dir);
     ad_rm_rf(fz.model_dir);
 }
@@ -108,6 +115,67 @@ static void install_fixture(int i)
     if (ad_registry_put(fz.registry, FIXTURES[i], fz.lora_config[i], fz.lora_weights[i],
                         fz.lora_len[i], &created, &err) < 0)
         die("cannot install the fixture adapter: %s", err.msg);
+}
+
+/* Fine-tuning for server FZ_CHATML: a state directory, and one training file that validates. */
+static void start_jobs(const struct ad_tokenizer *tok)
+{
+    static const char line[] = "{\"prompt\": \"the\", \"completion\": \" a b\"}\n";
+    struct ad_err err;
+    snprintf(fz.state_dir, sizeof(fz.state_dir), "%s/adapterd-fuzz-state-XXXXXX",
+             access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+    if (!mkdtemp(fz.state_dir))
+        die("mkdtemp: %s", strerror(errno));
+    struct ad_jobs_config jc = {.state_dir = fz.state_dir, .model = fz.model,
+                                .model_dir = fz.model_dir, .tok = tok, .registry = fz.registry,
+                                .threads = 1, .activation_bytes = 16 << 20,
+                                .max_file_bytes = 64 << 10};
+    if (ad_jobs_new(&jc, &fz.jobs, &err) < 0)
+        die("%s", err.msg);
+    struct ad_file_upload *u;
+    json_t *obj;
+    if (ad_files_begin(fz.jobs, "fixture.jsonl", &u, &err) < 0 ||
+        ad_files_write(u, line, sizeof(line) - 1, &err) < 0 ||
+        ad_files_finish(u, "fine-tune", &obj, &err) < 0)
+        die("the fixture training file: %s", err.msg);
+    snprintf(fz.file_id, sizeof(fz.file_id), "%s", json_string_value(json_object_get(obj, "id")));
+    json_decref(obj);
+}
+
+const char *fz_http_file_id(void)
+{
+    return fz.file_id;
+}
+
+const char *fz_http_model_id(void)
+{
+    return fz.model->id;
+}
+
+void fz_http_reset_jobs(void)
+{
+    json_t *list, *f;
+    struct ad_err err;
+    size_t i;
+    /* every job ended (each has its own id: cancelled ones stay listed, as OpenAI's) */
+    if (ad_jobs_list(fz.jobs, NULL, 1000, &list, &err) < 0)
+        die("%s", err.msg);
+    json_array_foreach(json_object_get(list, "data"), i, f) {
+        const char *st = json_string_value(json_object_get(f, "status"));
+        json_t *r = NULL;
+        if (strcmp(st, "succeeded") && strcmp(st, "failed") && strcmp(st, "cancelled"))
+            ad_jobs_cancel(fz.jobs, json_string_value(json_object_get(f, "id")), &r, &err);
+        json_decref(r);
+    }
+    json_decref(list);
+    /* every file but the fixture */
+    ad_files_list(fz.jobs, &list);
+    json_array_foreach(json_object_get(list, "data"), i, f) {
+        const char *id = json_string_value(json_object_get(f, "id"));
+        if (strcmp(id, fz.file_id))
+            ad_files_delete(fz.jobs, id, &err);
+    }
+    json_decref(list);
 }
 
 void fz_http_init(void)
@@ -167,8 +235,11 @@ void fz_http_init(void)
                                     .max_body = 64 << 10, .max_upload = 256 << 10,
                                     .max_connections = 16, .max_tokens_default = 4,
                                     .api_key = API_KEY, .admin_key = ADMIN_KEY};
+        if (s == FZ_CHATML)
+            start_jobs(fz.tok[s]);
         struct ad_http_deps deps = {.model = fz.model, .tok = fz.tok[s],
-                                    .registry = fz.registry, .engine = fz.engine};
+                                    .registry = fz.registry, .engine = fz.engine,
+                                    .jobs = s == FZ_CHATML ? fz.jobs : NULL};
         if (ad_http_start(&hc, &deps, &fz.http[s], &err) < 0)
             die("%s", err.msg);
         fz.port[s] = ad_http_port(fz.http[s]);
@@ -453,11 +524,16 @@ void fz_http_send(int server, const struct fz_request *req, struct fz_response *
     *head_end = '\r';
     if (status < 200 || status >= 500)
         fail(&a, "status not 2xx/4xx");
-    if (status != 204 && !header_is(a.p, "Content-Type", "application/json") &&
+    /* files as stored: a training file, an adapter's weights (2xx only) */
+    bool file = status < 300 && (header_is(a.p, "Content-Type", "application/jsonl") ||
+                                 header_is(a.p, "Content-Type", "application/octet-stream"));
+    if (status != 204 && !file && !header_is(a.p, "Content-Type", "application/json") &&
         !header_is(a.p, "Content-Type", "text/event-stream") &&
         !header_is(a.p, "Content-Type", "text/plain"))
         fail(&a, "no Content-Type");
-    if (header_is(a.p, "Content-Type", "text/event-stream")) {
+    if (file) {
+        /* its bytes, not JSON */
+    } else if (header_is(a.p, "Content-Type", "text/event-stream")) {
         if (status != 200 || !stream_ok(body))
             fail(&a, "malformed event stream");
     } else if (header_is(a.p, "Content-Type", "application/json")) {

@@ -43,6 +43,12 @@ void fz_response_fini(struct fz_response *r);
 /* Back to the fixture adapters ("lora", "lora2"): removes any other, and reinstalls the
  * fixtures if a request may have replaced or deleted them (dirty). */
 void fz_http_reset(bool dirty);
+/* Server FZ_CHATML has fine-tuning: the id of a training file that validates, the base's id, and
+ * a reset that
+ * cancels every job still queued or running and deletes every other file. */
+const char *fz_http_file_id(void);
+const char *fz_http_model_id(void);
+void fz_http_reset_jobs(void);
 /* Copies the bytes of s[0..n) that a header value can hold (no control characters) into buf,
  * as a string, truncated to fit; if no_space, only those a request line can hold (printable
  * ASCII but space). Returns buf. */

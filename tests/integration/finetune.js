@@ -414,6 +414,40 @@ const tests = [
         assertError(await d.api('POST', `/v1/fine_tuning/jobs/${job.id}/resume`), 400, /cancelled/);
     } },
 
+    { name: 'jobs: with every core busy, job routes and serving answer at once', fn: async (d) => {
+        /* the worker computes at idle priority: on a saturated machine its steps crawl, but no
+         * request waits for one (cancel used to wait for the step to end) */
+        const c = d.client();
+        const heavy = path.join(TMP, 'heavy.jsonl');
+        fs.writeFileSync(heavy, Array.from({ length: 40 }, (_, i) => JSON.stringify({
+            text: WORDS.map((w, k) => `${w} ${WORDS[(i + k) % WORDS.length]}`).join(' ').repeat(3),
+        })).join('\n') + '\n');
+        const f = await upload(c, heavy);
+        const job = await c.fineTuning.jobs.create({ model: baseId, training_file: f.id,
+            suffix: 'busy', method: { type: 'supervised', supervised: {
+                hyperparameters: { n_epochs: 100, batch_size: 40 }, max_seq_len: 256 } } });
+        await waitStep(c, job.id, 1);
+        const spin = [0, 1].map(() => L.spawn(process.execPath, ['-e', 'for (;;) {}']));
+        try {
+            await sleep(300);
+            const timed = async (what, p) => {
+                const t0 = Date.now();
+                const r = await p;
+                assert.ok(Date.now() - t0 < 5000, `${what} took ${Date.now() - t0} ms`);
+                return r;
+            };
+            assert.equal((await timed('GET job', c.fineTuning.jobs.retrieve(job.id))).status,
+                         'running');
+            await timed('GET events', c.fineTuning.jobs.listEvents(job.id));
+            await timed('a completion', logprobs(d, 'words', 'The word is bug. Again:'));
+            const r = await timed('cancel', c.fineTuning.jobs.cancel(job.id));
+            assert.equal(r.status, 'cancelled');
+        } finally {
+            spin.forEach((p) => p.kill('SIGKILL'));
+        }
+        await c.files.delete(f.id).catch(() => {}); /* 409 while the worker finishes its step */
+    } },
+
     { name: 'restart: SIGTERM, kill -9 and a pause mid-job all end with the same adapter', fn: async () => {
         const sup = { hyperparameters: { n_epochs: 6, batch_size: 2 }, checkpoint_every: 5 };
         let ref = null;
