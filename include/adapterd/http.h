@@ -29,6 +29,7 @@ struct ad_http_config {
     double body_timeout;   /* seconds a body may take, plus 1 s per body_min_rate bytes */
     double body_min_rate;  /* bytes per second */
     double idle_timeout;   /* seconds without a byte read or sent, mid-request */
+                           /* (each timeout: 0 is none) */
     int max_tokens_default; /* max_tokens when a request gives none */
     const char *api_key;   /* NULL: no auth; else "Authorization: Bearer <key>" on every route */
     const char *admin_key; /* NULL: api_key; required for uploads, deletes and training */

@@ -140,6 +140,7 @@ struct ad_train_progress {
     double lr;                  /* its learning rate */
     double grad_norm;           /* its gradient norm before clipping */
     double valid_loss;          /* the last evaluation's, or NaN */
+    int64_t valid_step;         /* the step it was made after (0: none yet) */
     int64_t tokens;             /* tokens trained on so far */
     double seconds;             /* time in training steps so far */
 };
@@ -258,7 +259,8 @@ int ad_jobs_list(struct ad_jobs *j, const char *after, int limit, struct json_t 
                  struct ad_err *err);
 int ad_jobs_get(struct ad_jobs *j, const char *id, struct json_t **ret, struct ad_err *err);
 /* Events newest first, after the event `after`, at most limit ({"object": "list", "data",
- * "has_more"}). */
+ * "has_more"}). The log only grows: after a resume, the steps since the checkpoint it resumed
+ * from are logged again. */
 int ad_jobs_events(struct ad_jobs *j, const char *id, const char *after, int limit,
                    struct json_t **ret, struct ad_err *err);
 /* Events from the seq-th (0-based, oldest first) on, in order, into *ret (a new array); waits up

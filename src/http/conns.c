@@ -206,10 +206,14 @@ static void *reaper(void *arg)
         double now = ad_now();
         for (size_t i = 0; i < cs->n; i++) {
             struct tracked *t = cs->all[i];
-            double deadline = t->state == CONN_IDLE ? t->since + h->cfg.header_timeout
-                              : t->state == CONN_BODY
+            /* a timeout of 0 is none (libmicrohttpd's convention) */
+            double deadline = t->state == CONN_IDLE && h->cfg.header_timeout > 0
+                                  ? t->since + h->cfg.header_timeout
+                              : t->state == CONN_BODY && h->cfg.body_timeout > 0
                                   ? t->since + h->cfg.body_timeout +
-                                        (double)t->body_bytes / h->cfg.body_min_rate
+                                        (h->cfg.body_min_rate > 0
+                                             ? (double)t->body_bytes / h->cfg.body_min_rate
+                                             : 0)
                                   : INFINITY;
             if (now > deadline)
                 cut(t);

@@ -35,6 +35,7 @@ struct ad_trainer {
     int64_t step, total_steps, warmup;
     int64_t tokens;
     double seconds, last_loss, last_lr, last_norm, valid_loss;
+    int64_t valid_step; /* the step of the last evaluation (0: none) */
 };
 
 /* Runs examples idx[0, n) of d through training passes that fit the activation budget, adding

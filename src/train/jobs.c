@@ -1407,18 +1407,6 @@ static void run_job(struct ad_jobs *j, struct job *jb)
     if (ckpt_every <= 0) /* each epoch */
         ckpt_every = (int)(p.total_steps / (o.n_epochs > 0 ? o.n_epochs : 1));
     pthread_mutex_lock(&j->lock);
-    if (resumed) { /* the events after the checkpoint describe steps done again */
-        json_t *kept = json_array();
-        size_t i;
-        json_t *ev;
-        json_array_foreach(jb->events, i, ev) {
-            json_t *st = json_object_get(json_object_get(ev, "data"), "step");
-            if (!st || json_integer_value(st) <= from)
-                json_array_append(kept, ev);
-        }
-        json_decref(jb->events);
-        jb->events = kept;
-    }
     char msg[256];
     snprintf(msg, sizeof(msg), resumed ? "Fine-tuning job resumed at step %lld of %lld"
                                        : "Fine-tuning job started: %lld of %lld steps",
@@ -1438,7 +1426,7 @@ static void run_job(struct ad_jobs *j, struct job *jb)
                                  "train_loss", p.loss, "total_steps",
                                  (json_int_t)p.total_steps, "learning_rate", p.lr,
                                  "tokens_per_second", tps);
-        if (!isnan(p.valid_loss))
+        if (!isnan(p.valid_loss) && p.valid_step == p.step) /* evaluated after this step */
             json_object_set_new(data, "valid_loss", json_real(p.valid_loss));
         pthread_mutex_lock(&j->lock);
         snprintf(msg, sizeof(msg), "Step %lld/%lld: training loss=%.4f", (long long)p.step,

@@ -389,13 +389,12 @@ int ad_trainer_step(struct ad_trainer *t, struct ad_train_progress *p, struct ad
     t->last_norm = norm;
     t->step++;
     t->seconds += ad_now() - t0;
-    if (t->valid && t->o.eval_every > 0 && t->step % t->o.eval_every == 0 &&
-        (r = ad_trainer_eval(t, &t->valid_loss, err)) < 0)
-        return r;
     bool epoch_end = t->pos >= t->train->n;
-    if (t->valid && t->o.eval_every == 0 && epoch_end &&
-        (r = ad_trainer_eval(t, &t->valid_loss, err)) < 0)
-        return r;
+    if (t->valid && (t->o.eval_every > 0 ? t->step % t->o.eval_every == 0 : epoch_end)) {
+        if ((r = ad_trainer_eval(t, &t->valid_loss, err)) < 0)
+            return r;
+        t->valid_step = t->step;
+    }
     if (p)
         ad_trainer_progress(t, p);
     return t->step >= t->total_steps;
@@ -440,6 +439,7 @@ void ad_trainer_progress(const struct ad_trainer *t, struct ad_train_progress *p
     *p = (struct ad_train_progress){.step = t->step, .total_steps = t->total_steps,
                                     .epoch = t->epoch < 0 ? 0 : t->epoch, .loss = t->last_loss,
                                     .lr = t->last_lr, .grad_norm = t->last_norm,
-                                    .valid_loss = t->valid_loss, .tokens = t->tokens,
+                                    .valid_loss = t->valid_loss,
+                                    .valid_step = t->valid_step, .tokens = t->tokens,
                                     .seconds = t->seconds};
 }

@@ -243,7 +243,9 @@ const tests = [
         const first = mean(steps.slice(0, 5).map((e) => e.data.train_loss));
         const last = mean(steps.slice(-5).map((e) => e.data.train_loss));
         assert.ok(last < 0.5 * first, `the loss fell from ${first} to ${last}`);
-        assert.ok(evs.some((e) => e.data.valid_loss !== undefined), 'validation loss reported');
+        /* a validation loss where an evaluation ran (eval_every 5), and only there */
+        assert.deepEqual(steps.filter((e) => e.data.valid_loss !== undefined).map((e) => e.data.step),
+                         [5, 10, 15, 20, 25, 30]);
         assert.match(evs.at(-1).message, /success/i);
 
         const ck = await c.fineTuning.jobs.checkpoints.list(job.id);
