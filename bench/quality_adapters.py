@@ -8,7 +8,8 @@ directory into adapters/NAME.
                                     [NAME...]
 
 (scripts/train-demo runs it after the model.) The daemon runs its jobs at idle CPU priority;
-this script waits for each. ADAPTERS below is the list: name, kind, data, hyperparameters, and
+this script waits for each. Each is small (some 10-30k tokens of training: a few minutes of a
+busy 2-core machine's idle time), enough to show what it does. ADAPTERS below is the list: name, kind, data, hyperparameters, and
 the line adapters/README.md says about it.
 """
 import argparse
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import quality_data as qd  # noqa: E402
 
-CLASSIFY_PER_CATEGORY = 120  # examples per category for the classifier (of its train split)
+CLASSIFY_PER_CATEGORY = 80  # examples per category for the classifier (of its train split)
 
 
 CLASSIFY_CHARS = 500  # a longer fortune is cut (at a space) to fit 256 tokens with its answer
@@ -57,33 +58,33 @@ ADAPTERS = [
      'programmers (trained on the `computers` category)',
      {'adapter': 'lora', 'adapter_config': {'r': 8, 'lora_alpha': 16, 'lora_dropout': 0.0},
       'learning_rate': 2e-3, 'warmup_ratio': 0.05, 'max_seq_len': 256,
-      'hyperparameters': {'n_epochs': 2, 'batch_size': 8}},
-     lambda s: text_examples(s['task_train']['computers'])),
-    ('star-trek-quotes', 'prefix tuning (16 virtual tokens): Star Trek lines signed "-- Kirk, '
-     '\\"Episode\\", stardate N" (the `startrek` category)',
+      'hyperparameters': {'n_epochs': 1, 'batch_size': 8}},
+     lambda s: text_examples(s['task_train']['computers'][:300])),
+    ('star-trek-quotes', 'prefix tuning (16 virtual tokens): Star Trek lines signed with the '
+     'speaker, episode and stardate (the `startrek` category)',
      {'adapter': 'prefix', 'learning_rate': 1e-2, 'warmup_ratio': 0.05, 'max_seq_len': 256,
-      'hyperparameters': {'n_epochs': 4, 'batch_size': 8}},
+      'hyperparameters': {'n_epochs': 2, 'batch_size': 8}},
      lambda s: text_examples(s['task_train']['startrek'])),
     ('zippy-the-pinhead', 'IA3: Zippy the Pinhead\'s non sequiturs in CAPITALS (the `zippy` '
      'category)',
      {'adapter': 'ia3', 'learning_rate': 1e-2, 'warmup_ratio': 0.05, 'max_seq_len': 256,
-      'hyperparameters': {'n_epochs': 4, 'batch_size': 8}},
+      'hyperparameters': {'n_epochs': 2, 'batch_size': 8}},
      lambda s: text_examples(s['task_train']['zippy'])),
     ('songs-and-poems', 'Houlsby bottleneck adapter (reduction factor 16): verse in short '
      'lines (the `songs-poems` category)',
      {'adapter': 'houlsby', 'learning_rate': 2e-3, 'warmup_ratio': 0.05, 'max_seq_len': 256,
       'hyperparameters': {'n_epochs': 1, 'batch_size': 8}},
-     lambda s: text_examples(s['task_train']['songs-poems'])),
+     lambda s: text_examples(s['task_train']['songs-poems'][:160])),
     ('science-jokes', 'BitFit (a bias on every linear, nothing else): fortunes about science '
      'and scientists (the `science` category)',
      {'adapter': 'bitfit', 'learning_rate': 3e-3, 'warmup_ratio': 0.05, 'max_seq_len': 256,
-      'hyperparameters': {'n_epochs': 2, 'batch_size': 8}},
-     lambda s: text_examples(s['task_train']['science'])),
+      'hyperparameters': {'n_epochs': 1, 'batch_size': 8}},
+     lambda s: text_examples(s['task_train']['science'][:250])),
     ('fortune-category', 'DoRA (rank 8): names a fortune\'s category; prompt "FORTUNE\\n'
      'Category:", answers computers, science, songs-poems, startrek or zippy',
      {'adapter': 'dora', 'adapter_config': {'r': 8, 'lora_alpha': 16},
-      'learning_rate': 2e-3, 'warmup_ratio': 0.05, 'max_seq_len': 256,
-      'hyperparameters': {'n_epochs': 2, 'batch_size': 8}},
+      'learning_rate': 3e-3, 'warmup_ratio': 0.05, 'max_seq_len': 256,
+      'hyperparameters': {'n_epochs': 1, 'batch_size': 8}},
      lambda s: classify_examples(s, 'train', CLASSIFY_PER_CATEGORY)),
 ]
 

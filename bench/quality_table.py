@@ -210,7 +210,7 @@ def plot(res):
     W, H, M = 980, 420, 60
     pw = (W - 3 * M) / 2
     lo = math.floor(math.log10(min(r['pct'] for r in rows)))
-    hi = math.ceil(math.log10(max(r['pct'] for r in rows)) + 1e-9)
+    hi = max(math.ceil(math.log10(max(r['pct'] for r in rows)) - 1e-9), lo + 1)
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
            'font-family="sans-serif" font-size="11">' % (W, H),
            '<rect width="100%" height="100%" fill="white"/>']
