@@ -168,3 +168,68 @@ ADC_API int adc_chat_stream(struct adc_client *c, const struct json_t *request,
  * path with body (borrowed, sent as it is). */
 ADC_API int adc_stream(struct adc_client *c, const char *path, const struct json_t *body,
                        adc_event_fn on_event, void *ud, struct adc_error *err);
+
+/* ==========================================================================================
+ * Fine-tuning: OpenAI's files and fine-tuning jobs (the server's README, "Fine-tuning"). Ids are
+ * the server's ("file-...", "ftjob-..."). A list is {"object": "list", "data": [...],
+ * "has_more"}, newest first; after (NULL: from the newest) is the id of the last element of the
+ * previous page, limit (0: the server's default, 20; at most 100) its size. */
+
+/* POST /v1/files, multipart: purpose=fine-tune and file = the JSONL file at path, streamed from
+ * disk. progress (may be NULL) sees the bytes of the body sent. The server checks every line as
+ * it arrives and keeps nothing of a refused file (400 "line N: reason"; 413 over its size
+ * limit). *ret (may be NULL) is the file object {"id", "bytes", "filename", ...}. Returns 0 or
+ * -errno (-ENOENT, -EISDIR: path is no readable file). */
+ADC_API int adc_file_upload(struct adc_client *c, const char *path, adc_progress_fn progress,
+                            void *ud, struct json_t **ret, struct adc_error *err);
+/* GET /v1/files (a list), GET /v1/files/{id}, DELETE /v1/files/{id} (*ret: {"id", "object",
+ * "deleted": true}; refused with 409, -EEXIST, while a job that has not ended uses the file). */
+ADC_API int adc_files_list(struct adc_client *c, struct json_t **ret, struct adc_error *err);
+ADC_API int adc_file_get(struct adc_client *c, const char *id, struct json_t **ret,
+                         struct adc_error *err);
+ADC_API int adc_file_delete(struct adc_client *c, const char *id, struct json_t **ret,
+                            struct adc_error *err);
+
+/* POST /v1/fine_tuning/jobs with request, the API's JSON ({"model", "training_file",
+ * "validation_file", "suffix", "seed", "method": {"type": "supervised", "supervised": {"adapter",
+ * "adapter_config", "hyperparameters": {"n_epochs", "batch_size", "learning_rate_multiplier"},
+ * "learning_rate", "max_seq_len", ...}}}). *ret is the job {"id", "status", ...}, queued. */
+ADC_API int adc_job_create(struct adc_client *c, const struct json_t *request, struct json_t **ret,
+                           struct adc_error *err);
+/* GET /v1/fine_tuning/jobs: a list of jobs. */
+ADC_API int adc_jobs_list(struct adc_client *c, const char *after, int limit, struct json_t **ret,
+                          struct adc_error *err);
+/* GET /v1/fine_tuning/jobs/{id}: the job. status is "validating_files", "queued", "running",
+ * "paused", "succeeded" (fine_tuned_model: the adapter, served), "failed" (error: {"code",
+ * "message"}) or "cancelled". */
+ADC_API int adc_job_get(struct adc_client *c, const char *id, struct json_t **ret,
+                        struct adc_error *err);
+/* GET .../{id}/events: a list of events {"id", "created_at", "level", "message", "type",
+ * "data"}; type "metrics" has data {"step", "total_steps", "train_loss", "valid_loss" (after an
+ * evaluation), "learning_rate", "tokens_per_second"}. */
+ADC_API int adc_job_events(struct adc_client *c, const char *id, const char *after, int limit,
+                           struct json_t **ret, struct adc_error *err);
+/* GET .../{id}/checkpoints: a list of checkpoints {"fine_tuned_model_checkpoint" (served as an
+ * adapter), "step_number", "metrics"}. */
+ADC_API int adc_job_checkpoints(struct adc_client *c, const char *id, const char *after, int limit,
+                                struct json_t **ret, struct adc_error *err);
+/* POST .../{id}/cancel, /pause (a queued or running job; a running one checkpoints first),
+ * /resume (a paused job, queued again). *ret (may be NULL) is the job after it; a job whose
+ * status does not allow it is a 400, -EINVAL. A running job answers after its current step. */
+ADC_API int adc_job_cancel(struct adc_client *c, const char *id, struct json_t **ret,
+                           struct adc_error *err);
+ADC_API int adc_job_pause(struct adc_client *c, const char *id, struct json_t **ret,
+                          struct adc_error *err);
+ADC_API int adc_job_resume(struct adc_client *c, const char *id, struct json_t **ret,
+                           struct adc_error *err);
+
+/* Called with each event of a followed job (borrowed until it returns). A non-zero return stops
+ * following: the call returns -ECANCELED. */
+typedef int (*adc_job_event_fn)(void *ud, const struct json_t *event);
+/* GET .../{id}/events?stream=true: every event of the job from its first, oldest first, as the
+ * server sends them (a paused job's stream stays open), until the job has succeeded, failed or
+ * been cancelled. Returns 0 then (adc_job_get() says how it ended), -ECANCELED (on_event, or
+ * adc_client_cancel(): the job goes on), -EPROTO (the stream broke off, e.g. the server
+ * stopped), or the error of the request (-ENOENT: no such job). */
+ADC_API int adc_job_follow(struct adc_client *c, const char *id, adc_job_event_fn on_event,
+                           void *ud, struct adc_error *err);

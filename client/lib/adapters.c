@@ -15,29 +15,6 @@
 #define PEFT_WEIGHTS "adapter_model.safetensors"
 #define HUB_WEIGHTS "adapter.safetensors" /* AdapterHub's save_adapter(use_safetensors=True) */
 
-/* 0 if dir/name is a regular file we can read, else -errno with err naming it. */
-static int readable(const char *path, struct adc_error *err)
-{
-    struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    int rc = fd < 0 ? -errno : fstat(fd, &st) < 0 ? -errno : S_ISREG(st.st_mode) ? 0 : -EISDIR;
-    if (fd >= 0)
-        close(fd);
-    if (rc < 0)
-        return adcp_error(err, rc, 0, "%s: %s", path,
-                          rc == -EISDIR ? "not a regular file" : strerror(-rc));
-    return 0;
-}
-
-static int add_part(curl_mime *mime, const char *name, const char *path, const char *type)
-{
-    curl_mimepart *part = curl_mime_addpart(mime);
-    if (!part || curl_mime_name(part, name) != CURLE_OK ||
-        curl_mime_filedata(part, path) != CURLE_OK || curl_mime_type(part, type) != CURLE_OK)
-        return -ENOMEM;
-    return 0;
-}
-
 int adc_adapter_upload(struct adc_client *c, const char *name, const char *dir,
                        adc_progress_fn progress, void *ud, json_t **ret, struct adc_error *err)
 {
@@ -56,15 +33,15 @@ int adc_adapter_upload(struct adc_client *c, const char *name, const char *dir,
                 err, -ENOENT, 0,
                 "%s: holds neither " PEFT_WEIGHTS " (PEFT) nor " HUB_WEIGHTS " (AdapterHub)", dir);
     }
-    rc = readable(config, err);
+    rc = adcp_readable(config, err);
     if (rc >= 0)
-        rc = readable(weights, err);
+        rc = adcp_readable(weights, err);
     if (rc < 0)
         return rc;
     mime = curl_mime_init(c->curl);
-    path = adcp_adapter_path(c, name, "");
-    if (!mime || !path || add_part(mime, "config", config, "application/json") < 0 ||
-        add_part(mime, "weights", weights, "application/octet-stream") < 0) {
+    path = adcp_path(c, "/v1/adapters/", name, "");
+    if (!mime || !path || adcp_mime_file(mime, "config", config, "application/json") < 0 ||
+        adcp_mime_file(mime, "weights", weights, "application/octet-stream") < 0) {
         rc = adcp_error(err, -ENOMEM, 0, "out of memory");
         goto out;
     }
@@ -116,7 +93,7 @@ static int fetch(struct adc_client *c, const char *name, const char *remote, con
                           .sink_ud = &f,
                           .progress = progress,
                           .progress_ud = ud};
-    char *path = adcp_adapter_path(c, name, suffix);
+    char *path = adcp_path(c, "/v1/adapters/", name, suffix);
     int rc;
 
     if (!path)

@@ -3,10 +3,13 @@
 #include "adapterd-client.h" /* first: the header compiles alone */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -411,17 +414,39 @@ void adcp_call_fini(struct adcp_call *k)
     k->answer.len = k->answer.cap = 0;
 }
 
-char *adcp_adapter_path(struct adc_client *c, const char *name, const char *suffix)
+char *adcp_path(struct adc_client *c, const char *prefix, const char *name, const char *suffix)
 {
     char *esc = curl_easy_escape(c->curl, name, 0);
     if (!esc)
         return NULL;
-    size_t len = strlen("/v1/adapters/") + strlen(esc) + strlen(suffix) + 1;
+    size_t len = strlen(prefix) + strlen(esc) + strlen(suffix) + 1;
     char *p = malloc(len);
     if (p)
-        snprintf(p, len, "/v1/adapters/%s%s", esc, suffix);
+        snprintf(p, len, "%s%s%s", prefix, esc, suffix);
     curl_free(esc);
     return p;
+}
+
+int adcp_readable(const char *path, struct adc_error *err)
+{
+    struct stat st;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc = fd < 0 ? -errno : fstat(fd, &st) < 0 ? -errno : S_ISREG(st.st_mode) ? 0 : -EISDIR;
+    if (fd >= 0)
+        close(fd);
+    if (rc < 0)
+        return adcp_error(err, rc, 0, "%s: %s", path,
+                          rc == -EISDIR ? "not a regular file" : strerror(-rc));
+    return 0;
+}
+
+int adcp_mime_file(curl_mime *mime, const char *name, const char *path, const char *type)
+{
+    curl_mimepart *part = curl_mime_addpart(mime);
+    if (!part || curl_mime_name(part, name) != CURLE_OK ||
+        curl_mime_filedata(part, path) != CURLE_OK || curl_mime_type(part, type) != CURLE_OK)
+        return -ENOMEM;
+    return 0;
 }
 
 json_t *adcp_with_stream(const json_t *request, bool stream, int *ret_rc)
@@ -563,7 +588,7 @@ int adc_adapters_list(struct adc_client *c, json_t **ret, struct adc_error *err)
 static int adapter_call(struct adc_client *c, const char *method, const char *name, json_t **ret,
                         struct adc_error *err)
 {
-    char *path = adcp_adapter_path(c, name, "");
+    char *path = adcp_path(c, "/v1/adapters/", name, "");
     if (!path)
         return adcp_error(err, -ENOMEM, 0, "out of memory");
     int rc = adc_request(c, method, path, NULL, ret, err);

@@ -65,8 +65,24 @@ void adcp_call_fini(struct adcp_call *k);
 int adcp_json_call(struct adc_client *c, struct adcp_call *k, const json_t *body, json_t **ret,
                    struct adc_error *err);
 
-/* "/v1/adapters/<name escaped><suffix>" into a new string (free() it), or NULL. */
-char *adcp_adapter_path(struct adc_client *c, const char *name, const char *suffix);
+/* "<prefix><name escaped><suffix>" ("/v1/adapters/", name, "/files/x") into a new string
+ * (free() it), or NULL. */
+char *adcp_path(struct adc_client *c, const char *prefix, const char *name, const char *suffix);
+
+/* 0 if path is a regular file we can read, else -errno with err naming it. */
+int adcp_readable(const char *path, struct adc_error *err);
+/* Adds a part `name` streamed from the file at path, of this content type, to mime: 0 or
+ * -ENOMEM. */
+int adcp_mime_file(curl_mime *mime, const char *name, const char *path, const char *type);
+
+/* Called with each event's JSON object (borrowed); a return < 0 (err filled) stops the stream. */
+typedef int (*adcp_json_fn)(void *ud, json_t *obj, struct adc_error *err);
+/* Runs k (method, path and body set; accept and sink are set here) as a stream of server-sent
+ * events: on_json gets each "data: {json}" event until "data: [DONE]". Returns 0 after [DONE],
+ * on_json's error, -EPROTO (an event that is not a JSON object, or the end before [DONE]), or
+ * adcp_perform's. The caller still calls adcp_call_fini(k). */
+int adcp_sse(struct adc_client *c, struct adcp_call *k, adcp_json_fn on_json, void *ud,
+             struct adc_error *err);
 
 /* Fills err (if not NULL) and returns rc, so that `return adcp_error(err, -EINVAL, 0, ...)`
  * reads as one statement. status is the HTTP status (0: no answer). */

@@ -1,5 +1,6 @@
-/* Completions, whole or streamed: the server-sent events parser ("data: {json}" lines, a blank
- * line ending each event, "data: [DONE]" ending the stream) and one callback per choice. */
+/* Server-sent events: the parser ("data: {json}" lines, a blank line ending each event,
+ * "data: [DONE]" ending the stream) under any route that answers them, and the completion routes,
+ * whole or streamed with one callback per choice. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,40 +13,10 @@ struct sse {
     struct adcp_buf line; /* the line read so far */
     struct adcp_buf data; /* the event's data lines, joined by '\n' */
     bool done;            /* "data: [DONE]" came */
-    adc_event_fn on_event;
+    adcp_json_fn on_json;
     void *ud;
     struct adc_error *err;
 };
-
-/* One event's JSON: an error event, or a chunk with one callback per choice. */
-static int sse_chunk(struct sse *s, json_t *chunk)
-{
-    json_t *error = json_object_get(chunk, "error");
-    if (error) {
-        json_t *code = json_is_object(error) ? json_object_get(error, "code") : NULL;
-        return adcp_error_object(s->err, json_is_integer(code) ? json_integer_value(code) : 500,
-                                 error);
-    }
-    json_t *choices = json_object_get(chunk, "choices"), *usage = json_object_get(chunk, "usage");
-    size_t n = json_array_size(choices);
-    for (size_t i = 0; i < (n ? n : 1); i++) {
-        json_t *ch = json_array_get(choices, i);
-        json_t *text = json_object_get(ch, "text"), *index = json_object_get(ch, "index");
-        if (!text)
-            text = json_object_get(json_object_get(ch, "delta"), "content");
-        struct adc_event ev = {
-            .index = ch ? (json_is_integer(index) ? (int)json_integer_value(index) : (int)i) : -1,
-            .text = json_is_string(text) ? json_string_value(text) : "",
-            .len = json_is_string(text) ? json_string_length(text) : 0,
-            .finish_reason = json_string_value(json_object_get(ch, "finish_reason")),
-            .usage = json_is_object(usage) ? usage : NULL,
-            .chunk = chunk,
-        };
-        if (s->on_event(s->ud, &ev))
-            return adcp_error(s->err, -ECANCELED, 200, "stopped by the event callback");
-    }
-    return 0;
-}
 
 /* The end of an event (a blank line). */
 static int sse_dispatch(struct sse *s)
@@ -63,7 +34,7 @@ static int sse_dispatch(struct sse *s)
         rc = adcp_error(s->err, -EPROTO, 200, "an event is not a JSON object (%s): %.100s",
                         chunk ? "another value" : jerr.text, s->data.data);
     else
-        rc = sse_chunk(s, chunk);
+        rc = s->on_json(s->ud, chunk, s->err);
     json_decref(chunk);
 out:
     s->data.len = 0;
@@ -125,36 +96,79 @@ static int sse_feed(void *ud, const char *data, size_t n)
     return 0;
 }
 
-int adc_stream(struct adc_client *c, const char *path, const json_t *body, adc_event_fn on_event,
-               void *ud, struct adc_error *err)
+int adcp_sse(struct adc_client *c, struct adcp_call *k, adcp_json_fn on_json, void *ud,
+             struct adc_error *err)
 {
-    struct sse s = {.on_event = on_event, .ud = ud, .err = err};
-    struct adcp_call k = {.method = "POST",
-                          .path = path,
-                          .accept = "text/event-stream",
-                          .sink = sse_feed,
-                          .sink_ud = &s};
-    char *text = json_dumps(body, JSON_COMPACT);
-    if (!text)
-        return adcp_error(err, -EINVAL, 0, "the request cannot be written as JSON");
-    k.body = text;
-    k.body_len = strlen(text);
-    int rc = adcp_perform(c, &k, err);
+    struct sse s = {.on_json = on_json, .ud = ud, .err = err};
+    k->accept = "text/event-stream";
+    k->sink = sse_feed;
+    k->sink_ud = &s;
+    int rc = adcp_perform(c, k, err);
     if (rc >= 0 && !s.done && s.line.len) /* a last line without its '\n' */
         rc = sse_line(&s, s.line.data, s.line.len);
     if (rc >= 0 && !s.done)
         rc = sse_dispatch(&s);
     if (rc >= 0 && !s.done)
-        rc = adcp_error(err, -EPROTO, k.status, "the stream ended before \"data: [DONE]\"");
-    adcp_call_fini(&k);
+        rc = adcp_error(err, -EPROTO, k->status, "the stream ended before \"data: [DONE]\"");
     free(s.line.data);
     free(s.data.data);
-    free(text);
     return rc;
 }
 
 /* ==========================================================================================
  * The completion routes */
+
+struct choices {
+    adc_event_fn on_event;
+    void *ud;
+};
+
+/* One event's JSON: an error event, or a chunk with one callback per choice. */
+static int on_chunk(void *ud, json_t *chunk, struct adc_error *err)
+{
+    struct choices *cb = ud;
+    json_t *error = json_object_get(chunk, "error");
+    if (error) {
+        json_t *code = json_is_object(error) ? json_object_get(error, "code") : NULL;
+        return adcp_error_object(err, json_is_integer(code) ? json_integer_value(code) : 500,
+                                 error);
+    }
+    json_t *choices = json_object_get(chunk, "choices"), *usage = json_object_get(chunk, "usage");
+    size_t n = json_array_size(choices);
+    for (size_t i = 0; i < (n ? n : 1); i++) {
+        json_t *ch = json_array_get(choices, i);
+        json_t *text = json_object_get(ch, "text"), *index = json_object_get(ch, "index");
+        if (!text)
+            text = json_object_get(json_object_get(ch, "delta"), "content");
+        struct adc_event ev = {
+            .index = ch ? (json_is_integer(index) ? (int)json_integer_value(index) : (int)i) : -1,
+            .text = json_is_string(text) ? json_string_value(text) : "",
+            .len = json_is_string(text) ? json_string_length(text) : 0,
+            .finish_reason = json_string_value(json_object_get(ch, "finish_reason")),
+            .usage = json_is_object(usage) ? usage : NULL,
+            .chunk = chunk,
+        };
+        if (cb->on_event(cb->ud, &ev))
+            return adcp_error(err, -ECANCELED, 200, "stopped by the event callback");
+    }
+    return 0;
+}
+
+int adc_stream(struct adc_client *c, const char *path, const json_t *body, adc_event_fn on_event,
+               void *ud, struct adc_error *err)
+{
+    struct choices cb = {.on_event = on_event, .ud = ud};
+    struct adcp_call k = {.method = "POST", .path = path};
+    char *text = json_dumps(body, JSON_COMPACT);
+    if (!text)
+        return adcp_error(err, -EINVAL, 0, "the request cannot be written as JSON");
+    k.body = text;
+    k.body_len = strlen(text);
+    int rc = adcp_sse(c, &k, on_chunk, &cb, err);
+    adcp_call_fini(&k);
+    free(text);
+    return rc;
+}
 
 static int generate(struct adc_client *c, const char *path, const json_t *request, json_t **ret,
                     adc_event_fn on_event, void *ud, struct adc_error *err)
