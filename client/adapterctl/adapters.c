@@ -5,42 +5,6 @@
 
 #include "ctl.h"
 
-/* A cell of a table: the value as text (numbers as they are, sizes human), or NULL. */
-static char *cell(const json_t *v, bool size)
-{
-    char buf[64];
-    if (json_is_string(v))
-        return strdup(json_string_value(v));
-    if (size && json_is_number(v))
-        ctl_human_bytes(buf, sizeof(buf), json_number_value(v));
-    else if (json_is_integer(v))
-        snprintf(buf, sizeof(buf), "%lld", (long long)json_integer_value(v));
-    else if (json_is_boolean(v))
-        snprintf(buf, sizeof(buf), "%s", json_is_true(v) ? "yes" : "no");
-    else
-        return NULL;
-    return strdup(buf);
-}
-
-/* Prints list.data as a table of the given fields ("bytes" as a human size). */
-static void print_list(const json_t *list, const char *const *fields, const char *const *head,
-                       size_t n_cols)
-{
-    json_t *data = json_object_get(list, "data");
-    size_t n = json_array_size(data);
-    char **cells = calloc(n * n_cols + 1, sizeof(char *));
-    if (!cells)
-        return;
-    for (size_t r = 0; r < n; r++)
-        for (size_t c = 0; c < n_cols; c++)
-            cells[r * n_cols + c] = cell(json_object_get(json_array_get(data, r), fields[c]),
-                                         !strcmp(fields[c], "bytes"));
-    ctl_table(head, n_cols, cells, n);
-    for (size_t i = 0; i < n * n_cols; i++)
-        free(cells[i]);
-    free(cells);
-}
-
 /* A list route: --json prints it whole, else as a table. */
 static int list(struct ctl *ctl, int (*get)(struct adc_client *, json_t **, struct adc_error *),
                 const char *const *fields, const char *const *head, size_t n_cols)
@@ -55,7 +19,7 @@ static int list(struct ctl *ctl, int (*get)(struct adc_client *, json_t **, stru
     if (ctl->json)
         ctl_print_json(j);
     else
-        print_list(j, fields, head, n_cols);
+        ctl_print_list(j, fields, head, n_cols);
     json_decref(j);
     return CTL_OK;
 }
@@ -85,32 +49,10 @@ const struct ctl_command ctl_models = {
 static int show(struct ctl *ctl, struct adc_client *c, const char *name)
 {
     struct adc_error e;
-    json_t *a, *v;
-    const char *key;
-    size_t width = 0;
-
+    json_t *a;
     if (adc_adapter_get(c, name, &a, &e) < 0)
         return ctl_fail(ctl, &e);
-    if (ctl->json) {
-        ctl_print_json(a);
-        json_decref(a);
-        return CTL_OK;
-    }
-    json_object_foreach(a, key, v) width = strlen(key) > width ? strlen(key) : width;
-    json_object_foreach(a, key, v)
-    {
-        char *text = cell(v, false), size[40] = "", human[32];
-        if (!strcmp(key, "bytes") && json_is_number(v)) {
-            ctl_human_bytes(human, sizeof(human), json_number_value(v));
-            snprintf(size, sizeof(size), " (%s)", human);
-        }
-        char *dump = text ? NULL : json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-        printf("%-*s  %s%s\n", (int)width + 1, key, text ? text : dump ? dump : "", size);
-        free(text);
-        free(dump);
-    }
-    json_decref(a);
-    return CTL_OK;
+    return ctl_answer(ctl, a, ctl_print_fields);
 }
 
 static int adapters_run(struct ctl *ctl, int argc, char **argv)

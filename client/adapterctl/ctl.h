@@ -36,7 +36,7 @@ struct ctl_command {
 };
 
 extern const struct ctl_command ctl_models, ctl_adapters, ctl_upload, ctl_complete, ctl_chat,
-    ctl_tokenize, ctl_health, ctl_metrics;
+    ctl_tokenize, ctl_health, ctl_metrics, ctl_train, ctl_jobs, ctl_files;
 
 /* The options every command takes (main.c); a command's own are letters or >= OPT_OWN. */
 enum { OPT_URL = 0x100, OPT_API_KEY, OPT_JSON, OPT_OWN = 0x200 };
@@ -83,11 +83,41 @@ char *ctl_text(int argc, char **argv);
 /* Output */
 /* o[key] if it is a string, else dflt (borrowed from o). */
 const char *ctl_str(const json_t *o, const char *key, const char *dflt);
-void ctl_print_json(const json_t *j); /* indented, on stdout, with a newline */
+void ctl_print_json(const json_t *j);      /* indented, on stdout, with a newline */
+void ctl_print_json_line(const json_t *j); /* compact, one line (JSON Lines) */
+/* An answer j (stolen): --json prints it as it is, else print does; returns CTL_OK. */
+int ctl_answer(struct ctl *ctl, json_t *j, void (*print)(const json_t *));
 /* "512 B", "128.0 KiB", "1.2 MiB", "3.4 GiB" (1024-based) */
 void ctl_human_bytes(char *buf, size_t size, double bytes);
+/* Local time "2025-01-31 12:34:56" of t, seconds since the epoch. */
+void ctl_human_time(char *buf, size_t size, double t);
+/* A cell of a table or a field's value for people: strings as they are, integers, reals (the
+ * fewest digits that read back the same),
+ * booleans yes/no; a key ("bytes", or a path ending in it) names sizes (human) and times
+ * ("created_at", "*_at", "estimated_finish": local time) and losses ("*loss": 4 decimals).
+ * New string, or NULL (no value, or an
+ * object or array). */
+char *ctl_cell(const json_t *v, const char *key);
+/* Prints list.data as a table: a column per field (a key, or a path "metrics.train_loss"),
+ * cells as ctl_cell() writes them. */
+void ctl_print_list(const json_t *list, const char *const *fields, const char *const *head,
+                    size_t n_cols);
+/* Prints each field of object o on a line, "key  value": the value as ctl_cell() writes it
+ * without a key (objects, arrays and null as compact JSON), then its human form when that
+ * differs ("bytes  2048 (2.0 KiB)", "created_at  1767225600 (2026-01-01 00:00:00)"). */
+void ctl_print_fields(const json_t *o);
 /* Prints rows of n_cols cells (row-major; NULL cells print "-") under head, aligned. */
 void ctl_table(const char *const *head, size_t n_cols, char *const *cells, size_t n_rows);
+
+/* Seconds of the monotonic clock. */
+double ctl_now(void);
+
+/* Follows job id to its end (train --follow, jobs events ID --follow): on a terminal (stderr,
+ * without --json) a progress bar of its metrics with its other events as lines on stderr, else
+ * a line per event on stdout (--json: the event's JSON); then how it ended (--json: the job's
+ * JSON). Returns the exit status: CTL_OK when it succeeded, CTL_FAILED when it failed or was
+ * cancelled (the error on stderr), CTL_INTERRUPTED after SIGINT (the job goes on). */
+int ctl_follow(struct ctl *ctl, struct adc_client *c, const char *id);
 
 /* A progress bar on stderr, for adc_progress_fn: "  12.0 MiB / 45.6 MiB  26%  8.1 MiB/s".
  * Give it to the library only when stderr is a terminal (ctl_progress_wanted). */

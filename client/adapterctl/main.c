@@ -4,8 +4,8 @@
  *   adapterctl [--url URL] [--api-key KEY] [--json] COMMAND [OPTIONS] [OPERANDS]
  *
  * Each command lives in its own file: models and adapters (adapters.c), completions and the
- * tokenizer (generate.c), health and metrics (status.c). The fine-tuning commands (files, jobs,
- * train) will join the table the same way. */
+ * tokenizer (generate.c), health and metrics (status.c), fine-tuning: train and following a
+ * job (train.c), jobs and files (jobs.c). */
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -22,8 +22,8 @@
 #define MAX_STDIN ((size_t)16 << 20)
 
 static const struct ctl_command *const commands[] = {
-    &ctl_models, &ctl_adapters, &ctl_upload, &ctl_complete,
-    &ctl_chat,   &ctl_tokenize, &ctl_health, &ctl_metrics,
+    &ctl_models, &ctl_adapters, &ctl_upload, &ctl_complete, &ctl_chat,  &ctl_tokenize,
+    &ctl_health, &ctl_metrics,  &ctl_train,  &ctl_jobs,     &ctl_files,
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
@@ -267,6 +267,24 @@ void ctl_print_json(const json_t *j)
     free(text);
 }
 
+int ctl_answer(struct ctl *ctl, json_t *j, void (*print)(const json_t *))
+{
+    if (ctl->json)
+        ctl_print_json(j);
+    else
+        print(j);
+    json_decref(j);
+    return CTL_OK;
+}
+
+void ctl_print_json_line(const json_t *j)
+{
+    char *text = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY);
+    if (text)
+        printf("%s\n", text);
+    free(text);
+}
+
 void ctl_human_bytes(char *buf, size_t size, double bytes)
 {
     static const char *const units[] = {"KiB", "MiB", "GiB", "TiB"};
@@ -280,6 +298,100 @@ void ctl_human_bytes(char *buf, size_t size, double bytes)
         u++;
     }
     snprintf(buf, size, "%.1f %s", bytes, units[u]);
+}
+
+void ctl_human_time(char *buf, size_t size, double t)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+    if (!localtime_r(&tt, &tm) || !strftime(buf, size, "%Y-%m-%d %H:%M:%S", &tm))
+        snprintf(buf, size, "%.0f", t);
+}
+
+/* A field of o by its path ("metrics.train_loss"), or NULL. */
+static json_t *field(const json_t *o, const char *path)
+{
+    char key[64];
+    for (;;) {
+        const char *dot = strchr(path, '.');
+        if (!dot)
+            return json_object_get(o, path);
+        snprintf(key, sizeof(key), "%.*s", (int)(dot - path), path);
+        o = json_object_get(o, key);
+        path = dot + 1;
+    }
+}
+
+/* Is key a time in seconds since the epoch? (OpenAI's "created_at", "finished_at", ...) */
+static bool is_time(const char *key)
+{
+    size_t n = strlen(key);
+    return (n > 3 && !strcmp(key + n - 3, "_at")) || !strcmp(key, "estimated_finish");
+}
+
+char *ctl_cell(const json_t *v, const char *key)
+{
+    char buf[64];
+    const char *last = strrchr(key, '.');
+    last = last ? last + 1 : key;
+    if (json_is_string(v))
+        return strdup(json_string_value(v));
+    if (!strcmp(last, "bytes") && json_is_number(v))
+        ctl_human_bytes(buf, sizeof(buf), json_number_value(v));
+    else if (is_time(last) && json_is_integer(v))
+        ctl_human_time(buf, sizeof(buf), json_number_value(v));
+    else if (json_is_integer(v))
+        snprintf(buf, sizeof(buf), "%lld", (long long)json_integer_value(v));
+    else if (json_is_number(v) && strlen(last) >= 4 && !strcmp(last + strlen(last) - 4, "loss"))
+        snprintf(buf, sizeof(buf), "%.4f", json_number_value(v));
+    else if (json_is_real(v)) /* the fewest digits that read back as the same number */
+        for (int prec = 1; prec <= 17; prec++) {
+            snprintf(buf, sizeof(buf), "%.*g", prec, json_real_value(v));
+            if (strtod(buf, NULL) == json_real_value(v))
+                break;
+        }
+    else if (json_is_boolean(v))
+        snprintf(buf, sizeof(buf), "%s", json_is_true(v) ? "yes" : "no");
+    else
+        return NULL;
+    return strdup(buf);
+}
+
+void ctl_print_list(const json_t *list, const char *const *fields, const char *const *head,
+                    size_t n_cols)
+{
+    json_t *data = json_object_get(list, "data");
+    size_t n = json_array_size(data);
+    char **cells = calloc(n * n_cols + 1, sizeof(char *));
+    if (!cells)
+        return;
+    for (size_t r = 0; r < n; r++)
+        for (size_t c = 0; c < n_cols; c++)
+            cells[r * n_cols + c] = ctl_cell(field(json_array_get(data, r), fields[c]), fields[c]);
+    ctl_table(head, n_cols, cells, n);
+    for (size_t i = 0; i < n * n_cols; i++)
+        free(cells[i]);
+    free(cells);
+}
+
+void ctl_print_fields(const json_t *o)
+{
+    const char *key;
+    json_t *v;
+    size_t width = 0;
+    json_object_foreach((json_t *)o, key, v) width = strlen(key) > width ? strlen(key) : width;
+    json_object_foreach((json_t *)o, key, v)
+    {
+        char *text = ctl_cell(v, ""), *human = ctl_cell(v, key);
+        char *dump = text ? NULL : json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        const char *value = text ? text : dump ? dump : "";
+        bool extra = human && text && strcmp(human, text);
+        printf("%-*s  %s%s%s%s\n", (int)width + 1, key, value, extra ? " (" : "",
+               extra ? human : "", extra ? ")" : "");
+        free(text);
+        free(human);
+        free(dump);
+    }
 }
 
 void ctl_table(const char *const *head, size_t n_cols, char *const *cells, size_t n_rows)
@@ -301,7 +413,7 @@ void ctl_table(const char *const *head, size_t n_cols, char *const *cells, size_
         }
 }
 
-static double now_s(void)
+double ctl_now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -316,7 +428,7 @@ bool ctl_progress_wanted(void)
 int ctl_progress_draw(void *ud, uint64_t done, uint64_t total)
 {
     struct ctl_progress *p = ud;
-    double t = now_s();
+    double t = ctl_now();
     if (p->t0 == 0 || done < p->last) { /* the first call, or the next file */
         if (p->shown)
             fputc('\n', stderr);
