@@ -12,97 +12,12 @@
 'use strict';
 
 const {
-    assert, fs, path, spawn, spawnSync, TMP, HIDDEN, LAYERS, makeLora, Daemon, sleep,
+    assert, fs, path, spawnSync, TMP, HIDDEN, LAYERS, makeLora, Daemon, sleep,
     safetensorsRaw, runSuite,
 } = require('../integration/lib.js');
+const { ctl, ok, fails, start, printed, interrupt, onTerminal, human, table } =
+    require('./ctl.js');
 const net = require('net');
-
-const args = process.argv.slice(2);
-const ADAPTERCTL = args[args.indexOf('--adapterctl') + 1];
-if (!args.includes('--adapterctl') || !fs.existsSync(ADAPTERCTL)) {
-    console.error('usage: client.js --adapterd PATH --mkmodel PATH --bpe-train PATH --adapterctl PATH');
-    process.exit(2);
-}
-const SANITIZER = /AddressSanitizer|LeakSanitizer|runtime error:|UndefinedBehaviorSanitizer/;
-
-/* ------------------------------------------------------------------------------------------
- * Running adapterctl */
-
-/* Environment for a run: nothing inherited that would change adapterctl's choices. */
-function envFor(extra) {
-    const env = { ...process.env, ...extra };
-    for (const k of ['ADAPTERD_URL', 'ADAPTERD_API_KEY'])
-        if (!(k in extra))
-            delete env[k];
-    return env;
-}
-
-/* Runs adapterctl; resolves {status, signal, stdout, stderr}. opts.url sets ADAPTERD_URL. */
-function ctl(argv, { url, env = {}, input } = {}) {
-    const e = envFor(url ? { ADAPTERD_URL: url, ...env } : env);
-    return new Promise((resolve, reject) => {
-        const p = spawn(ADAPTERCTL, argv, { env: e });
-        const out = [], err = [];
-        p.stdout.on('data', (d) => out.push(d));
-        p.stderr.on('data', (d) => err.push(d));
-        p.on('error', reject);
-        p.on('close', (status, signal) => {
-            const r = { status, signal, stdout: Buffer.concat(out).toString(),
-                        stderr: Buffer.concat(err).toString() };
-            if (SANITIZER.test(r.stderr))
-                reject(new Error(`sanitizer report from adapterctl ${argv.join(' ')}:\n${r.stderr}`));
-            else
-                resolve(r);
-        });
-        p.stdin.end(input ?? '');
-    });
-}
-
-/* A run that must succeed: its stdout. */
-async function ok(argv, opts) {
-    const r = await ctl(argv, opts);
-    assert.equal(r.status, 0, `adapterctl ${argv.join(' ')} exited ${r.status}: ${r.stderr}`);
-    return r.stdout;
-}
-
-/* A run that must fail with status (1: the server refused): stderr must carry the server's
- * message and status, as the same request sent directly got them. */
-async function fails(argv, opts, { status = 1, server } = {}) {
-    const r = await ctl(argv, opts);
-    assert.equal(r.status, status, `adapterctl ${argv.join(' ')}: status ${r.status}, stderr: ${r.stderr}`);
-    assert.equal(r.stdout, '', 'a failure printed on stdout');
-    assert.ok(r.stderr.length > 0, 'a failure without a message');
-    if (server) {
-        assert.ok(server.json && server.json.error, `the direct request did not fail: ${server.text}`);
-        assert.ok(r.stderr.includes(server.json.error.message),
-                  `stderr lacks the server's message '${server.json.error.message}': ${r.stderr}`);
-        assert.ok(r.stderr.includes(`HTTP ${server.status}`), `stderr lacks the status: ${r.stderr}`);
-    }
-    return r.stderr;
-}
-
-/* ------------------------------------------------------------------------------------------
- * Expectations computed here */
-
-/* 1024-based with one decimal, as adapterctl(1) describes SIZE. */
-function human(b) {
-    if (b < 1024)
-        return `${b} B`;
-    const units = ['KiB', 'MiB', 'GiB', 'TiB'];
-    let u = -1;
-    while (b >= 1024 && u < 3) {
-        b /= 1024;
-        u++;
-    }
-    return `${b.toFixed(1)} ${units[u]}`;
-}
-
-/* A table printed with columns apart by two spaces or more: [{HEAD: cell}]. */
-function table(text) {
-    const lines = text.trimEnd().split('\n');
-    const head = lines[0].split(/ {2,}/);
-    return lines.slice(1).map((l) => Object.fromEntries(l.split(/ {2,}/).map((c, i) => [head[i], c])));
-}
 
 /* The Prometheus text as {"name{labels}": value}. */
 function prom(text) {
@@ -180,7 +95,7 @@ test('fixtures: LoRA adapters fox and owl, uploaded with curl', async (d) => {
 });
 
 const COMMANDS = ['models', 'adapters', 'upload', 'complete', 'chat', 'tokenize', 'health',
-                  'metrics'];
+                  'metrics', 'train', 'jobs', 'files'];
 
 test('--help for adapterctl and every command, --version, the man page', async () => {
     const top = await ok(['--help']);
@@ -291,19 +206,50 @@ test('upload: created, then replaced; the adapter answers; AdapterHub; refused f
 test('upload on a terminal: a progress bar with bytes, percent and rate on stderr', async (d) => {
     const dir = makeLora(path.join(TMP, 'up-tty'), { seed: 23, r: 16 });
     const bytes = fs.statSync(path.join(dir, 'adapter_model.safetensors')).size;
-    const q = (s) => `'${s.replace(/'/g, "'\\''")}'`;
-    const cmd = [ADAPTERCTL, 'upload', 'tty', dir].map(q).join(' ');
-    const r = spawnSync('script', ['-qec', cmd, '/dev/null'],
-                        { encoding: 'utf8', env: envFor({ ADAPTERD_URL: d.base }) });
-    assert.equal(r.status, 0, r.stdout + r.stderr);
-    const bar = /uploading {2}([\d.]+ (?:B|KiB|MiB)) \/ ([\d.]+ (?:KiB|MiB)) {2}100% {2}[\d.]+ (?:B|KiB|MiB|GiB)\/s/.exec(r.stdout);
-    assert.ok(bar, `no finished progress bar in: ${JSON.stringify(r.stdout)}`);
+    const r = onTerminal(['upload', 'tty', dir], { url: d.base });
+    assert.equal(r.status, 0, r.out);
+    const bar = /uploading {2}([\d.]+ (?:B|KiB|MiB)) \/ ([\d.]+ (?:KiB|MiB)) {2}100% {2}[\d.]+ (?:B|KiB|MiB|GiB)\/s/.exec(r.out);
+    assert.ok(bar, `no finished progress bar in: ${JSON.stringify(r.out)}`);
     assert.equal(bar[1], bar[2], 'the bar ended before all bytes were sent');
     const total = Number(bar[2].split(' ')[0]) * (bar[2].endsWith('MiB') ? 1 << 20 : 1024);
     assert.ok(total >= bytes * 0.95, `the bar's total ${bar[2]} is less than the file's ${bytes} bytes`);
-    assert.match(r.stdout, /created 'tty': lora, rank 16/);
-    assert.ok(!SANITIZER.test(r.stdout), r.stdout);
+    assert.match(r.out, /created 'tty': lora, rank 16/);
     await ok(['adapters', 'rm', 'tty'], { url: d.base });
+});
+
+test('adapters download: the files of the daemon\'s adapters directory, byte for byte', async (d) => {
+    const hub = makeHub(path.join(TMP, 'dl-hub-src'), 'dlhub');
+    const up = await d.upload('dlhub', hub, { parts: [`config=@${hub}/adapter_config.json`,
+                                                      `weights=@${hub}/adapter.safetensors`] });
+    assert.equal(up.status, 201, up.text);
+    /* PEFT's name for fox (LoRA), AdapterHub's for dlhub (its config has no peft_type) */
+    for (const [name, local] of [['fox', 'adapter_model.safetensors'], ['dlhub', 'adapter.safetensors']]) {
+        const stored = ['adapter_model.safetensors', 'adapter.safetensors']
+            .map((f) => path.join(d.adapters, name, f)).find((f) => fs.existsSync(f));
+        const config = fs.readFileSync(path.join(d.adapters, name, 'adapter_config.json'));
+        const out = path.join(TMP, `dl-${name}`, 'made', 'here');
+        assert.equal(await ok(['adapters', 'download', name, out], { url: d.base }),
+                     `downloaded '${name}' into ${out}\n`);
+        assert.deepEqual(fs.readdirSync(out).sort(), ['adapter_config.json', local].sort());
+        assert.ok(fs.readFileSync(path.join(out, 'adapter_config.json')).equals(config), `${name}: config`);
+        assert.ok(fs.readFileSync(path.join(out, local)).equals(fs.readFileSync(stored)), `${name}: weights`);
+        /* again, over the files: replaced; --json names what was written */
+        fs.writeFileSync(path.join(out, local), 'old');
+        assert.deepEqual(JSON.parse(await ok(['--json', 'adapters', 'download', name, out], { url: d.base })),
+                         { id: name, dir: out });
+        assert.ok(fs.readFileSync(path.join(out, local)).equals(fs.readFileSync(stored)), `${name}: replaced`);
+    }
+    /* on a terminal: a progress bar per file */
+    const tty = onTerminal(['adapters', 'download', 'fox', path.join(TMP, 'dl-tty')], { url: d.base });
+    assert.equal(tty.status, 0, tty.out);
+    const size = human(fs.statSync(path.join(d.adapters, 'fox', 'adapter_model.safetensors')).size);
+    assert.ok(tty.out.includes(`downloading  ${size} / ${size}  100%`), JSON.stringify(tty.out));
+    /* an unknown adapter: the server's 404, and nothing written */
+    const none = path.join(TMP, 'dl-none');
+    await fails(['adapters', 'download', 'nope', none], { url: d.base },
+                { server: await d.api('GET', '/v1/adapters/nope/files/adapter_config.json') });
+    assert.deepEqual(fs.readdirSync(none), []);
+    await ok(['adapters', 'rm', 'dlhub'], { url: d.base });
 });
 
 test('adapters rm: deleted; again: the server\'s 404', async (d) => {
@@ -554,33 +500,14 @@ test('SIGINT during a stream: exit 130 at once, a newline, the daemon frees the 
     const gen0 = await d.metric('adapterd_generated_tokens_total');
     for (const cmd of [['complete', '-a', 'fox', 'Tell me a story'],
                        ['chat', '-a', 'owl', 'Tell me a story']]) {
-        const p = spawn(ADAPTERCTL, [...cmd, '-n', '480', '--ignore-eos', '-t', '0.8', '--seed', '7'],
-                        { env: envFor({ ADAPTERD_URL: d.base }) });
-        let out = '', err = '';
-        p.stderr.on('data', (x) => { err += x; });
-        const exited = new Promise((res) => p.on('close', (code, sig) => res({ code, sig })));
-        await new Promise((res, rej) => {
-            const t = setTimeout(() => rej(new Error(`no output within 20 s: ${err}`)), 20000);
-            p.stdout.on('data', (x) => {
-                out += x;
-                clearTimeout(t);
-                res();
-            });
-        });
+        const run = start([...cmd, '-n', '480', '--ignore-eos', '-t', '0.8', '--seed', '7'],
+                          { url: d.base });
+        await printed(run, /[\s\S]/, 20000); /* the first text, a newline too */
         await sleep(100); /* a few tokens more */
         assert.equal(await d.metric('adapterd_running_sequences'), 1, 'the stream is not running');
-        const t0 = Date.now();
-        p.kill('SIGINT');
-        const r = await Promise.race([exited, sleep(5000).then(() => null)]);
-        if (!r)
-            p.kill('SIGKILL');
-        assert.ok(r, 'adapterctl did not exit within 5 s of SIGINT');
-        assert.equal(r.code, 130, `exit ${r.code ?? r.sig}: ${err}`);
-        assert.ok(Date.now() - t0 < 1000, `exit took ${Date.now() - t0} ms`);
-        assert.ok(!SANITIZER.test(err), err);
-        p.stdout.removeAllListeners('data');
-        assert.ok(out.endsWith('\n'), 'the cut line was not ended');
-        assert.equal(err, '', 'SIGINT is not an error to report');
+        await interrupt(run);
+        assert.ok(run.out.endsWith('\n'), 'the cut line was not ended');
+        assert.equal(run.err, '', 'SIGINT is not an error to report');
         // the server cancelled the sequence: no sequence left, every KV block back
         await idle(d);
     }
