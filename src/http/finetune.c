@@ -197,7 +197,8 @@ static enum MHD_Result files_route(struct conn *c, const char *rest, const char 
  * Jobs */
 
 /* Server-sent events of a job: every event from the first on, oldest first, then [DONE] when
- * the job has ended (or the server stops). */
+ * the job has ended (a paused job has not). When the server stops, the stream is cut without
+ * [DONE]. */
 struct follow {
     struct conn *c;
     char id[64];

@@ -31,6 +31,9 @@
 #include "adapterd/util.h"
 
 #define MAX_LINE (1u << 20)
+/* A suffix names the result and its checkpoints, <suffix>-step-N: within the 64 characters of
+ * an adapter's name for N up to 10 digits. */
+#define MAX_SUFFIX 48
 
 enum status { S_VALIDATING, S_QUEUED, S_RUNNING, S_PAUSED, S_SUCCEEDED, S_FAILED, S_CANCELLED };
 
@@ -509,8 +512,8 @@ static int adapter_config(const struct ad_model *m, json_t *sup, char **ret_text
     const char *pt = json_string_value(json_object_get(given, "peft_type"));
     if (!kind && pt && !strcmp(pt, "FULL"))
         kind = "full";
-    if (!kind && !given)
-        kind = "lora"; /* LoRA rank 16 on every projection */
+    if (!kind && (!given || !json_object_get(given, "peft_type")))
+        kind = "lora"; /* LoRA rank 16 on every projection (what a config without a type adds to) */
     json_t *all = gpt2 ? json_pack("[s, s, s]", "c_attn", "c_proj", "c_fc")
                        : json_pack("[s, s, s, s, s, s, s]", "q_proj", "k_proj", "v_proj",
                                    "o_proj", "gate_proj", "up_proj", "down_proj");
@@ -563,7 +566,6 @@ static int adapter_config(const struct ad_model *m, json_t *sup, char **ret_text
     json_object_set_new(cfg, "task_type", json_string("CAUSAL_LM"));
     json_object_set_new(cfg, "base_model_name_or_path", json_string(m->id));
     *ret_text = json_dumps(cfg, JSON_COMPACT | JSON_SORT_KEYS);
-    json_object_del(sup, "adapter");
     json_object_set_new(sup, "adapter_config", cfg); /* resolved, as the job shows it */
     *ret_lr = lr;
     return *ret_text ? 0 : ad_err_set(err, -ENOMEM, "out of memory");
@@ -667,9 +669,10 @@ static int build_job(struct ad_jobs *j, json_t *req, json_t **ret, struct ad_err
     }
     json_t *suffix = json_object_get(req, "suffix");
     if (suffix && !json_is_null(suffix) &&
-        (!json_is_string(suffix) || !ad_registry_name_ok(json_string_value(suffix))))
-        return ad_err_set(err, -EINVAL, "'suffix' must be a valid adapter name (1-64 of A-Z a-z "
-                          "0-9 . _ -, not starting with '.')");
+        (!json_is_string(suffix) || !ad_registry_name_ok(json_string_value(suffix)) ||
+         json_string_length(suffix) > MAX_SUFFIX))
+        return ad_err_set(err, -EINVAL, "'suffix' must be a valid adapter name of at most %d "
+                          "characters (A-Z a-z 0-9 . _ -, not starting with '.')", MAX_SUFFIX);
     json_t *meta = json_object_get(req, "metadata");
     if (meta && !json_is_null(meta)) {
         const char *k;
@@ -731,6 +734,11 @@ static int build_job(struct ad_jobs *j, json_t *req, json_t **ret, struct ad_err
             r = ad_err_set(err, -EINVAL, "'method.supervised.adapter_config': continuing "
                            "adapter '%s' trains its own config", model);
     }
+    if (r >= 0 && json_is_number(json_object_get(hp, "learning_rate_multiplier")) &&
+        json_is_number(json_object_get(sup, "learning_rate")))
+        r = ad_err_set(err, -EINVAL, "give 'method.supervised.learning_rate' or "
+                       "'method.supervised.hyperparameters.learning_rate_multiplier' (of the "
+                       "kind's default rate), not both");
     if (r >= 0 && (r = num_field(hp, "n_epochs", hw, 1, 100, true, 3, &epochs, err)) >= 0 &&
         (r = num_field(hp, "batch_size", hw, 1, 256, true,
                        (double)(n_train < 8 ? n_train : 8), &batch, err)) >= 0 &&
@@ -834,6 +842,24 @@ static void result_name(const struct job *jb, char *buf, size_t size)
         snprintf(buf, size, "ft-%s", jb->id + 6); /* ft- and the job id's hex */
 }
 
+/* Whether a job may make adapters named name and name-step-N: none exists (a job never
+ * replaces an adapter it did not make). Returns 0 or -EEXIST. */
+static int name_free(struct ad_jobs *j, const char *name, struct ad_err *err)
+{
+    struct ad_registry_info *info;
+    size_t n, len = strlen(name);
+    int r = 0;
+    if (ad_registry_list(j->cfg.registry, &info, &n) < 0)
+        return ad_err_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; i < n && r == 0; i++)
+        if (!strcmp(info[i].name, name) ||
+            (!strncmp(info[i].name, name, len) && !strncmp(info[i].name + len, "-step-", 6)))
+            r = ad_err_set(err, -EEXIST, "'suffix': adapter '%s' exists (delete it, or choose "
+                           "another suffix)", info[i].name);
+    free(info);
+    return r;
+}
+
 int ad_jobs_create(struct ad_jobs *j, json_t *req, json_t **ret, struct ad_err *err)
 {
     json_t *obj = NULL;
@@ -853,6 +879,7 @@ int ad_jobs_create(struct ad_jobs *j, json_t *req, json_t **ret, struct ad_err *
     jb->loss = NAN;
     char name[80], dir[4400];
     result_name(jb, name, sizeof(name));
+    r = name_free(j, name, err);
     pthread_mutex_lock(&j->lock);
     for (size_t i = 0; i < j->n_jobs && r == 0; i++) {
         char other[80];
@@ -1048,6 +1075,12 @@ int ad_jobs_cancel(struct ad_jobs *j, const char *id, json_t **ret, struct ad_er
                                    c, "fine_tuned_model_checkpoint")), NULL);
     else if (ckpts)
         drop_checkpoints(j, id, ckpts);
+    if (r == 0) { /* a cancelled job has none */
+        pthread_mutex_lock(&j->lock);
+        json_array_clear(jb->checkpoints);
+        save_checkpoints(j, jb);
+        pthread_mutex_unlock(&j->lock);
+    }
     pthread_mutex_unlock(&j->install_lock);
     json_decref(ckpts);
     return r;
@@ -1289,7 +1322,7 @@ static int checkpoint(struct ad_jobs *j, struct job *jb, struct ad_trainer **t,
         ad_rm_rf(tmp);
         return r;
     }
-    pathf(ck, sizeof(ck), "%.40s-step-%lld", name, (long long)p->step);
+    pathf(ck, sizeof(ck), "%s-step-%lld", name, (long long)p->step);
     struct ckpt_done d = {.name = ck, .p = p};
     return install(j, jb, t, ck, checkpoint_done, &d, err);
 }

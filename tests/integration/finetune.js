@@ -297,6 +297,8 @@ const tests = [
         for (const j of jobs) {
             const done = await waitJob(c, j.id);
             const name = done.fine_tuned_model;
+            const asked = kinds.find(([n]) => `k-${n}` === name)[1].adapter;
+            assert.equal(done.method.supervised.adapter, asked, 'the kind asked, as resolved');
             const losses = (await events(c, j.id)).filter((e) => e.type === 'metrics')
                 .map((e) => e.data.train_loss);
             assert.equal(losses.length, 15);
@@ -357,6 +359,12 @@ const tests = [
             [{ ...ok, method: { type: 'supervised', supervised: { max_seq_len: 100000 } } }, 400, /max_seq_len/],
             [{ ...ok, method: { type: 'supervised', supervised: { child_tuning: { mode: 'X' } } } }, 400, /child_tuning/],
             [{ ...ok, integrations: [{ type: 'wandb' }] }, 400, /integrations/],
+            [{ ...ok, method: { type: 'supervised', supervised: { learning_rate: 1e-3,
+                hyperparameters: { learning_rate_multiplier: 2 } } } }, 400, /not both/],
+            [{ ...ok, suffix: 'x'.repeat(49) }, 400, /48/],
+            /* a job never replaces an adapter it did not make (nor its checkpoints' names) */
+            [{ ...ok, suffix: 'words' }, 409, /'words' exists/],
+            [{ ...ok, suffix: 'k-ia3' }, 409, /'k-ia3' exists/],
         ];
         for (const [body, status, re] of cases)
             assertError(await d.api('POST', '/v1/fine_tuning/jobs', body), status, re);
@@ -370,6 +378,13 @@ const tests = [
         const done = (await d.client().fineTuning.jobs.list()).data.find((j) => j.status === 'succeeded');
         assertError(await d.api('POST', `/v1/fine_tuning/jobs/${done.id}/cancel`), 400, /succeeded/);
         assertError(await d.api('POST', `/v1/fine_tuning/jobs/${done.id}/pause`), 400, /succeeded/);
+        /* an adapter_config without a peft_type adds to LoRA's defaults */
+        const c = d.client();
+        const j = await c.fineTuning.jobs.create({ ...ok, method: { type: 'supervised',
+            supervised: { adapter_config: { r: 4 } } } });
+        const cfg = j.method.supervised.adapter_config;
+        assert.deepEqual([cfg.peft_type, cfg.r, cfg.lora_alpha], ['LORA', 4, 32]);
+        assert.equal((await c.fineTuning.jobs.cancel(j.id)).status, 'cancelled');
     } },
 
     { name: 'jobs: pause, resume and cancel; serving meanwhile answers as when idle', fn: async (d) => {
@@ -412,6 +427,7 @@ const tests = [
         job = await waitJob(c, job.id, ['cancelled']);
         const names = (await d.api('GET', '/v1/adapters')).json.data.map((a) => a.id);
         assert.ok(!names.some((n) => n.startsWith('long')), 'a cancelled job left adapters');
+        assert.deepEqual((await c.fineTuning.jobs.checkpoints.list(job.id)).data, []);
         assert.ok(!fs.existsSync(path.join(d.adapters, 'long')));
         assertError(await d.api('POST', `/v1/fine_tuning/jobs/${job.id}/resume`), 400, /cancelled/);
     } },
