@@ -66,6 +66,66 @@ static inline float ad_lora_b_at(const struct ad_lora_factors *f, int o, int r)
     return f->b_scale ? v * f->b_scale[r] : v;
 }
 
+/* ==========================================================================================
+ * Weight matrices
+ *
+ * The element types of a model's weight matrices: as the checkpoint stores them (F32, BF16,
+ * F16: read in place from the mapped file, never widened into a copy), or 8-bit integers
+ * quantized at load (I8, weight_dtype = int8) with a float scale per block of AD_WQ_BLOCK
+ * consecutive elements of a row. The kernels widen each element to f32 as they read it, so the
+ * arithmetic is f32's on the values the matrix holds. */
+enum ad_wtype { AD_WT_F32, AD_WT_BF16, AD_WT_F16, AD_WT_I8 };
+
+/* Elements of a row that share one I8 scale. */
+#define AD_WQ_BLOCK 32
+
+/* A weight matrix [rows, cols], row-major (row stride cols). An I8 element (r, c) is its
+ * integer times scale[r * ceil(cols / AD_WQ_BLOCK) + c / AD_WQ_BLOCK]. */
+struct ad_weight {
+    enum ad_wtype type;
+    int rows, cols;
+    const void *data;
+    const float *scale; /* I8: [rows, ceil(cols / AD_WQ_BLOCK)]; else NULL */
+};
+
+/* "F32", "BF16", "F16", "I8". */
+static inline const char *ad_wtype_name(enum ad_wtype t)
+{
+    return t == AD_WT_F32 ? "F32" : t == AD_WT_BF16 ? "BF16" : t == AD_WT_F16 ? "F16" : "I8";
+}
+
+/* Bytes of one element (an I8 matrix's scales not counted), and of the whole matrix (counted). */
+static inline size_t ad_wtype_size(enum ad_wtype t)
+{
+    return t == AD_WT_F32 ? 4 : t == AD_WT_I8 ? 1 : 2;
+}
+
+static inline size_t ad_weight_bytes(const struct ad_weight *w)
+{
+    size_t n = (size_t)w->rows * (size_t)w->cols * ad_wtype_size(w->type);
+    if (w->type == AD_WT_I8)
+        n += (size_t)w->rows * (((size_t)w->cols + AD_WQ_BLOCK - 1) / AD_WQ_BLOCK) * sizeof(float);
+    return n;
+}
+
+/* Element (r, c) as a float (scale applied). For loading, tests and cold paths, not hot loops. */
+static inline float ad_weight_at(const struct ad_weight *w, size_t r, size_t c)
+{
+    size_t i = r * (size_t)w->cols + c;
+    switch (w->type) {
+    case AD_WT_F32:
+        return ((const float *)w->data)[i];
+    case AD_WT_BF16:
+        return ad_bf16_to_f32(((const uint16_t *)w->data)[i]);
+    case AD_WT_F16:
+        return ad_f16_to_f32(((const uint16_t *)w->data)[i]);
+    default: {
+        size_t nb = ((size_t)w->cols + AD_WQ_BLOCK - 1) / AD_WQ_BLOCK;
+        return (float)((const int8_t *)w->data)[i] * w->scale[r * nb + c / AD_WQ_BLOCK];
+    }
+    }
+}
+
 struct ad_kernels {
     const char *name; /* "avx512", "avx2", "c" */
     /* y[m * ldy + j] = w[j] . x[m * ldx] for rows j in [j0, j1) of w [n_out, n_in] (row-major)
@@ -87,6 +147,24 @@ struct ad_kernels {
      * x + m ldx [n_in], y_m at y + m ldy [n_out]. t is work space of n_x * rank floats. */
     void (*lora)(const struct ad_lora_factors *f, float scale, const float *x, int ldx, int n_x,
                  float *y, int ldy, float *t);
+    /* lora's two halves, for a pass that folds the deltas into its own product: t [n_x, rank]
+     * = scale A x_m (I8: both scales folded in) for n_x <= AD_LORA_ROWS rows; then y_m[o] +=
+     * (B t_m)[o] for outputs o in [o0, o1), o0 a multiple of AD_LORA_PANEL, o1 <= n_out. */
+    void (*lora_a)(const struct ad_lora_factors *f, float scale, const float *x, int ldx, int n_x,
+                   float *t);
+    void (*lora_b)(const struct ad_lora_factors *f, int n_x, const float *t, float *y, int ldy,
+                   int o0, int o1);
+    /* Rows [r0, r1) and columns [c0, c1) of w as floats: row r at dst + (r - r0) ld. */
+    void (*widen)(const struct ad_weight *w, int r0, int r1, int c0, int c1, float *dst,
+                  size_t ld);
+    /* y[m * ldy + j] = w_j . x_m for rows j in [j0, j1) of w (any type; [n_out, n_in]) and m in
+     * [0, n_x), any n_x: the linears of decode passes. */
+    void (*linear)(const struct ad_weight *w, const float *x, int ldx, int n_x, float *y, int ldy,
+                   int j0, int j1);
+    /* The same for w stored [n_in, n_out] (Conv1D): y[m * ldy + j] = sum_i w[i, j] x_m[i] for
+     * columns j in [j0, j1). */
+    void (*linear_t)(const struct ad_weight *w, const float *x, int ldx, int n_x, float *y,
+                     int ldy, int j0, int j1);
 };
 
 /* The best set the CPU runs (or the one the environment variable ADAPTERD_KERNELS names: avx512,

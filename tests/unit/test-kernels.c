@@ -1,14 +1,18 @@
-/* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512), against plain
- * double-precision loops: matrix-vector products and LoRA on 1 to 4 rows, F32, BF16, F16 and
- * I8 factors (scales per row of A and per column of B), shapes with and without vector-width tails, B packed in panels with a partial last
- * panel; decode attention for head sizes with their own code (64, 128) and others, query heads
- * sharing a KV head, positions in runs of many lengths (the online softmax across runs) and
- * scores far apart (the rescaling when a run raises the maximum).
- * Each result also has to leave the rows around it untouched. */
+/* The vector kernels (kernels.h), every build this CPU runs (C, AVX2, AVX-512, AVX-512 with BF16
+ * dot products), against plain double-precision loops: matrix-vector products and LoRA on 1 to
+ * 4 rows (F32, BF16, F16 and I8 factors, scales per row of A and per column of B; shapes with
+ * and without vector-width tails, B packed in panels with a partial last panel; its two halves
+ * over split output ranges); weight matrices of every type (F32, BF16, F16, I8 with a scale per
+ * block) widened and multiplied with 1 to 13 rows in both layouts ([n_out, n_in], Conv1D's
+ * [n_in, n_out]); decode attention for head sizes with their own code (64, 128) and others,
+ * query heads sharing a KV head, positions in runs of many lengths (the online softmax across
+ * runs) and scores far apart (the rescaling when a run raises the maximum). Each result also
+ * has to leave the rows around it untouched. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "adapterd/kernels.h"
 #include "../check.h"
@@ -82,7 +86,17 @@ static void check_lora(const struct ad_kernels *k, int rank, int n_in, int n_out
     for (int r = 0; r < rank; r++)
         for (int i = 0; i < n_in; i++)
             CHECK(ad_lora_a_at(&f, r, i) == a32[(size_t)r * n_in + i]);
+    /* the two halves, B over two ranges of outputs (a panel boundary between), give the same */
+    float *y2 = malloc((size_t)n_x * ldy * 4);
+    CHECK(y2);
+    memcpy(y2, y0, (size_t)n_x * ldy * 4);
+    int split = n_out > AD_LORA_PANEL ? AD_LORA_PANEL : 0;
+    k->lora_a(&f, scale, x, ldx, n_x, t);
+    k->lora_b(&f, n_x, t, y2, ldy, 0, split);
+    k->lora_b(&f, n_x, t, y2, ldy, split, n_out);
     k->lora(&f, scale, x, ldx, n_x, y, ldy, t);
+    CHECK(memcmp(y, y2, (size_t)n_x * ldy * 4) == 0);
+    free(y2);
 
     for (int m = 0; m < n_x; m++) {
         double ax[64];
@@ -126,6 +140,118 @@ static void check_matvec(const struct ad_kernels *k, int n_in, int n_out, int n_
             CHECK_NEAR(y[(size_t)m * ldy + j], want, 1e-4 * (1 + fabs(want)));
         }
     free(w), free(x), free(y);
+}
+
+/* A weight matrix [rows, cols] of type t with random values (I8: random scales per block),
+ * and the values the kernels must see, as doubles. */
+struct wmat {
+    struct ad_weight w;
+    void *data;
+    float *scale;
+    double *want;
+};
+
+static void wmat_init(struct wmat *m, enum ad_wtype t, int rows, int cols, unsigned seed)
+{
+    size_t n = (size_t)rows * cols, nb = ((size_t)cols + AD_WQ_BLOCK - 1) / AD_WQ_BLOCK;
+    m->data = malloc(n * ad_wtype_size(t) + 1);
+    m->scale = t == AD_WT_I8 ? malloc((size_t)rows * nb * sizeof(float)) : NULL;
+    m->want = malloc(n * sizeof(double));
+    CHECK(m->data && m->want && (t != AD_WT_I8 || m->scale));
+    for (size_t b = 0; t == AD_WT_I8 && b < (size_t)rows * nb; b++)
+        m->scale[b] = (1.5f + frand(&seed)) / 127.0f;
+    for (size_t i = 0; i < n; i++) {
+        float v = frand(&seed);
+        switch (t) {
+        case AD_WT_F32:
+            ((float *)m->data)[i] = v;
+            break;
+        case AD_WT_BF16:
+            ((uint16_t *)m->data)[i] = ad_f32_to_bf16(v);
+            v = ad_bf16_to_f32(((uint16_t *)m->data)[i]);
+            break;
+        case AD_WT_F16:
+            ((uint16_t *)m->data)[i] = ad_f32_to_f16(v);
+            v = ad_f16_to_f32(((uint16_t *)m->data)[i]);
+            break;
+        default: {
+            float sc = m->scale[(i / cols) * nb + (i % cols) / AD_WQ_BLOCK];
+            int8_t q = (int8_t)lrintf(v / sc);
+            ((int8_t *)m->data)[i] = q;
+            v = (float)q * sc;
+        }
+        }
+        m->want[i] = v;
+    }
+    m->w = (struct ad_weight){t, rows, cols, m->data, m->scale};
+    for (size_t i = 0; i < n; i++) /* the accessor reads what the test wrote */
+        CHECK(ad_weight_at(&m->w, i / cols, i % cols) == (float)m->want[i]);
+}
+
+static void wmat_fini(struct wmat *m)
+{
+    free(m->data), free(m->scale), free(m->want);
+}
+
+/* widen, linear ([n_out, n_in]) and linear_t ([n_in, n_out]) of one type against double loops:
+ * rows (or columns) [1, n_out - 1) only, the others must stay. */
+static void check_weights(const struct ad_kernels *k, enum ad_wtype t, int n_in, int n_out,
+                          int n_x, unsigned seed)
+{
+    int ldx = n_in + 3, ldy = n_out + 2, j0 = 1, j1 = n_out > 2 ? n_out - 1 : n_out;
+    struct wmat a, b; /* a: [n_out, n_in]; b: [n_in, n_out] */
+    wmat_init(&a, t, n_out, n_in, seed);
+    wmat_init(&b, t, n_in, n_out, seed + 1);
+    float *x = malloc((size_t)n_x * ldx * 4), *y = malloc((size_t)n_x * ldy * 4);
+    float *wide = malloc((size_t)n_out * n_in * 4);
+    CHECK(x && y && wide);
+    for (int i = 0; i < n_x * ldx; i++)
+        x[i] = frand(&seed);
+
+    /* widen: a block that starts and ends inside blocks of AD_WQ_BLOCK */
+    int r0 = n_out / 3, r1 = n_out, c0 = n_in > 5 ? 5 : 0, c1 = n_in > 7 ? n_in - 2 : n_in;
+    k->widen(&a.w, r0, r1, c0, c1, wide, (size_t)(c1 - c0));
+    for (int r = r0; r < r1; r++)
+        for (int c = c0; c < c1; c++)
+            CHECK(wide[(size_t)(r - r0) * (c1 - c0) + (c - c0)] ==
+                  (float)a.want[(size_t)r * n_in + c]);
+
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < n_x * ldy; i++)
+            y[i] = 7.0f;
+        if (pass == 0)
+            k->linear(&a.w, x, ldx, n_x, y, ldy, j0, j1);
+        else
+            k->linear_t(&b.w, x, ldx, n_x, y, ldy, j0, j1);
+        for (int m = 0; m < n_x; m++)
+            for (int j = 0; j < ldy; j++) {
+                double want = 7.0, mag = 0;
+                if (j >= j0 && j < j1) {
+                    want = 0;
+                    for (int i = 0; i < n_in; i++) {
+                        double p = (pass == 0 ? a.want[(size_t)j * n_in + i]
+                                              : b.want[(size_t)i * n_out + j]) *
+                                   x[(size_t)m * ldx + i];
+                        want += p;
+                        mag += fabs(p);
+                    }
+                }
+                /* avx512bf16 rounds x to BF16 (2^-9 relative) in BF16 products of [n_out, n_in]
+                 * weights: up to 2^-9 of the sum of |w x| */
+                double tol = 1e-4 * (1 + fabs(want));
+                if (!strcmp(k->name, "avx512bf16") && t == AD_WT_BF16 && pass == 0)
+                    tol += mag / 512;
+                double got = y[(size_t)m * ldy + j];
+                if (!(fabs(got - want) <= tol)) {
+                    fprintf(stderr, "%s %s type %d %dx%d rows %d: row %d out %d: %g vs %g\n",
+                            k->name, pass ? "linear_t" : "linear", (int)t, n_in, n_out, n_x, m,
+                            j, got, want);
+                    abort();
+                }
+            }
+    }
+    wmat_fini(&a), wmat_fini(&b);
+    free(x), free(y), free(wide);
 }
 
 /* attn over n positions of g heads (head size hd, rows ld apart) given in runs of the lengths
@@ -180,12 +306,12 @@ static void check_attn(const struct ad_kernels *k, int g, int hd, int n, const i
 
 int main(void)
 {
-    static const char *const names[] = {"c", "avx2", "avx512"};
+    static const char *const names[] = {"c", "avx2", "avx512", "avx512bf16"};
     static const int shapes[][3] = {/* rank, n_in, n_out */
                                     {16, 576, 1536}, {16, 1536, 576}, {5, 37, 23},
                                     {1, 8, 16},      {8, 24, 17},     {3, 100, 33}, {64, 64, 64}};
     int n_builds = 0;
-    for (int b = 0; b < 3; b++) {
+    for (int b = 0; b < 4; b++) {
         const struct ad_kernels *k = ad_kernels_named(names[b]);
         if (!k) {
             printf("%s: not on this CPU\n", names[b]);
@@ -202,6 +328,13 @@ int main(void)
             check_matvec(k, 576, 40, n_x, 1u + n_x);
             check_matvec(k, 37, 9, n_x, 2u + n_x);
         }
+        static const int wshapes[][2] = {{576, 40}, {37, 9}, {64, 100}, {160, 33}, {8, 3}};
+        static const int rows[] = {1, 2, 3, 4, 5, 8, 13};
+        for (int t = AD_WT_F32; t <= AD_WT_I8; t++)
+            for (size_t s = 0; s < sizeof(wshapes) / sizeof(wshapes[0]); s++)
+                for (size_t n = 0; n < sizeof(rows) / sizeof(rows[0]); n++)
+                    check_weights(k, (enum ad_wtype)t, wshapes[s][0], wshapes[s][1], rows[n],
+                                  (unsigned)(t * 131 + s * 17 + n));
         static const int runs[][4] = {{16, 16, 16, 16}, {1, 5, 17, 40}, {300, 1, 1, 1}};
         static const int hds[] = {64, 128, 48, 8, 20};
         for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++)
